@@ -1,0 +1,130 @@
+"""One forwarding device: two sockets joined by libzmq's steerable proxy loop in a thread.
+
+The sockets are created inside the device's own thread (libzmq sockets are not thread-safe),
+and no Python code touches a message once the loop runs. Statistics and termination go
+through the loop's control socket, so reading counters never copies a message.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from zbus import TransportError
+
+__all__ = ["Device", "SocketSpec"]
+
+_U64 = struct.Struct("=Q")
+STAT_NAMES = (
+    "frontend_frames_in",
+    "frontend_bytes_in",
+    "frontend_frames_out",
+    "frontend_bytes_out",
+    "backend_frames_in",
+    "backend_bytes_in",
+    "backend_frames_out",
+    "backend_bytes_out",
+)
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    kind: int
+    bind: str | None = None
+    connect: tuple[str, ...] = ()
+    subscribe: tuple[bytes, ...] = ()
+    sndhwm: int | None = None
+    rcvhwm: int | None = None
+
+
+Prepare = Callable[[zmq.Socket[Any], zmq.Socket[Any]], None]
+
+
+class Device:
+    """Frontend -> backend through ``zmq.proxy_steerable`` in a daemon thread."""
+
+    def __init__(
+        self,
+        name: str,
+        ctx: zmq.Context[Any],
+        make: Callable[[SocketSpec], zmq.Socket[Any]],
+        frontend: SocketSpec,
+        backend: SocketSpec,
+        prepare: Prepare | None = None,
+    ) -> None:
+        self.name = name
+        self._ctx = ctx
+        self._make = make
+        self._specs = (frontend, backend)
+        self._prepare = prepare
+        self._control = f"inproc://zbus-device-{name}-{id(self)}"
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"zbus-{name}", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> None:
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TransportError(f"device {self.name} did not start within {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+
+    def _run(self) -> None:
+        socks: list[zmq.Socket[Any]] = []
+        try:
+            control = self._ctx.socket(zmq.REP)
+            socks.append(control)
+            control.bind(self._control)
+            frontend = self._make(self._specs[0])
+            socks.append(frontend)
+            backend = self._make(self._specs[1])
+            socks.append(backend)
+            if self._prepare is not None:
+                self._prepare(frontend, backend)
+        except BaseException as exc:  # reported to start(), which raises it in the caller
+            self._error = exc
+            self._ready.set()
+            for sock in socks:
+                sock.close(linger=0)
+            return
+        self._ready.set()
+        try:
+            zmq.proxy_steerable(frontend, backend, None, control)
+        except zmq.ContextTerminated:
+            pass
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+
+    def _command(self, command: bytes, timeout: float = 2.0) -> list[bytes] | None:
+        if not self._thread.is_alive():
+            return None
+        req = self._ctx.socket(zmq.REQ)
+        try:
+            req.setsockopt(zmq.LINGER, 0)
+            req.connect(self._control)
+            req.send(command)
+            if not req.poll(int(timeout * 1000)):
+                return None
+            return req.recv_multipart()
+        finally:
+            req.close(linger=0)
+
+    def statistics(self) -> dict[str, int]:
+        reply = self._command(b"STATISTICS")
+        if reply is None or len(reply) != len(STAT_NAMES):
+            return {}
+        return {name: _U64.unpack(frame)[0] for name, frame in zip(STAT_NAMES, reply)}
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._command(b"TERMINATE")
+        self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()

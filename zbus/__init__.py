@@ -1,0 +1,64 @@
+"""zbus: typed, signed, brokerless messaging over ZeroMQ.
+
+The public API is what this module exports; everything in underscore modules is private.
+"""
+
+from ._connection import Connection, Exchange, PoolMember, Publisher, Router, Subscriber
+from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, SequenceTracker
+from ._envelope import Envelope
+from ._errors import (
+    ConfigError,
+    EnvelopeError,
+    InvalidName,
+    ProxyError,
+    ReplayError,
+    RoutingError,
+    SignatureError,
+    Timeout,
+    TransportError,
+    UnknownKeyError,
+    VersionError,
+    ZbusError,
+)
+from ._keys import KeyRing, generate_key
+from ._message import Message, MessageFactory
+from ._names import TopicPattern
+from ._settings import Endpoints, Settings, default_run_dir
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "Connection",
+    "ConsumerCore",
+    "ConsumerStats",
+    "Delivery",
+    "Dispatcher",
+    "Endpoints",
+    "Envelope",
+    "EnvelopeError",
+    "Exchange",
+    "InvalidName",
+    "KeyRing",
+    "Message",
+    "MessageFactory",
+    "PoolMember",
+    "ProxyError",
+    "Publisher",
+    "ReplayError",
+    "Router",
+    "RoutingError",
+    "SequenceTracker",
+    "Settings",
+    "SignatureError",
+    "Subscriber",
+    "Timeout",
+    "TopicPattern",
+    "TransportError",
+    "UnknownKeyError",
+    "VersionError",
+    "ZbusError",
+    "__version__",
+    "default_run_dir",
+    "generate_key",
+]

@@ -1,0 +1,327 @@
+"""The threads backend: the reference edge over the sans-I/O core, on plain pyzmq.
+
+Thread-safety: a :class:`Connection` publishes from the thread that first sent on it (it
+raises if another thread tries); each :class:`Subscriber` and :class:`PoolMember` owns its
+socket and must be used from one thread (``stop()`` alone may be called from anywhere).
+Make one Connection per thread that publishes; they share the process's ZeroMQ context.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
+from ._errors import ConfigError, Timeout, TransportError, ZbusError
+from ._keys import KeyRing
+from ._message import Message, MessageFactory
+from ._control import ControlClient
+from ._names import CONTROL_PREFIX, validate_exchange, validate_name
+from ._settings import Endpoints, Settings, default_run_dir
+from ._transport import context, make_socket, wait_for_probe
+
+__all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
+
+
+class Connection:
+    """The sockets one thread uses to reach its host's zbus-proxy (no global state).
+
+    ``run_dir`` is the proxy's run directory (default: :func:`zbus.default_run_dir`).
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        settings: Settings | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
+        self.settings = settings or Settings()
+        self._ctx = context
+        self._push: zmq.Socket[Any] | None = None
+        self._owner: int | None = None
+        self._closed = False
+
+    @property
+    def ctx(self) -> zmq.Context[Any]:
+        if self._ctx is None:
+            self._ctx = context()
+        return self._ctx
+
+    @property
+    def control(self) -> ControlClient:
+        return ControlClient(self.endpoints, self.settings, self.ctx)
+
+    def _publish_socket(self) -> zmq.Socket[Any]:
+        if self._closed:
+            raise TransportError("this Connection is closed")
+        sock = make_socket(
+            self.ctx, zmq.PUSH, self.settings,
+            sndhwm=self.settings.publish_hwm, connect=self.endpoints.ingress,
+        )
+        sock.setsockopt(zmq.SNDTIMEO, int(self.settings.send_timeout * 1000))
+        self._push = sock
+        self._owner = threading.get_ident()
+        return sock
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Send already-signed frames (from :meth:`MessageFactory.frames`) to the proxy."""
+        sock = self._push or self._publish_socket()
+        if self._owner != threading.get_ident():
+            raise ZbusError(
+                "this Connection publishes from another thread; ZeroMQ sockets are not "
+                "thread-safe: make one Connection per publishing thread"
+            )
+        try:
+            sock.send_multipart(frames)
+        except zmq.Again:
+            raise Timeout(
+                f"the proxy at {self.endpoints.run_dir} took no message for "
+                f"{self.settings.send_timeout:g}s (queue full at publish_hwm="
+                f"{self.settings.publish_hwm}, or zbus-proxy not running); the message was not sent"
+            ) from None
+
+    def send_many(self, batch: list[list[bytes]]) -> None:
+        """Send several already-signed messages in one call (same errors as send_frames)."""
+        for frames in batch:
+            self.send_frames(frames)
+
+    def exchange(self, name: str) -> Exchange:
+        return Exchange(name, self)
+
+    def subscribe(self, dispatcher: Dispatcher, keys: bytes | KeyRing) -> Subscriber:
+        """A fan-out subscriber for every pattern bound in ``dispatcher``."""
+        return Subscriber(self, dispatcher, keys)
+
+    def join_pool(self, pool: str, dispatcher: Dispatcher, keys: bytes | KeyRing) -> PoolMember:
+        """Become a member of worker pool ``pool`` bound to ``dispatcher``'s patterns."""
+        return PoolMember(self, pool, dispatcher, keys)
+
+    def declare_pool(self, pool: str, bindings: list[str], timeout: float = 5.0) -> None:
+        """Declare ``pool`` at the proxy with ``bindings`` (``"exchange/pattern"`` strings).
+
+        Idempotent; a pool declared with other bindings is refused (ProxyError). Returns once
+        the pool's subscription is live at the proxy: later messages are kept for it.
+        """
+        self.control.request("declare_pool", timeout, name=validate_name(pool, "pool name"),
+                             bindings=sorted(bindings))
+
+    def proxy_stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        return self.control.request("stats", timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._push is not None:
+            self._push.close()
+            self._push = None
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Exchange:
+    """A message class (``compute``, ``network``, ``notifications``) on one connection."""
+
+    def __init__(self, name: str, connection: Connection) -> None:
+        self.name = validate_exchange(name)
+        self.connection = connection
+
+    def send(self, routing_key: str, obj: Message | Any, factory: MessageFactory) -> None:
+        self.connection.send_frames(factory.frames(self.name, routing_key, obj))
+
+    def __repr__(self) -> str:
+        return f"Exchange({self.name!r})"
+
+
+class Publisher:
+    """Sends messages signed by ``factory`` to ``exchange``."""
+
+    def __init__(self, exchange: Exchange, factory: MessageFactory) -> None:
+        self.exchange = exchange
+        self.factory = factory
+
+    def send(self, routing_key: str, obj: Message | Any, *, exchange: str | None = None) -> None:
+        """Publish ``obj`` under ``routing_key`` (on another ``exchange`` when given)."""
+        name = self.exchange.name if exchange is None else exchange
+        self.exchange.connection.send_frames(self.factory.frames(name, routing_key, obj))
+
+    def send_many(self, routing_key: str, objs: list[Any], *, exchange: str | None = None) -> None:
+        """Publish each of ``objs`` under ``routing_key``, in order, signing each one."""
+        name = self.exchange.name if exchange is None else exchange
+        frames = self.factory.frames
+        self.exchange.connection.send_many([frames(name, routing_key, obj) for obj in objs])
+
+    def publish(self, message: Message) -> None:
+        """Publish a :class:`Message` under its own message type as the routing key."""
+        self.send(message.message_type, message)
+
+
+class Router:
+    """Base class for applications that want named send methods.
+
+    >>> class MeteringRouter(Router):
+    ...     def send_meter_message(self, meter: MeterMessage) -> None:
+    ...         self.send("metering", meter)
+    """
+
+    def __init__(self, connection: Connection, factory: MessageFactory) -> None:
+        self.connection = connection
+        self.factory = factory
+
+    def send(self, exchange: str, obj: Message | Any, routing_key: str | None = None) -> None:
+        """Publish on ``exchange``; the routing key defaults to the message's type."""
+        if routing_key is None:
+            if not isinstance(obj, Message):
+                raise ConfigError("a plain payload needs an explicit routing_key")
+            routing_key = obj.message_type
+        self.connection.send_frames(self.factory.frames(exchange, routing_key, obj))
+
+
+class _Consumer:
+    """Receive loop shared by subscribers and pool members (threads backend)."""
+
+    _sock: zmq.Socket[Any]
+
+    def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
+                 *, track_sequences: bool) -> None:
+        self.connection = connection
+        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences)
+        self._pending: deque[list[bytes]] = deque()
+        self._stop = threading.Event()
+
+    @property
+    def stats(self) -> ConsumerStats:
+        return self.core.stats
+
+    def receive(self, timeout: float | None = None) -> Delivery | None:
+        """The next verified, matching delivery (handlers not run), or None after ``timeout``.
+
+        Rejected and unmatched messages are counted and skipped.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._pending:
+                frames = self._pending.popleft()
+            else:
+                wait = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+                if not self._sock.poll(wait):
+                    return None
+                frames = self._sock.recv_multipart()
+            delivery = self.core.accept(frames)
+            if delivery is not None:
+                return delivery
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def process(self, timeout: float | None = None) -> bool:
+        """Receive one delivery and run its handlers; False when ``timeout`` passed first."""
+        delivery = self.receive(timeout)
+        if delivery is None:
+            return False
+        self.core.run_handlers(delivery)
+        return True
+
+    def run(self, *, max_messages: int | None = None, idle_timeout: float | None = None) -> int:
+        """Dispatch until :meth:`stop`, ``max_messages`` deliveries, or ``idle_timeout``."""
+        handled = 0
+        self._stop.clear()
+        while not self._stop.is_set() and (max_messages is None or handled < max_messages):
+            step = 0.1 if idle_timeout is None else min(0.1, idle_timeout)
+            idle_since = time.monotonic()
+            while not self.process(step):
+                if self._stop.is_set():
+                    return handled
+                if idle_timeout is not None and time.monotonic() - idle_since >= idle_timeout:
+                    return handled
+            handled += 1
+        return handled
+
+    def stop(self) -> None:
+        """Make :meth:`run` return after the message in hand (callable from any thread)."""
+        self._stop.set()
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def __enter__(self: Any) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Subscriber(_Consumer):
+    """Fan-out: receives its own copy of every message matching the dispatcher's patterns."""
+
+    def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing) -> None:
+        super().__init__(connection, dispatcher, keys, track_sequences=True)
+        if not dispatcher.patterns:
+            raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
+        settings = connection.settings
+        self._sock = make_socket(
+            connection.ctx, zmq.SUB, settings,
+            rcvhwm=settings.subscriber_hwm, connect=connection.endpoints.deliver,
+        )
+        for prefix in self.core.prefixes():
+            self._sock.subscribe(prefix)
+
+    def ready(self, timeout: float = 10.0) -> None:
+        """Return once the subscription is live at the proxy: nothing published after this
+        returns is lost to the slow-joiner effect. Raises Timeout."""
+        token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
+        self._sock.subscribe(token)
+        conn = self.connection
+        push = make_socket(conn.ctx, zmq.PUSH, conn.settings, connect=conn.endpoints.ingress)
+        try:
+            wait_for_probe(self._sock, push, token, timeout, self._pending.append, "subscription")
+        finally:
+            push.close(linger=0)
+            self._sock.unsubscribe(token)
+
+
+class PoolMember(_Consumer):
+    """A member of a worker pool: each matching message goes to exactly one live member."""
+
+    def __init__(self, connection: Connection, pool: str, dispatcher: Dispatcher,
+                 keys: bytes | KeyRing) -> None:
+        super().__init__(connection, dispatcher, keys, track_sequences=False)
+        if not dispatcher.patterns:
+            raise ConfigError("the dispatcher has no bindings: bind a handler before joining")
+        self.pool = validate_name(pool, "pool name")
+        settings = connection.settings
+        self._sock = make_socket(connection.ctx, zmq.PULL, settings, rcvhwm=settings.pool_hwm)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._sock.connect(connection.endpoints.pool(self.pool))
+        self._connected = False
+
+    @property
+    def bindings(self) -> list[str]:
+        return sorted(str(p) for p in self.core.dispatcher.patterns)
+
+    def ready(self, timeout: float = 10.0) -> None:
+        """Declare the pool (idempotent) and return once this member is connected to it."""
+        deadline = time.monotonic() + timeout
+        self.connection.declare_pool(self.pool, self.bindings, timeout)
+        while not self._connected:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._monitor.poll(int(left * 1000)):
+                raise Timeout(f"pool member of {self.pool!r} did not connect within {timeout:g}s")
+            self._monitor.recv_multipart()
+            self._connected = True
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+
+    def close(self) -> None:
+        if not self._monitor.closed:
+            self._monitor.close(linger=0)
+        super().close()

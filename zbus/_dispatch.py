@@ -1,0 +1,300 @@
+"""Consuming, with no I/O: verify, decode, count, route to bound handlers.
+
+A backend (threads, asyncio, eventlet) reads frames from its socket and hands them to
+:meth:`ConsumerCore.accept`; it gets back a :class:`Delivery` (with the handlers that match)
+or ``None`` when the message was rejected or matched nothing. Every outcome is counted in
+:class:`ConsumerStats`. Nothing a peer sends can raise out of ``accept``.
+
+Policy (docs/GUIDE.md repeats it for users):
+
+* rejected (bad signature, unknown key, malformed, wrong types, unknown version): dropped,
+  counted under ``rejected[reason]``, logged at WARNING the first time per reason, then DEBUG;
+* unmatched (ZeroMQ prefix filtering is coarser than patterns): dropped, counted;
+* a handler that raises: logged with its traceback, counted in ``handler_errors``; the other
+  handlers of the message and the loop go on;
+* dispatch never looks up a name carried in a message: only patterns bound with ``bind``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from ._envelope import Envelope, decode_envelope, decode_topic, verify_frames
+from ._errors import ConfigError, EnvelopeError, VersionError
+from ._keys import KeyRing
+from ._message import Message
+from ._names import CONTROL_PREFIX, TopicPattern, minimal_prefixes
+
+__all__ = [
+    "Binding",
+    "ConsumerCore",
+    "ConsumerStats",
+    "Delivery",
+    "Dispatcher",
+    "Handler",
+    "SequenceTracker",
+]
+
+log = logging.getLogger("zbus")
+
+Handler = Callable[["Delivery"], Any]
+H = TypeVar("H", bound=Handler)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One received, verified message."""
+
+    exchange: str
+    routing_key: str
+    envelope: Envelope
+    key_id: str
+    message: Any
+    """The decoded :class:`Message` when its class is registered, else the raw payload."""
+    handlers: tuple[Handler, ...] = ()
+
+    @property
+    def payload(self) -> Any:
+        return self.envelope.payload
+
+    @property
+    def message_type(self) -> str:
+        return self.envelope.message_type
+
+    @property
+    def publisher_id(self) -> str:
+        return self.envelope.publisher_id
+
+    @property
+    def sequence(self) -> int:
+        return self.envelope.sequence
+
+
+@dataclass(frozen=True, slots=True)
+class Binding:
+    pattern: TopicPattern
+    handler: Handler
+
+
+class Dispatcher:
+    """Handlers bound explicitly to topic patterns; one dispatcher serves many message types.
+
+    >>> d = Dispatcher()
+    >>> @d.on("notifications", "compute.instance.*.end")
+    ... def instance_done(delivery): ...
+    """
+
+    def __init__(self) -> None:
+        self._bindings: list[Binding] = []
+        self._classes: dict[str, type[Message]] = {}
+        self._route_cache: dict[tuple[str, str], tuple[Handler, ...]] = {}
+
+    def bind(
+        self,
+        exchange: str,
+        pattern: str,
+        handler: H,
+        *,
+        message_class: type[Message] | None = None,
+    ) -> H:
+        """Call ``handler(delivery)`` for messages on ``exchange`` whose key matches ``pattern``."""
+        if not callable(handler):
+            raise ConfigError(f"handler {handler!r} is not callable")
+        self._bindings.append(Binding(TopicPattern(exchange, pattern), handler))
+        if message_class is not None:
+            self.register(message_class)
+        self._route_cache.clear()
+        return handler
+
+    def on(
+        self, exchange: str, pattern: str, *, message_class: type[Message] | None = None
+    ) -> Callable[[H], H]:
+        """Decorator form of :meth:`bind`."""
+
+        def decorate(handler: H) -> H:
+            return self.bind(exchange, pattern, handler, message_class=message_class)
+
+        return decorate
+
+    def register(self, message_class: type[Message]) -> None:
+        """Decode payloads of ``message_class.message_type`` into instances of it."""
+        if not (isinstance(message_class, type) and issubclass(message_class, Message)):
+            raise ConfigError(f"{message_class!r} is not a zbus.Message subclass")
+        mtype = getattr(message_class, "message_type", None)
+        if mtype is None:
+            raise ConfigError(f"{message_class.__name__} declares no message_type")
+        known = self._classes.get(mtype)
+        if known is not None and known is not message_class:
+            raise ConfigError(
+                f"message type {mtype!r} is already registered to {known.__name__}"
+            )
+        self._classes[mtype] = message_class
+
+    @property
+    def patterns(self) -> list[TopicPattern]:
+        seen: dict[TopicPattern, None] = {}
+        for b in self._bindings:
+            seen.setdefault(b.pattern, None)
+        return list(seen)
+
+    def route(self, exchange: str, routing_key: str) -> tuple[Handler, ...]:
+        key = (exchange, routing_key)
+        handlers = self._route_cache.get(key)
+        if handlers is None:
+            handlers = tuple(
+                b.handler for b in self._bindings if b.pattern.matches(exchange, routing_key)
+            )
+            if len(self._route_cache) >= 4096:  # routing keys come from the network
+                self._route_cache.clear()
+            self._route_cache[key] = handlers
+        return handlers
+
+    def decode(self, envelope: Envelope) -> Any:
+        """The registered message class's instance for ``envelope``, or its raw payload."""
+        cls = self._classes.get(envelope.message_type)
+        if cls is None:
+            return envelope.payload
+        if envelope.message_type_version > cls.version:
+            raise VersionError(
+                f"{envelope.message_type!r} version {envelope.message_type_version} is newer "
+                f"than {cls.__name__}.version {cls.version}: upgrade this consumer"
+            )
+        try:
+            return cls.from_payload(envelope.payload, envelope.message_type_version)
+        except Exception as exc:
+            raise EnvelopeError(
+                f"{cls.__name__}.from_payload rejected the payload: {exc}", reason="bad_payload"
+            ) from None
+
+
+@dataclass
+class ConsumerStats:
+    """What a consumer saw. ``lost`` counts sequence gaps: messages that never arrived."""
+
+    received: int = 0
+    delivered: int = 0
+    unmatched: int = 0
+    handler_errors: int = 0
+    lost: int = 0
+    reordered: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "received": self.received,
+            "delivered": self.delivered,
+            "unmatched": self.unmatched,
+            "handler_errors": self.handler_errors,
+            "lost": self.lost,
+            "reordered": self.reordered,
+            "rejected": dict(self.rejected),
+        }
+
+
+class SequenceTracker:
+    """Per-publisher-run sequence accounting: counts gaps (lost) and late arrivals.
+
+    The first message seen from a run sets its baseline: a consumer that joins late does not
+    count what was sent before it joined. The table is bounded (least recently seen first out).
+    """
+
+    def __init__(self, max_publishers: int = 10_000) -> None:
+        self._next: OrderedDict[tuple[str, bytes], int] = OrderedDict()
+        self._max = max_publishers
+
+    def observe(self, publisher_id: str, run: bytes, sequence: int) -> tuple[int, bool]:
+        """Return (messages missing before this one, whether this one arrived late)."""
+        key = (publisher_id, run)
+        expected = self._next.get(key)
+        if expected is None:
+            if len(self._next) >= self._max:
+                self._next.popitem(last=False)
+            self._next[key] = sequence + 1
+            return 0, False
+        self._next.move_to_end(key)
+        if sequence >= expected:
+            self._next[key] = sequence + 1
+            return sequence - expected, False
+        return 0, True
+
+
+class ConsumerCore:
+    """The I/O-free heart of every subscriber and pool member, whatever the backend."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        keys: bytes | KeyRing,
+        *,
+        track_sequences: bool = True,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.keys = KeyRing.of(keys)
+        self.stats = ConsumerStats()
+        self._tracker = SequenceTracker() if track_sequences else None
+        self._warned: set[str] = set()
+
+    def reject(self, reason: str, detail: str) -> None:
+        self.stats.rejected[reason] += 1
+        level = logging.DEBUG if reason in self._warned else logging.WARNING
+        self._warned.add(reason)
+        log.log(level, "zbus: rejected a message (%s): %s", reason, detail)
+
+    def accept(self, frames: list[bytes]) -> Delivery | None:
+        """Verify, decode, account and route one received multipart message."""
+        if len(frames) != 3:
+            if frames and frames[0].startswith(CONTROL_PREFIX):
+                return None  # another consumer's readiness probe on a catch-all prefix
+            self.reject("frame_count", f"{len(frames)} frames, expected 3")
+            return None
+        topic, raw, signature = frames
+        if topic.startswith(CONTROL_PREFIX):
+            return None
+        self.stats.received += 1
+        try:
+            key_id = verify_frames(self.keys, topic, raw, signature)
+            exchange, routing_key = decode_topic(topic)
+            envelope = decode_envelope(raw)
+            handlers = self.dispatcher.route(exchange, routing_key)
+            message = self.dispatcher.decode(envelope) if handlers else None
+        except EnvelopeError as exc:
+            self.reject(exc.reason, str(exc))
+            return None
+        if self._tracker is not None:
+            missing, late = self._tracker.observe(
+                envelope.publisher_id, envelope.message_id[:8], envelope.sequence
+            )
+            self.stats.lost += missing
+            self.stats.reordered += late
+        if not handlers:
+            self.stats.unmatched += 1
+            return None
+        return Delivery(exchange, routing_key, envelope, key_id, message, handlers)
+
+    def run_handlers(self, delivery: Delivery) -> None:
+        """Call each handler in turn; one that raises is logged and counted, never fatal."""
+        for handler in delivery.handlers:
+            try:
+                handler(delivery)
+            except Exception:
+                self.handler_failed(handler, delivery)
+        self.stats.delivered += 1
+
+    def handler_failed(self, handler: Handler, delivery: Delivery) -> None:
+        self.stats.handler_errors += 1
+        log.exception(
+            "zbus: handler %r raised on %s/%s (message %s from %s)",
+            handler,
+            delivery.exchange,
+            delivery.routing_key,
+            delivery.envelope.message_id.hex(),
+            delivery.publisher_id,
+        )
+
+    def prefixes(self) -> list[bytes]:
+        """The ZeroMQ subscriptions that cover every bound pattern."""
+        return minimal_prefixes(self.dispatcher.patterns)

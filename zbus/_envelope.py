@@ -1,0 +1,156 @@
+"""The wire format: envelope codec and HMAC signing, with no I/O.
+
+docs/PROTOCOL.md is the normative description; keep the two in step. Invariants:
+
+* A message is exactly three frames: topic, envelope, signature.
+* The signature covers the *received bytes* of frames 1 and 2, never a re-serialisation:
+  ``HMAC-SHA256(key, u32be(len(topic)) || topic || envelope)``. The length prefix makes the
+  split between the two frames unambiguous.
+* Verification happens before any msgpack decoding: unauthenticated bytes are never parsed.
+* Decoding is bounded: msgpack limits derive from the frame length (which the socket caps
+  with ZMQ_MAXMSGSIZE), ext types are refused, map keys must be strings.
+"""
+
+from __future__ import annotations
+
+import hmac
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ._errors import EnvelopeError, SignatureError, VersionError
+from ._keys import KeyRing
+from ._errors import InvalidName
+from ._names import split_topic, validate_routing_key
+
+__all__ = [
+    "ENVELOPE_FORMAT",
+    "SIGNATURE_SCHEME",
+    "Envelope",
+    "decode_envelope",
+    "encode_envelope",
+    "mac",
+    "signature_frame",
+    "verify_frames",
+]
+
+ENVELOPE_FORMAT = 1
+SIGNATURE_SCHEME = 1  # HMAC-SHA256
+MAC_BYTES = 32
+MESSAGE_ID_BYTES = 16
+_U32 = struct.Struct(">I")
+_digest = hmac.digest
+_compare = hmac.compare_digest
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """The decoded standard envelope of one message."""
+
+    message_id: bytes
+    publisher_id: str
+    sequence: int
+    timestamp: float
+    message_type: str
+    message_type_version: int
+    payload: Any
+
+    @property
+    def publisher_run(self) -> bytes:
+        """The random run id (epoch) of the publisher that sent this: the first 8 id bytes."""
+        return self.message_id[:8]
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    return msgpack.packb(
+        [
+            ENVELOPE_FORMAT,
+            env.message_id,
+            env.publisher_id,
+            env.sequence,
+            env.timestamp,
+            env.message_type,
+            env.message_type_version,
+            env.payload,
+        ],
+        use_bin_type=True,
+    )
+
+
+def mac(key: bytes, topic: bytes, envelope: bytes) -> bytes:
+    return _digest(key, _U32.pack(len(topic)) + topic + envelope, "sha256")
+
+
+def signature_frame(keys: KeyRing, topic: bytes, envelope: bytes) -> bytes:
+    key_id = keys.active_id.encode("ascii")
+    return (
+        bytes((SIGNATURE_SCHEME, len(key_id)))
+        + key_id
+        + mac(keys.active_key, topic, envelope)
+    )
+
+
+def verify_frames(keys: KeyRing, topic: bytes, envelope: bytes, signature: bytes) -> str:
+    """Check frame 3 against frames 1 and 2; return the key id. Raises SignatureError."""
+    if len(signature) < 2 + 1 + MAC_BYTES or signature[0] != SIGNATURE_SCHEME:
+        raise SignatureError("signature frame is malformed or uses an unknown scheme")
+    id_len = signature[1]
+    if len(signature) != 2 + id_len + MAC_BYTES:
+        raise SignatureError("signature frame length does not match its key id length")
+    try:
+        key_id = signature[2 : 2 + id_len].decode("ascii")
+    except UnicodeDecodeError:
+        raise SignatureError("signature key id is not ASCII") from None
+    key = keys.get(key_id)  # UnknownKeyError is a SignatureError
+    if not _compare(mac(key, topic, envelope), signature[2 + id_len :]):
+        raise SignatureError(f"HMAC does not match (key id {key_id!r})")
+    return key_id
+
+
+def _refuse_ext(code: int, data: bytes) -> Any:
+    raise EnvelopeError(f"msgpack ext type {code} is not allowed", reason="malformed")
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Decode and type-check an envelope frame (call only after verify_frames)."""
+    try:
+        fields = msgpack.unpackb(
+            data, raw=False, strict_map_key=True, ext_hook=_refuse_ext, use_list=True
+        )
+    except EnvelopeError:
+        raise
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise EnvelopeError(f"envelope is not valid msgpack: {exc}") from None
+    if not isinstance(fields, list) or not fields:
+        raise EnvelopeError("envelope is not a msgpack array")
+    if fields[0] != ENVELOPE_FORMAT:
+        raise VersionError(f"envelope format {fields[0]!r} is not supported (this reads 1)")
+    if len(fields) != 8:
+        raise EnvelopeError(f"envelope has {len(fields)} fields, expected 8")
+    _, message_id, publisher_id, sequence, timestamp, message_type, version, payload = fields
+    if type(message_id) is not bytes or len(message_id) != MESSAGE_ID_BYTES:
+        raise EnvelopeError("message_id must be 16 bytes", reason="wrong_type")
+    if type(publisher_id) is not str or not publisher_id:
+        raise EnvelopeError("publisher_id must be a non-empty string", reason="wrong_type")
+    if type(sequence) is not int or sequence < 0:
+        raise EnvelopeError("sequence must be a non-negative integer", reason="wrong_type")
+    if type(timestamp) is not float and type(timestamp) is not int:
+        raise EnvelopeError("timestamp must be a number", reason="wrong_type")
+    if type(message_type) is not str:
+        raise EnvelopeError("message_type must be a string", reason="wrong_type")
+    if type(version) is not int or version < 0:
+        raise EnvelopeError("message_type_version must be a non-negative integer", reason="wrong_type")
+    try:
+        validate_routing_key(message_type)
+    except InvalidName:
+        raise EnvelopeError("message_type is not a valid name", reason="wrong_type") from None
+    return Envelope(message_id, publisher_id, sequence, float(timestamp), message_type, version, payload)
+
+
+def decode_topic(topic: bytes) -> tuple[str, str]:
+    try:
+        return split_topic(topic)
+    except InvalidName as exc:
+        raise EnvelopeError(str(exc), reason="bad_topic") from None
