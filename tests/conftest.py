@@ -1,0 +1,96 @@
+"""Shared fixtures: short per-test run directories and a real zbus-proxy process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import zbus
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A fresh, short directory (ipc socket paths must stay under 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="zb-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def key() -> bytes:
+    return zbus.generate_key()
+
+
+class ProxyProcess:
+    """A ``zbus-proxy`` subprocess on ``run_dir``; ``start`` waits until it answers ping."""
+
+    def __init__(self, run_dir: Path, *extra: str) -> None:
+        self.run_dir = run_dir
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = run_dir / "proxy.log"
+
+    def start(self, timeout: float = 10.0) -> ProxyProcess:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "zbus_proxy", "--run-dir", str(self.run_dir), *self.extra],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
+        conn = zbus.Connection(self.run_dir)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"zbus-proxy exited: {self.log.read_text()}")
+                try:
+                    conn.control.request("ping", timeout=0.5)
+                    return self
+                except zbus.Timeout:
+                    if time.monotonic() > deadline:
+                        raise
+        finally:
+            conn.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+@pytest.fixture
+def proxy_process(run_dir: Path) -> Iterator[ProxyProcess]:
+    """A running zbus-proxy subprocess on ``run_dir``, ended after the test."""
+    proxy = ProxyProcess(run_dir).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
