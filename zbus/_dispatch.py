@@ -18,16 +18,18 @@ Policy (docs/GUIDE.md repeats it for users):
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ._envelope import Envelope, decode_envelope, decode_topic, verify_frames
-from ._errors import ConfigError, EnvelopeError, VersionError
+from ._errors import ConfigError, EnvelopeError, ReplayError, VersionError
 from ._keys import KeyRing
 from ._message import Message
 from ._names import CONTROL_PREFIX, TopicPattern, minimal_prefixes
+from ._replay import ReplayGuard
 
 __all__ = [
     "Binding",
@@ -231,11 +233,17 @@ class ConsumerCore:
         keys: bytes | KeyRing,
         *,
         track_sequences: bool = True,
+        replay: ReplayGuard | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.dispatcher = dispatcher
         self.keys = KeyRing.of(keys)
         self.stats = ConsumerStats()
-        self._tracker = SequenceTracker() if track_sequences else None
+        # Replay state is per consumer, never shared: one history shared by several
+        # consumers raises false duplicates (jupyter_client #252).
+        self._guard = replay if replay is not None else ReplayGuard()
+        self._count_gaps = track_sequences
+        self._clock = clock
         self._warned: set[str] = set()
 
     def reject(self, reason: str, detail: str) -> None:
@@ -247,29 +255,40 @@ class ConsumerCore:
     def accept(self, frames: list[bytes]) -> Delivery | None:
         """Verify, decode, account and route one received multipart message."""
         if len(frames) != 3:
-            if frames and frames[0].startswith(CONTROL_PREFIX):
-                return None  # another consumer's readiness probe on a catch-all prefix
+            if len(frames) == 1 and frames[0].startswith(CONTROL_PREFIX):
+                return None  # a one-frame readiness probe, seen by a catch-all subscription
             self.reject("frame_count", f"{len(frames)} frames, expected 3")
             return None
+        # A three-frame message is a user message whatever its topic: a forged one whose
+        # topic starts with NUL is rejected and counted like any other forgery.
         topic, raw, signature = frames
-        if topic.startswith(CONTROL_PREFIX):
-            return None
         self.stats.received += 1
         try:
             key_id = verify_frames(self.keys, topic, raw, signature)
             exchange, routing_key = decode_topic(topic)
             envelope = decode_envelope(raw)
-            handlers = self.dispatcher.route(exchange, routing_key)
+        except EnvelopeError as exc:
+            self.reject(exc.reason, str(exc))
+            return None
+        # Account the sequence before the payload is judged: a verified message rejected for
+        # its type version or payload did arrive, and must not also be counted as lost.
+        try:
+            self._guard.check_time(envelope.timestamp, self._clock())
+            missing, late = self._guard.observe(
+                envelope.publisher_id, envelope.message_id[:8], envelope.sequence
+            )
+        except ReplayError as exc:
+            self.reject(exc.reason, str(exc))
+            return None
+        if self._count_gaps:  # a pool member sees a share of each stream: gaps mean nothing
+            self.stats.lost += missing
+            self.stats.reordered += late
+        handlers = self.dispatcher.route(exchange, routing_key)
+        try:
             message = self.dispatcher.decode(envelope) if handlers else None
         except EnvelopeError as exc:
             self.reject(exc.reason, str(exc))
             return None
-        if self._tracker is not None:
-            missing, late = self._tracker.observe(
-                envelope.publisher_id, envelope.message_id[:8], envelope.sequence
-            )
-            self.stats.lost += missing
-            self.stats.reordered += late
         if not handlers:
             self.stats.unmatched += 1
             return None

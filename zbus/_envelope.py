@@ -20,9 +20,8 @@ from typing import Any
 
 import msgpack
 
-from ._errors import EnvelopeError, SignatureError, VersionError
+from ._errors import EnvelopeError, InvalidName, SignatureError, VersionError
 from ._keys import KeyRing
-from ._errors import InvalidName
 from ._names import split_topic, validate_routing_key
 
 __all__ = [
@@ -30,6 +29,7 @@ __all__ = [
     "SIGNATURE_SCHEME",
     "Envelope",
     "decode_envelope",
+    "decode_topic",
     "encode_envelope",
     "mac",
     "signature_frame",
@@ -40,6 +40,7 @@ ENVELOPE_FORMAT = 1
 SIGNATURE_SCHEME = 1  # HMAC-SHA256
 MAC_BYTES = 32
 MESSAGE_ID_BYTES = 16
+MAX_PUBLISHER_ID = 255
 _U32 = struct.Struct(">I")
 _digest = hmac.digest
 _compare = hmac.compare_digest
@@ -64,7 +65,7 @@ class Envelope:
 
 
 def encode_envelope(env: Envelope) -> bytes:
-    return msgpack.packb(
+    data: bytes = msgpack.packb(
         [
             ENVELOPE_FORMAT,
             env.message_id,
@@ -77,6 +78,7 @@ def encode_envelope(env: Envelope) -> bytes:
         ],
         use_bin_type=True,
     )
+    return data
 
 
 def mac(key: bytes, topic: bytes, envelope: bytes) -> bytes:
@@ -125,15 +127,21 @@ def decode_envelope(data: bytes) -> Envelope:
         raise EnvelopeError(f"envelope is not valid msgpack: {exc}") from None
     if not isinstance(fields, list) or not fields:
         raise EnvelopeError("envelope is not a msgpack array")
-    if fields[0] != ENVELOPE_FORMAT:
-        raise VersionError(f"envelope format {fields[0]!r} is not supported (this reads 1)")
+    # type() first: True == 1 and 1.0 == 1 in Python, but neither is the msgpack integer 1.
+    if type(fields[0]) is not int or fields[0] != ENVELOPE_FORMAT:
+        raise VersionError(
+            f"envelope format {fields[0]!r} is not supported (this reads {ENVELOPE_FORMAT})"
+        )
     if len(fields) != 8:
         raise EnvelopeError(f"envelope has {len(fields)} fields, expected 8")
     _, message_id, publisher_id, sequence, timestamp, message_type, version, payload = fields
     if type(message_id) is not bytes or len(message_id) != MESSAGE_ID_BYTES:
         raise EnvelopeError("message_id must be 16 bytes", reason="wrong_type")
-    if type(publisher_id) is not str or not publisher_id:
-        raise EnvelopeError("publisher_id must be a non-empty string", reason="wrong_type")
+    if type(publisher_id) is not str or not 0 < len(publisher_id) <= MAX_PUBLISHER_ID:
+        raise EnvelopeError(
+            f"publisher_id must be a string of 1 to {MAX_PUBLISHER_ID} characters",
+            reason="wrong_type",
+        )
     if type(sequence) is not int or sequence < 0:
         raise EnvelopeError("sequence must be a non-negative integer", reason="wrong_type")
     if type(timestamp) is not float and type(timestamp) is not int:
@@ -141,12 +149,16 @@ def decode_envelope(data: bytes) -> Envelope:
     if type(message_type) is not str:
         raise EnvelopeError("message_type must be a string", reason="wrong_type")
     if type(version) is not int or version < 0:
-        raise EnvelopeError("message_type_version must be a non-negative integer", reason="wrong_type")
+        raise EnvelopeError(
+            "message_type_version must be a non-negative integer", reason="wrong_type"
+        )
     try:
         validate_routing_key(message_type)
     except InvalidName:
         raise EnvelopeError("message_type is not a valid name", reason="wrong_type") from None
-    return Envelope(message_id, publisher_id, sequence, float(timestamp), message_type, version, payload)
+    return Envelope(
+        message_id, publisher_id, sequence, float(timestamp), message_type, version, payload
+    )
 
 
 def decode_topic(topic: bytes) -> tuple[str, str]:

@@ -31,7 +31,7 @@ class ConfigError(ZbusError, ValueError):
     """A setting, name or argument is not acceptable; the message says which and why."""
 
 
-class InvalidName(ConfigError):
+class InvalidName(ConfigError):  # noqa: N818 (public name, reads as a verdict)
     """An exchange, routing key, pattern, pool or key id holds characters zbus does not allow."""
 
 
@@ -86,5 +86,5 @@ class ProxyError(TransportError):
     """The zbus-proxy refused a request or is not running at the given run directory."""
 
 
-class Timeout(ZbusError, TimeoutError):
+class Timeout(ZbusError, TimeoutError):  # noqa: N818 (public name, as in STYLE.md)
     """An operation did not complete in the time allowed."""

@@ -40,7 +40,7 @@ class KeyRing:
     on the publishers, then remove the old one.
     """
 
-    __slots__ = ("_keys", "_active", "_active_key")
+    __slots__ = ("_active", "_active_key", "_keys")
 
     def __init__(self, keys: Mapping[str, bytes], active: str | None = None) -> None:
         if not keys:

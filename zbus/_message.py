@@ -122,12 +122,17 @@ class MessageFactory:
         """
         topic = topic_frame(exchange, routing_key)
         if isinstance(obj, Message):
-            mtype = obj.message_type
+            mtype = getattr(obj, "message_type", None)
+            if mtype is None:
+                raise ConfigError(f"{type(obj).__name__} declares no message_type")
             mversion = obj.version
             payload = obj.__json__()
         else:
             mtype = routing_key if message_type is None else validate_routing_key(message_type)
             mversion = 1 if version is None else version
+            if type(mversion) is not int or mversion < 0:
+                # Consumers reject anything else; fail here, where the caller can fix it.
+                raise ConfigError(f"version must be a non-negative int, not {mversion!r}")
             payload = obj
         seq = self._next_seq
         try:
@@ -137,7 +142,7 @@ class MessageFactory:
                     self.run_id + seq.to_bytes(8, "big"),
                     self.publisher_id,
                     seq,
-                    self._clock(),
+                    float(self._clock()),  # always a msgpack float 64 (PROTOCOL.md)
                     mtype,
                     mversion,
                     payload,

@@ -58,7 +58,8 @@ def validate_routing_key(key: str) -> str:
     if not isinstance(key, str) or len(key) > MAX_ROUTING_KEY or not _ROUTING_KEY.match(key):
         raise InvalidName(
             f"invalid routing key {key!r}: use words of A-Z, a-z, 0-9, '_' and '-' joined by "
-            f"single dots, at most {MAX_ROUTING_KEY} characters (e.g. 'compute.instance.create.end')"
+            f"single dots, at most {MAX_ROUTING_KEY} characters "
+            "(e.g. 'compute.instance.create.end')"
         )
     return key
 
@@ -117,7 +118,7 @@ class TopicPattern:
     ``prefix`` is what the ZeroMQ subscription uses; :meth:`matches` is the exact test.
     """
 
-    __slots__ = ("exchange", "pattern", "words", "prefix", "_cache")
+    __slots__ = ("_cache", "exchange", "pattern", "prefix", "words")
 
     def __init__(self, exchange: str, pattern: str) -> None:
         self.exchange = validate_exchange(exchange)

@@ -1,0 +1,337 @@
+"""Envelope codec, signatures and the rejection of every kind of bad frame, without sockets."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import zbus
+import zbus._dispatch
+from zbus._envelope import (
+    Envelope,
+    decode_envelope,
+    encode_envelope,
+    signature_frame,
+    verify_frames,
+)
+
+KEY = bytes(range(32))
+RING = zbus.KeyRing({"k1": KEY})
+TOPIC = b"notifications/compute.instance.create.end"
+RUN = bytes.fromhex("0102030405060708")
+
+
+def envelope_fields(**change: Any) -> list[Any]:
+    fields: dict[str, Any] = {
+        "format": 1,
+        "message_id": RUN + (7).to_bytes(8, "big"),
+        "publisher_id": "svc.host1",
+        "sequence": 7,
+        "timestamp": 1700000000.5,
+        "message_type": "compute.instance.create.end",
+        "version": 1,
+        "payload": {"instance_id": "i-1"},
+    }
+    fields.update(change)
+    return list(fields.values())
+
+
+def signed(topic: bytes, envelope: bytes, ring: zbus.KeyRing = RING) -> list[bytes]:
+    """Frames carrying a valid signature over whatever bytes they hold."""
+    return [topic, envelope, signature_frame(ring, topic, envelope)]
+
+
+def consumer(pattern: str = "#", ring: zbus.KeyRing = RING) -> zbus.ConsumerCore:
+    d = zbus.Dispatcher()
+    d.bind("notifications", pattern, lambda delivery: None)
+    return zbus.ConsumerCore(d, ring)
+
+
+def good_frames() -> list[bytes]:
+    return zbus.MessageFactory(RING, "svc.host1").frames(
+        "notifications", "compute.instance.create.end", {"instance_id": "i-1", "vcpus": 2}
+    )
+
+
+def rejected_as(frames: list[bytes], ring: zbus.KeyRing = RING) -> str:
+    """The one reason ``frames`` is rejected for; fails if it is accepted or counted twice."""
+    core = consumer(ring=ring)
+    assert core.accept(frames) is None
+    assert sum(core.stats.rejected.values()) == 1, core.stats.rejected
+    assert core.stats.unmatched == 0 and core.stats.lost == 0
+    # and the consumer keeps serving
+    assert core.accept(good_frames()) is not None
+    (reason,) = core.stats.rejected
+    return reason
+
+
+# -- codec ---------------------------------------------------------------------------------
+
+
+def test_envelope_round_trip() -> None:
+    env = Envelope(RUN + bytes(8), "svc", 0, 1.5, "a.b", 3, {"x": [1, 2.5, b"\x00", None, True]})
+    assert decode_envelope(encode_envelope(env)) == env
+    assert env.publisher_run == RUN
+
+
+def test_integer_timestamp_is_accepted_as_float() -> None:
+    env = decode_envelope(msgpack.packb(envelope_fields(timestamp=17), use_bin_type=True))
+    assert env.timestamp == 17.0 and type(env.timestamp) is float
+
+
+# msgpack values that survive a round trip unchanged: string map keys (strict_map_key), lists
+# (not tuples), 64-bit integers, and no NaN (NaN != NaN).
+payloads = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@given(payloads, st.integers(0, 2**64 - 1), st.floats(allow_nan=False, allow_infinity=False))
+def test_codec_round_trip_property(payload: Any, seq: int, ts: float) -> None:
+    env = Envelope(RUN + bytes(8), "svc", seq, ts, "a.b-c", 2, payload)
+    assert decode_envelope(encode_envelope(env)) == env
+
+
+@given(payloads)
+@settings(suppress_health_check=[HealthCheck.too_slow])
+def test_signed_round_trip_through_the_consumer(payload: Any) -> None:
+    frames = zbus.MessageFactory(RING, "svc").frames("notifications", "a.b", payload)
+    delivery = consumer().accept(frames)
+    assert delivery is not None
+    assert delivery.payload == payload
+    assert delivery.envelope.message_type == "a.b"
+
+
+# -- signatures ----------------------------------------------------------------------------
+
+
+def test_verify_returns_the_key_id() -> None:
+    topic, env, sig = good_frames()
+    assert verify_frames(RING, topic, env, sig) == "k1"
+
+
+def test_every_single_byte_change_in_any_frame_is_rejected() -> None:
+    frames = good_frames()
+    key_id_positions = range(2, 2 + len(b"k1"))
+    core = consumer()
+    tried = 0
+    for i, frame in enumerate(frames):
+        for pos in range(len(frame)):
+            for flip in (0x01, 0x80):
+                bad = list(frames)
+                bad[i] = frame[:pos] + bytes([frame[pos] ^ flip]) + frame[pos + 1 :]
+                before = sum(core.stats.rejected.values())
+                assert core.accept(bad) is None, (i, pos, flip)
+                assert sum(core.stats.rejected.values()) == before + 1
+                tried += 1
+                with pytest.raises(zbus.SignatureError) as info:
+                    verify_frames(RING, *bad)
+                if i == 2 and pos in key_id_positions and bad[2][pos] < 0x80:
+                    assert info.value.reason == "unknown_key"
+                else:
+                    assert info.value.reason == "bad_signature"
+    assert tried == 2 * sum(len(f) for f in frames)
+    assert set(core.stats.rejected) == {"bad_signature", "unknown_key"}
+    assert core.stats.delivered == 0 and core.stats.unmatched == 0
+
+
+@given(st.data())
+def test_tampering_property(data: st.DataObject) -> None:
+    frames = good_frames()
+    i = data.draw(st.integers(0, 2))
+    pos = data.draw(st.integers(0, len(frames[i]) - 1))
+    mask = data.draw(st.integers(1, 255))
+    bad = list(frames)
+    bad[i] = frames[i][:pos] + bytes([frames[i][pos] ^ mask]) + frames[i][pos + 1 :]
+    core = consumer()
+    assert core.accept(bad) is None
+    assert set(core.stats.rejected) <= {"bad_signature", "unknown_key"}
+    assert sum(core.stats.rejected.values()) == 1
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda f: [f[0] + b"x", f[1], f[2]],  # topic extended
+        lambda f: [f[0][:-1], f[1], f[2]],  # topic truncated
+        lambda f: [f[0], f[1] + b"\xc0", f[2]],  # envelope extended
+        lambda f: [f[0], f[1][:-1], f[2]],  # envelope truncated
+        lambda f: [f[0] + f[1][:1], f[1][1:], f[2]],  # a byte moved across the frame boundary
+        lambda f: [f[0], f[1], f[2] + b"\x00"],
+        lambda f: [f[0], f[1], f[2][:-1]],
+        lambda f: [f[0], f[1], b""],
+        lambda f: [f[0], f[1], b"\x02" + f[2][1:]],  # unknown scheme
+        lambda f: [f[0], f[1], f[2][:1] + b"\x00" + f[2][2:]],  # key id length 0
+        lambda f: [f[0], f[1], f[2][:2] + b"\xff\xfe" + f[2][4:]],  # key id not ASCII
+        lambda f: [f[1], f[0], f[2]],  # frames swapped
+    ],
+)
+def test_length_and_layout_changes_are_bad_signatures(change: Any) -> None:
+    assert rejected_as(change(good_frames())) == "bad_signature"
+
+
+def test_unknown_key_id_is_counted_as_unknown_key() -> None:
+    other = zbus.KeyRing({"k2": KEY})  # same key bytes, but an id the consumer lacks
+    frames = zbus.MessageFactory(other, "svc").frames("notifications", "a", 1)
+    assert rejected_as(frames) == "unknown_key"
+    with pytest.raises(zbus.UnknownKeyError, match="k2"):
+        verify_frames(RING, *frames)
+
+
+def test_wrong_key_under_a_known_id_is_a_bad_signature() -> None:
+    forger = zbus.KeyRing({"k1": bytes(32)})
+    frames = zbus.MessageFactory(forger, "svc").frames("notifications", "a", 1)
+    assert rejected_as(frames) == "bad_signature"
+
+
+def test_rotation_ring_verifies_old_and_new_keys() -> None:
+    new_key = bytes(range(100, 132))
+    ring = zbus.KeyRing({"k1": KEY, "k2": new_key}, active="k2")
+    core = consumer(ring=ring)
+    for signer in (RING, zbus.KeyRing({"k2": new_key})):
+        delivery = core.accept(zbus.MessageFactory(signer, "svc").frames("notifications", "a", 1))
+        assert delivery is not None and delivery.key_id == signer.active_id
+    assert not core.stats.rejected
+
+
+def test_mac_is_checked_before_anything_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
+    def must_not_decode(*args: Any) -> Any:
+        raise AssertionError("decoded bytes that were not authenticated")
+
+    monkeypatch.setattr(zbus._dispatch, "decode_envelope", must_not_decode)
+    monkeypatch.setattr(zbus._dispatch, "decode_topic", must_not_decode)
+    garbage = [b"not a topic", b"\xc1 not msgpack", signature_frame(RING, b"x", b"y")]
+    core = consumer()
+    assert core.accept(garbage) is None
+    assert core.stats.rejected == {"bad_signature": 1}
+
+
+# -- malformed input, each validly signed --------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 4, 5])
+def test_wrong_frame_counts(count: int) -> None:
+    frames = [*good_frames(), b"extra", b"extra"][:count]
+    assert rejected_as(frames) == "frame_count"
+
+
+def test_control_probes_are_ignored_not_counted() -> None:
+    core = consumer()
+    assert core.accept([b"\x00probe/0123456789abcdef"]) is None
+    assert not core.stats.rejected and core.stats.received == 0
+
+
+def test_three_frame_message_with_control_topic_is_a_counted_forgery() -> None:
+    core = consumer()
+    assert core.accept([b"\x00probe/x", b"", b""]) is None
+    assert core.stats.rejected == {"bad_signature": 1}
+
+
+def packed(fields: Any) -> bytes:
+    data: bytes = msgpack.packb(fields, use_bin_type=True)
+    return data
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [
+        b"",
+        b"\xc1",  # a byte msgpack never uses
+        b"\x98\x01",  # array that ends early
+        packed(envelope_fields()) + b"\xc0",  # trailing bytes
+        packed({"format": 1}),
+        packed([]),
+        packed("just a string"),
+        packed(envelope_fields()[:7]),
+        packed([*envelope_fields(), "extra"]),
+        packed(envelope_fields(payload=msgpack.ExtType(1, b"x"))),
+        packed(envelope_fields(payload={1: "int key"})),
+        packed(envelope_fields(payload={b"k": {(1, 2): 3}})),
+        b"\x91" * 100_000 + b"\xc0",  # nested deeper than the decoder's stack
+    ],
+    ids=lambda e: e[:12].hex() or "empty",
+)
+def test_malformed_envelopes(envelope: bytes) -> None:
+    assert rejected_as(signed(TOPIC, envelope)) == "malformed"
+
+
+@pytest.mark.parametrize("fmt", [2, 0, True, 1.0, "1", None, [1]])
+def test_unknown_envelope_format(fmt: Any) -> None:
+    assert rejected_as(signed(TOPIC, packed(envelope_fields(format=fmt)))) == "unknown_version"
+
+
+def test_unknown_format_is_detected_before_the_field_count() -> None:
+    # A future format may carry other fields: it must read as a version problem.
+    assert rejected_as(signed(TOPIC, packed([2, "something", "else"]))) == "unknown_version"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("message_id", "a" * 16),
+        ("message_id", bytes(15)),
+        ("message_id", bytes(17)),
+        ("message_id", None),
+        ("publisher_id", b"svc"),
+        ("publisher_id", ""),
+        ("publisher_id", "p" * 256),
+        ("publisher_id", 5),
+        ("sequence", -1),
+        ("sequence", 1.0),
+        ("sequence", True),
+        ("sequence", "7"),
+        ("timestamp", "now"),
+        ("timestamp", None),
+        ("timestamp", True),
+        ("message_type", 5),
+        ("message_type", b"a.b"),
+        ("message_type", "a..b"),
+        ("message_type", "a b"),
+        ("message_type", ""),
+        ("version", -1),
+        ("version", "1"),
+        ("version", 1.0),
+        ("version", True),
+        ("version", None),
+    ],
+)
+def test_wrong_field_types(field: str, value: Any) -> None:
+    envelope = packed(envelope_fields(**{field: value}))
+    assert rejected_as(signed(TOPIC, envelope)) == "wrong_type"
+
+
+@pytest.mark.parametrize(
+    "topic", [b"noslash", b"notifications/a..b", b"\xff/x", b"a.b/c", b"n/a/b", b"n/a b"]
+)
+def test_bad_topics_validly_signed(topic: bytes) -> None:
+    assert rejected_as(signed(topic, packed(envelope_fields()))) == "bad_topic"
+
+
+@given(st.binary(max_size=200))
+def test_no_signed_garbage_escapes_accept(envelope: bytes) -> None:
+    core = consumer()
+    result = core.accept(signed(TOPIC, envelope))
+    if result is None:
+        assert sum(core.stats.rejected.values()) == 1
+    else:
+        assert not core.stats.rejected
+
+
+@given(st.lists(st.binary(max_size=64), max_size=5))
+def test_no_unsigned_garbage_escapes_accept(frames: list[bytes]) -> None:
+    core = consumer()
+    assert core.accept(frames) is None
+    ignored = len(frames) == 1 and frames[0].startswith(b"\x00")
+    assert sum(core.stats.rejected.values()) == (0 if ignored else 1)
