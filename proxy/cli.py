@@ -1,4 +1,13 @@
-"""``zbus-proxy``: run the proxy for this host until SIGTERM or SIGINT."""
+"""``zbus-proxy``: run the proxy for this host until SIGTERM or SIGINT.
+
+Configuration comes from defaults, then ``--config FILE`` (TOML, see proxy/example.toml),
+then flags. Exit codes (docs/OPERATING.md repeats them):
+
+* 0 — stopped cleanly on SIGTERM/SIGINT, or ``--check-config`` found the config valid;
+* 2 — the configuration (file or flags) is invalid; the message names the key;
+* 3 — the run directory or a socket is taken (another zbus-proxy serves it);
+* 1 — any other failure to start or run.
+"""
 
 from __future__ import annotations
 
@@ -7,64 +16,208 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Sequence
 from types import FrameType
+from typing import Any
 
-from zbus import Settings, ZbusError, default_run_dir
+from zbus import ConfigError, TransportError, ZbusError
 
+from ._config import SCHEMA, ProxyConfig, load_config, setup_logging
 from ._proxy import Proxy
 
 log = logging.getLogger("zbus.proxy")
 
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_TAKEN = 3
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    defaults = Settings()
+# flag dest -> config key
+_FLAG_KEYS = {
+    "run_dir": "run_dir",
+    "state_dir": "state_dir",
+    "publish_hwm": "limits.publish_hwm",
+    "subscriber_hwm": "limits.subscriber_hwm",
+    "pool_hwm": "limits.pool_hwm",
+    "max_message_bytes": "limits.max_message_bytes",
+    "log_level": "log.level",
+    "log_format": "log.format",
+    "metrics_port": "metrics.port",
+    "metrics_host": "metrics.host",
+}
+
+
+def render_metrics(stats: dict[str, Any]) -> str:
+    """The proxy's counters (the control socket's ``stats``) in Prometheus text format 0.0.4."""
+    out = [
+        "# HELP zbus_proxy_up 1 while the proxy serves.",
+        "# TYPE zbus_proxy_up gauge",
+        "zbus_proxy_up 1",
+    ]
+    devices: dict[str, dict[str, int]] = stats.get("devices") or {}
+    for unit in ("frames", "bytes"):
+        name = f"zbus_proxy_device_{unit}_total"
+        out.append(f"# HELP {name} {unit.capitalize()} through a proxy device's forwarding loop "
+                   "(a message is 3 frames).")
+        out.append(f"# TYPE {name} counter")
+        for device in sorted(devices):
+            for counter, value in sorted(devices[device].items()):
+                side, _, rest = counter.partition("_")
+                kind, _, direction = rest.partition("_")
+                if kind == unit:
+                    out.append(f'{name}{{device="{device}",side="{side}",'
+                               f'direction="{direction}"}} {value}')
+    pools: dict[str, list[str]] = stats.get("pools") or {}
+    out += ["# HELP zbus_proxy_pools Declared worker pools.", "# TYPE zbus_proxy_pools gauge",
+            f"zbus_proxy_pools {len(pools)}",
+            "# HELP zbus_proxy_pool_startup_drops_total Messages dropped while pools started.",
+            "# TYPE zbus_proxy_pool_startup_drops_total counter",
+            f"zbus_proxy_pool_startup_drops_total {stats.get('pool_startup_drops', 0)}"]
+    return "\n".join(out) + "\n"
+
+
+class MetricsServer:
+    """``GET /metrics`` on ``host:port`` in a daemon thread, rendered from ``proxy.stats()``.
+
+    Standard library only: the text format is small, so the daemon needs no extra package.
+    Port 0 picks a free port (see ``.port``).
+    """
+
+    def __init__(self, proxy: Proxy, host: str, port: int) -> None:
+        import http.server
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                if self.path.split("?")[0] != "/metrics":
+                    self.send_error(404, "try /metrics")
+                    return
+                body = render_metrics(proxy.stats()).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                log.debug("metrics request: " + format, *args)
+
+        try:
+            self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise TransportError(
+                f"cannot serve metrics on {host}:{port}: {exc}; choose another metrics.port"
+            ) from None
+        self._server.daemon_threads = True
+        self.port: int = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="zbus-metrics", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zbus-proxy",
-        description="Run this host's zbus proxy: ipc sockets under --run-dir, hot path in libzmq.",
+        description="Run this host's zbus proxy: ipc sockets under the run directory, the hot "
+        "path in libzmq. Settings come from defaults, then --config, then these flags.",
+        epilog="Exit codes: 0 clean stop or valid config, 2 invalid config, 3 run directory "
+        "or socket taken by another proxy, 1 other failure. See docs/OPERATING.md.",
     )
-    parser.add_argument("--run-dir", default=str(default_run_dir()),
-                        help="directory for the ipc sockets and lock file (default: %(default)s)")
-    parser.add_argument("--state-dir", default=None,
-                        help="where pool declarations persist (default: the run directory)")
-    parser.add_argument("--subscriber-hwm", type=int, default=defaults.subscriber_hwm,
-                        help="messages queued per subscriber before drops (default: %(default)s)")
-    parser.add_argument("--pool-hwm", type=int, default=defaults.pool_hwm,
-                        help="messages queued per pool and member (default: %(default)s)")
-    parser.add_argument("--publish-hwm", type=int, default=defaults.publish_hwm,
-                        help="messages queued per publisher at ingress (default: %(default)s)")
-    parser.add_argument("--max-message-bytes", type=int, default=defaults.max_message_bytes,
-                        help="largest frame accepted (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default: INFO)")
-    return parser.parse_args(argv)
+    parser.add_argument("--config", metavar="FILE", help="TOML config file (proxy/example.toml)")
+    parser.add_argument("--check-config", action="store_true",
+                        help="validate the config and flags, print the effective values, exit")
+
+    def flag(name: str, key: str, **kwargs: Any) -> None:
+        default = SCHEMA[key].default
+        shown = f" (default: {default})" if default is not None else ""
+        parser.add_argument(name, default=None, help=SCHEMA[key].help + shown, **kwargs)
+
+    flag("--run-dir", "run_dir")
+    flag("--state-dir", "state_dir")
+    flag("--publish-hwm", "limits.publish_hwm", type=int)
+    flag("--subscriber-hwm", "limits.subscriber_hwm", type=int)
+    flag("--pool-hwm", "limits.pool_hwm", type=int)
+    flag("--max-message-bytes", "limits.max_message_bytes", type=int)
+    flag("--log-level", "log.level")
+    flag("--log-format", "log.format", choices=["text", "json"])
+    parser.add_argument("--log-json", dest="log_format", action="store_const", const="json",
+                        help="same as --log-format json")
+    flag("--metrics-port", "metrics.port", type=int)
+    flag("--metrics-host", "metrics.host")
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
+def config_from_args(args: argparse.Namespace) -> ProxyConfig:
+    overrides = {key: getattr(args, dest) for dest, key in _FLAG_KEYS.items()}
+    return load_config(args.config, overrides)
+
+
+def describe(config: ProxyConfig) -> str:
+    lines = [f"config OK ({config.source or 'no file: defaults and flags'})"]
+    width = max(len(k) for k in config.values)
+    for key, value in config.values.items():
+        lines.append(f"  {key.ljust(width)} = {value!r}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"zbus-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(describe(config))
+        return EXIT_OK
+    setup_logging(config.log_level, config.log_format)
+
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        log.info("signal %d: shutting down", signum)
+        log.info("signal received, shutting down", extra={"signal": signum})
         stop.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    proxy = Proxy(config.run_dir, settings=config.settings, state_dir=config.state_dir)
     try:
-        settings = Settings(
-            subscriber_hwm=args.subscriber_hwm, pool_hwm=args.pool_hwm,
-            publish_hwm=args.publish_hwm, max_message_bytes=args.max_message_bytes,
-        )
-        proxy = Proxy(args.run_dir, settings=settings, state_dir=args.state_dir).start()
-    except ZbusError as exc:
+        proxy.start()
+    except ConfigError as exc:
+        log.error("config error", extra={"error": str(exc)})
+        print(f"zbus-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except TransportError as exc:
+        log.error("cannot take the run directory", extra={"error": str(exc)})
         print(f"zbus-proxy: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_TAKEN
+    except (ZbusError, OSError) as exc:
+        log.error("failed to start", extra={"error": str(exc)})
+        print(f"zbus-proxy: failed to start: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    metrics = None
     try:
+        log.info("zbus-proxy started", extra={
+            "run_dir": str(config.run_dir), "config": config.source,
+            "pools": sorted(proxy.pools),
+        })
+        if config.metrics_port:
+            metrics = MetricsServer(proxy, config.metrics_host, config.metrics_port)
+            log.info("metrics endpoint listening", extra={
+                "url": f"http://{config.metrics_host}:{metrics.port}/metrics"})
         while not stop.wait(1.0):
             pass
+    except (ZbusError, OSError) as exc:
+        log.error("failed", extra={"error": str(exc)})
+        print(f"zbus-proxy: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     finally:
+        if metrics is not None:
+            metrics.stop()
         proxy.stop()
-    log.info("zbus-proxy stopped")
-    return 0
+        log.info("zbus-proxy stopped", extra={"run_dir": str(config.run_dir)})
+    return EXIT_OK

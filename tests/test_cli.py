@@ -1,0 +1,351 @@
+"""The zbus and zbus-proxy commands, run as subprocesses against real proxies."""
+
+from __future__ import annotations
+
+import json
+import select
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import zmq
+
+import zbus
+import zbus.cli
+from tests.conftest import ProxyProcess
+
+ZBUS = [sys.executable, "-m", "zbus"]
+PROXY = [sys.executable, "-m", "zbus_proxy"]
+EXAMPLE = Path(__file__).resolve().parent.parent / "proxy" / "example.toml"
+
+
+def run(
+    *args: str, timeout: float = 30.0, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def zbus_cmd(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+    return run(*ZBUS, *args, **kw)
+
+
+def write_key(path: Path) -> Path:
+    result = zbus_cmd("keygen", str(path))
+    assert result.returncode == 0, result.stderr
+    return path
+
+
+class Tap:
+    """A ``zbus tap`` subprocess; ``start`` returns once it printed READY (subscription live)."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [*ZBUS, "tap", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        self.stderr_lines: list[str] = []
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        assert self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stderr], [], [], 0.2)
+            if ready:
+                line = self.proc.stderr.readline()
+                if not line:
+                    break
+                self.stderr_lines.append(line)
+                if line.startswith("READY"):
+                    return
+        self.stop()
+        raise AssertionError(f"tap never got ready: {''.join(self.stderr_lines)}")
+
+    def finish(self, timeout: float = 15.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, "".join(self.stderr_lines) + err
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def tap_processes() -> Iterator[list[Tap]]:
+    taps: list[Tap] = []
+    yield taps
+    for tap in taps:
+        tap.stop()
+
+
+def proxy_stats(run_dir: Path) -> dict[str, Any]:
+    result = zbus_cmd("stats", "--json", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+# -- zbus demo ---------------------------------------------------------------------------
+
+
+def test_demo_balances_its_books_and_cleans_up() -> None:
+    before = set(Path("/tmp").glob("zbus-demo-*"))
+    result = zbus_cmd("demo", "--count", "1000", timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert out.count("received 1000/1000  in order: yes  lost: 0  forged rejected: 3") == 2
+    assert out.count("worker-") == 3
+    assert "pool total: 1000/1000, each message exactly once: yes; forged rejected: 3/3" in out
+    assert "books balance" in out
+    assert set(Path("/tmp").glob("zbus-demo-*")) == before  # its temp run dir is gone
+
+
+def test_demo_on_a_taken_run_dir_says_so(proxy_process: ProxyProcess) -> None:
+    result = zbus_cmd("demo", "--run-dir", str(proxy_process.run_dir), "--count", "10")
+    assert result.returncode == 1
+    assert "another zbus-proxy" in result.stderr
+
+
+# -- help ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["demo", "tap", "pub", "stats", "keygen"])
+def test_every_command_has_help(command: str) -> None:
+    result = zbus_cmd(command, "--help")
+    assert result.returncode == 0 and "usage: zbus " + command in result.stdout
+
+
+# -- keygen --------------------------------------------------------------------------------
+
+
+def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path: Path) -> None:
+    path = write_key(tmp_path / "signing.key")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    ring = zbus.KeyRing.from_file(path)
+    assert ring.active_id == "default" and len(ring.active_key) == 32
+    original = path.read_text()
+    again = zbus_cmd("keygen", str(path))
+    assert again.returncode == 1 and "never overwrites" in again.stderr
+    assert path.read_text() == original
+
+
+def test_keygen_with_a_key_id(tmp_path: Path) -> None:
+    result = zbus_cmd("keygen", str(tmp_path / "k"), "--key-id", "2024-q3")
+    assert result.returncode == 0
+    assert zbus.KeyRing.from_file(tmp_path / "k").active_id == "2024-q3"
+
+
+# -- tap and pub ---------------------------------------------------------------------------
+
+
+def test_tap_sees_what_pub_sent_and_reports_forgeries(
+    proxy_process: ProxyProcess, tmp_path: Path, tap_processes: list[Tap]
+) -> None:
+    run_dir = str(proxy_process.run_dir)
+    key_file = str(write_key(tmp_path / "k.key"))
+    tap = Tap("notifications/compute.#", "--json", "--key-file", key_file, "--count", "2",
+              "--timeout", "30", "--run-dir", run_dir)
+    tap_processes.append(tap)
+    tap.wait_ready()
+    forged = zbus_cmd("pub", "notifications", "compute.instance.create.end", '{"id": 0}',
+                      "--key-hex", zbus.generate_key().hex(), "--run-dir", run_dir)
+    assert forged.returncode == 0, forged.stderr
+    for i in (1, 2):
+        result = zbus_cmd("pub", "notifications", f"compute.instance.n{i}", f'{{"id": {i}}}',
+                          "--key-file", key_file, "--publisher-id", "shell",
+                          "--run-dir", run_dir)
+        assert result.returncode == 0, result.stderr
+        assert "published 1 message(s) to notifications/compute.instance" in result.stdout
+    code, out, err = tap.finish()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["payload"] for r in records] == [{"id": 1}, {"id": 2}]
+    assert all(r["verified"] and r["publisher_id"] == "shell" for r in records)
+    assert records[0]["routing_key"] == "compute.instance.n1"
+    assert "REJECTED bad_signature" in err
+
+
+def test_tap_without_a_key_marks_unverified_and_still_checks_frames(
+    proxy_process: ProxyProcess, tmp_path: Path, tap_processes: list[Tap], key: bytes
+) -> None:
+    run_dir = proxy_process.run_dir
+    tap = Tap("audit/#", "--count", "1", "--timeout", "30", "--run-dir", str(run_dir))
+    tap_processes.append(tap)
+    tap.wait_ready()
+    topic, _, signature = zbus.MessageFactory(key, "p").frames("audit", "x.y", 1)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        push.connect(zbus.Endpoints(run_dir).ingress)
+        push.send_multipart([topic, b"\xc1 not msgpack", signature])
+        push.send_multipart([topic, b"two frames only"])
+    finally:
+        push.close(linger=2000)
+        ctx.term()
+    result = zbus_cmd("pub", "audit", "user.login", '"alice"', "--key-hex", key.hex(),
+                      "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    code, out, err = tap.finish()
+    assert code == 0, err
+    (line,) = out.splitlines()
+    assert "audit/user.login" in line and "UNVERIFIED" in line and '"alice"' in line
+    assert "REJECTED malformed" in err and "REJECTED frame_count" in err
+
+
+def test_pub_errors_are_clear(tmp_path: Path, run_dir: Path) -> None:
+    no_key = zbus_cmd("pub", "ex", "a.b", "1", "--run-dir", str(run_dir))
+    assert no_key.returncode == 2 and "--key-file" in no_key.stderr
+    bad_json = zbus_cmd("pub", "ex", "a.b", "{nope", "--key-hex", "00" * 32,
+                        "--run-dir", str(run_dir))
+    assert bad_json.returncode == 2 and "not valid JSON" in bad_json.stderr
+    bad_name = zbus_cmd("pub", "ex", "a..b", "1", "--key-hex", "00" * 32,
+                        "--run-dir", str(run_dir))
+    assert bad_name.returncode == 2 and "invalid routing key" in bad_name.stderr
+    no_proxy = zbus_cmd("pub", "ex", "a.b", "1", "--key-hex", "00" * 32,
+                        "--run-dir", str(run_dir), timeout=30)
+    assert no_proxy.returncode == 1 and "is it running" in no_proxy.stderr
+
+
+# -- stats ---------------------------------------------------------------------------------
+
+
+def test_stats_counters_move_after_a_pub(proxy_process: ProxyProcess, key: bytes) -> None:
+    run_dir = proxy_process.run_dir
+    before = proxy_stats(run_dir)["devices"]["origin"]["frontend_frames_in"]
+    result = zbus_cmd("pub", "ex", "a.b", '{"n": 1}', "--count", "5", "--key-hex", key.hex(),
+                      "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    while True:  # the proxy counts asynchronously: poll the counter, bounded
+        after = proxy_stats(run_dir)["devices"]["origin"]["frontend_frames_in"]
+        if after >= before + 15 or time.monotonic() > deadline:
+            break
+    # 5 messages of 3 frames, plus the 1-frame flush probe(s) Connection.close sends behind them
+    assert before + 15 <= after <= before + 20
+
+
+def test_stats_table_shows_devices_and_pools(proxy_process: ProxyProcess) -> None:
+    with zbus.Connection(proxy_process.run_dir) as conn:
+        conn.declare_pool("billing", ["ex/invoice.#"])
+    result = zbus_cmd("stats", "--run-dir", str(proxy_process.run_dir))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[1].split()[:3] == ["DEVICE", "IN", "OUT"]
+    assert any(line.startswith("origin ") for line in lines)
+    assert any(line.startswith("pool-billing-origin ") for line in lines)
+    assert "  billing: ex/invoice.#" in lines
+
+
+def test_stats_without_a_proxy_fails_clearly(run_dir: Path) -> None:
+    result = zbus_cmd("stats", "--run-dir", str(run_dir), "--timeout", "0.5")
+    assert result.returncode == 1 and "is it running" in result.stderr
+
+
+# -- zbus-proxy config -----------------------------------------------------------------------
+
+
+def test_check_config_accepts_the_example() -> None:
+    result = run(*PROXY, "--config", str(EXAMPLE), "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert "config OK" in result.stdout and "limits.pool_hwm" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[limits]\npool_hwn = 5\n", "unknown key 'limits.pool_hwn'"),
+        ("[limits]\npool_hwm = -1\n", "key 'limits.pool_hwm'"),
+        ("[log]\nformat = 'xml'\n", "key 'log.format'"),
+        ("run_dir = 1\n", "key 'run_dir'"),
+        ("run_dir = '/tmp/" + "x" * 120 + "'\n", "longer than 107 bytes"),
+        ("[limits\n", "is not valid TOML"),
+    ],
+)
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, message: str) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text(toml)
+    for extra in (["--check-config"], []):
+        result = run(*PROXY, "--config", str(path), *extra)
+        assert result.returncode == 2
+        assert "zbus-proxy: config error:" in result.stderr and message in result.stderr
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.toml"
+    path.write_text("[limits]\npool_hwm = 7\n[log]\nlevel = 'debug'\n")
+    result = run(*PROXY, "--config", str(path), "--pool-hwm", "9", "--check-config")
+    assert result.returncode == 0
+    assert "limits.pool_hwm          = 9" in result.stdout
+    assert "log.level                = 'DEBUG'" in result.stdout
+    bad_flag = run(*PROXY, "--pool-hwm", "0", "--check-config")
+    assert bad_flag.returncode == 2 and "command-line flags" in bad_flag.stderr
+
+
+def test_second_proxy_on_a_run_dir_exits_3(proxy_process: ProxyProcess) -> None:
+    result = run(*PROXY, "--run-dir", str(proxy_process.run_dir))
+    assert result.returncode == 3
+    assert f"already serves {proxy_process.run_dir}" in result.stderr
+
+
+def test_proxy_from_config_file_logs_json_lines(run_dir: Path, tmp_path: Path) -> None:
+    config = tmp_path / "proxy.toml"
+    config.write_text(f"run_dir = '{run_dir}'\n[log]\nformat = 'json'\n")
+    proxy = subprocess.Popen([*PROXY, "--config", str(config)], stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        conn = zbus.Connection(run_dir)
+        conn.control.request("ping", timeout=10)
+        conn.close()
+    finally:
+        proxy.terminate()
+        _, err = proxy.communicate(timeout=15)
+    assert proxy.returncode == 0, err
+    events = [json.loads(line) for line in err.splitlines()]
+    assert {"ts", "level", "logger", "event"} <= set(events[0])
+    assert any(e["event"] == "zbus-proxy started" and e["run_dir"] == str(run_dir)
+               for e in events)
+    assert events[-1]["event"] == "zbus-proxy stopped"
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_metrics_endpoint_matches_the_control_socket(run_dir: Path, key: bytes) -> None:
+    port = free_port()
+    proxy = ProxyProcess(run_dir, "--metrics-port", str(port)).start()
+    try:
+        with zbus.Connection(run_dir) as conn:
+            zbus.Publisher(conn.exchange("ex"), zbus.MessageFactory(key, "p")).send("a", 1)
+        deadline = time.monotonic() + 10
+        while True:
+            stats = proxy_stats(run_dir)
+            if stats["devices"]["origin"]["frontend_frames_in"] >= 3:
+                break
+            assert time.monotonic() < deadline
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            text = reply.read().decode()
+    finally:
+        assert proxy.stop() == 0
+    samples = dict(line.rsplit(" ", 1) for line in text.splitlines() if line[:1] != "#")
+    for device, counters in stats["devices"].items():
+        for name, value in counters.items():
+            side, unit, direction = name.split("_")
+            sample = (f'zbus_proxy_device_{unit}_total{{device="{device}",side="{side}",'
+                      f'direction="{direction}"}}')
+            assert int(samples[sample]) == value, sample
+    assert samples["zbus_proxy_up"] == "1"
+

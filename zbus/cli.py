@@ -1,0 +1,684 @@
+"""The ``zbus`` command: demo, tap, pub, stats and keygen.
+
+Every command takes ``--run-dir`` (default :func:`zbus.default_run_dir`), the run directory of
+the local zbus-proxy. Exit codes: 0 success, 1 the operation failed (proxy absent, demo books
+not balanced, ...), 2 a usage or configuration error (bad argument, key file, payload).
+
+Invariant kept by ``tap``: without a key the signature is *not checked* (the line says
+UNVERIFIED), but every other check of the core still runs on the untrusted frames: frame count,
+topic names, signature frame shape, bounded msgpack decoding and envelope field types.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import queue
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+import zmq
+
+from ._connection import Connection, Publisher
+from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
+from ._envelope import Envelope
+from ._errors import ConfigError, ZbusError
+from ._keys import DEFAULT_KEY_ID, KeyRing, format_key_file, generate_key
+from ._message import MessageFactory
+from ._names import CONTROL_PREFIX, TopicPattern, minimal_prefixes, validate_name
+from ._settings import Endpoints, Settings, default_run_dir
+from ._transport import make_socket, wait_for_probe
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+class UsageError(ConfigError):
+    """A command-line argument is not acceptable (exit code 2)."""
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+def _unhex(text: str, where: str) -> bytes:
+    try:
+        return bytes.fromhex(text)
+    except ValueError:
+        raise UsageError(f"{where}: the key is not hexadecimal") from None
+
+
+def keys_from_args(args: argparse.Namespace, *, required: bool) -> KeyRing | None:
+    if args.key_file and args.key_hex:
+        raise UsageError("give either --key-file or --key-hex, not both")
+    if args.key_file:
+        return KeyRing.from_file(args.key_file)
+    if args.key_hex:
+        key_id, sep, hexkey = args.key_hex.rpartition(":")
+        return KeyRing.of(_unhex(hexkey, "--key-hex"), key_id if sep else DEFAULT_KEY_ID)
+    if required:
+        raise UsageError(
+            "this command signs what it sends: give --key-file FILE (make one with "
+            "'zbus keygen FILE') or --key-hex HEX"
+        )
+    return None
+
+
+# -- output helpers --------------------------------------------------------------------------
+
+
+def _json_default(obj: object) -> Any:
+    if isinstance(obj, (bytes, bytearray)):
+        return {"$bytes": bytes(obj).hex()}
+    return repr(obj)
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default, ensure_ascii=False, sort_keys=True)
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _err(text: str) -> None:
+    print(f"zbus: {text}", file=sys.stderr, flush=True)
+
+
+def _ping(conn: Connection, timeout: float = 3.0) -> dict[str, Any]:
+    return conn.control.request("ping", timeout)
+
+
+# -- keygen ----------------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    key_id = validate_name(args.key_id, "key id")
+    path = Path(args.file)
+    text = format_key_file(generate_key(), key_id)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        _err(f"{path} already exists: zbus keygen never overwrites a key; choose another file")
+        return EXIT_FAILED
+    except OSError as exc:
+        _err(f"cannot create {path}: {exc}")
+        return EXIT_FAILED
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        os.fchmod(out.fileno(), 0o600)  # whatever the umask
+        out.write(text)
+    print(f"wrote signing key {key_id!r} to {path} (mode 0600)")
+    return EXIT_OK
+
+
+# -- pub -------------------------------------------------------------------------------------
+
+
+def cmd_pub(args: argparse.Namespace) -> int:
+    keys = keys_from_args(args, required=True)
+    assert keys is not None
+    text = sys.stdin.read() if args.payload == "-" else args.payload
+    try:
+        payload = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(
+            f"PAYLOAD is not valid JSON ({exc}): quote it for the shell, e.g. "
+            "'{\"n\": 1}' or '\"some text\"'"
+        ) from None
+    if args.count < 1:
+        raise UsageError("--count must be at least 1")
+    factory = MessageFactory(keys, args.publisher_id)
+    frames = [
+        factory.frames(args.exchange, args.routing_key, payload,
+                       message_type=args.message_type, version=args.type_version)
+        for _ in range(args.count)
+    ]
+    with Connection(args.run_dir) as conn:
+        _ping(conn)
+        conn.send_many(frames)
+    first = factory._next_seq - args.count
+    print(
+        f"published {args.count} message(s) to {args.exchange}/{args.routing_key} as "
+        f"{args.publisher_id!r} (run {factory.run_id.hex()}, sequence {first}"
+        + (f"..{first + args.count - 1})" if args.count > 1 else ")")
+        + f" signed with key {keys.active_id!r}"
+    )
+    return EXIT_OK
+
+
+# -- tap -------------------------------------------------------------------------------------
+
+
+class Tap:
+    """Decodes what a tap receives through :class:`ConsumerCore`: verified with a key, or
+    (no key) every check but the HMAC, with the same counters."""
+
+    def __init__(self, patterns: list[TopicPattern], keys: KeyRing | None) -> None:
+        self.patterns = patterns
+        dispatcher = Dispatcher()
+        for p in patterns:
+            dispatcher.bind(p.exchange, p.pattern, _noop)
+        self.core = ConsumerCore(dispatcher, keys)
+
+    @property
+    def stats(self) -> ConsumerStats:
+        return self.core.stats
+
+    def prefixes(self) -> list[bytes]:
+        return minimal_prefixes(self.patterns)
+
+    def accept(self, frames: list[bytes]) -> tuple[dict[str, Any] | None, str | None]:
+        """(record, None) for a message to show, (None, reason) for a rejection, or
+        (None, None) for control traffic and topics no pattern matches."""
+        before = Counter(self.core.stats.rejected)
+        delivery = self.core.accept(frames)
+        if delivery is not None:
+            self.core.stats.delivered += 1
+            return _record(delivery.exchange, delivery.routing_key, delivery.envelope,
+                           delivery.key_id, verified=delivery.verified), None
+        moved = self.core.stats.rejected - before
+        return None, (next(iter(moved)) if moved else None)
+
+
+def _noop(delivery: Delivery) -> None:
+    pass
+
+
+def _record(exchange: str, routing_key: str, env: Envelope, key_id: str, *,
+            verified: bool) -> dict[str, Any]:
+    return {
+        "exchange": exchange,
+        "routing_key": routing_key,
+        "message_id": env.message_id.hex(),
+        "publisher_id": env.publisher_id,
+        "sequence": env.sequence,
+        "timestamp": env.timestamp,
+        "message_type": env.message_type,
+        "message_type_version": env.message_type_version,
+        "key_id": key_id,
+        "verified": verified,
+        "payload": env.payload,
+    }
+
+
+def format_record(rec: dict[str, Any]) -> str:
+    mark = f"verified:{rec['key_id']}" if rec["verified"] else f"UNVERIFIED(key {rec['key_id']})"
+    return (
+        f"{_iso(rec['timestamp'])} {rec['exchange']}/{rec['routing_key']} "
+        f"from={rec['publisher_id']} seq={rec['sequence']} "
+        f"type={rec['message_type']}/v{rec['message_type_version']} {mark} "
+        f"{_dumps(rec['payload'])}"
+    )
+
+
+class _StopRequested(Exception):  # noqa: N818 (a signal, not an error)
+    pass
+
+
+def _raise_stop(signum: int, frame: FrameType | None) -> None:
+    raise _StopRequested
+
+
+def cmd_tap(args: argparse.Namespace) -> int:
+    keys = keys_from_args(args, required=False)
+    patterns = [TopicPattern.parse(p) for p in args.pattern]
+    tap = Tap(patterns, keys)
+    settings = Settings()
+    out: TextIO = sys.stdout
+    shown = 0
+    signal.signal(signal.SIGTERM, _raise_stop)
+    with Connection(args.run_dir, settings=settings) as conn:
+        _ping(conn)
+        sub = make_socket(conn.ctx, zmq.SUB, settings, rcvhwm=settings.subscriber_hwm,
+                          connect=conn.endpoints.deliver)
+        pending: deque[list[bytes]] = deque()
+        try:
+            for prefix in tap.prefixes():
+                sub.subscribe(prefix)
+            token = CONTROL_PREFIX + b"probe/tap-" + os.urandom(8).hex().encode()
+            sub.subscribe(token)
+            push = make_socket(conn.ctx, zmq.PUSH, settings, connect=conn.endpoints.ingress)
+            try:
+                wait_for_probe(sub, push, token, args.ready_timeout, pending.append, "tap")
+            finally:
+                push.close(linger=0)
+                sub.unsubscribe(token)
+            mode = f"verifying with keys {keys.ids()}" if keys else "UNVERIFIED: no key given"
+            print(f"READY tapping {' '.join(map(str, patterns))} on {conn.endpoints.run_dir} "
+                  f"({mode})", file=sys.stderr, flush=True)
+            deadline = None if args.timeout is None else time.monotonic() + args.timeout
+            while args.count is None or shown < args.count:
+                if pending:
+                    frames = pending.popleft()
+                else:
+                    wait = 200
+                    if deadline is not None:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            break
+                        wait = min(wait, int(left * 1000) + 1)
+                    if not sub.poll(wait):
+                        continue
+                    frames = sub.recv_multipart()
+                record, reason = tap.accept(frames)
+                if reason is not None:
+                    print(f"REJECTED {reason}", file=sys.stderr, flush=True)
+                if record is None:
+                    continue
+                out.write((_dumps(record) if args.json else format_record(record)) + "\n")
+                out.flush()
+                shown += 1
+        except (KeyboardInterrupt, _StopRequested):
+            pass
+        finally:
+            sub.close(linger=0)
+    s = tap.stats
+    print(f"tap: shown {shown}, lost {s.lost}, unmatched {s.unmatched}, "
+          f"rejected {dict(s.rejected) or 0}", file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+# -- stats -----------------------------------------------------------------------------------
+
+_DEVICE_COLUMNS = (
+    ("IN", "frontend_frames_in"),
+    ("OUT", "backend_frames_out"),
+    ("BYTES IN", "frontend_bytes_in"),
+    ("UPSTREAM", "backend_frames_in"),
+)
+
+
+def format_stats(stats: dict[str, Any], previous: dict[str, Any] | None = None,
+                 interval: float | None = None) -> str:
+    """The proxy's counters as a table (frames; a message is 3 frames, a probe 1)."""
+    lines = [f"zbus-proxy pid {stats.get('pid')} on {stats.get('run_dir')}"]
+    devices: dict[str, dict[str, int]] = stats.get("devices") or {}
+    rate = previous is not None and bool(interval)
+    header = ["DEVICE"] + [c for c, _ in _DEVICE_COLUMNS] + (["IN/s"] if rate else [])
+    rows: list[list[str]] = [header]
+    for name in sorted(devices, key=lambda n: (n.startswith("pool-"), n)):
+        counters = devices[name]
+        row = [name] + [str(counters.get(field, "-")) for _, field in _DEVICE_COLUMNS]
+        if rate and previous is not None and interval:
+            before = (previous.get("devices") or {}).get(name, {}).get("frontend_frames_in", 0)
+            row.append(f"{(counters.get('frontend_frames_in', 0) - before) / interval:.0f}")
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ))
+    lines.append("IN: frames received from upstream; OUT: frames sent on; UPSTREAM: "
+                 "subscription/return traffic (a message is 3 frames, a readiness probe 1)")
+    pools: dict[str, list[str]] = stats.get("pools") or {}
+    lines.append(f"pools: {len(pools)}")
+    for name in sorted(pools):
+        lines.append(f"  {name}: {', '.join(pools[name])}")
+    drops = stats.get("pool_startup_drops")
+    if drops:
+        lines.append(f"pool start-up drops: {drops}")
+    return "\n".join(lines)
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    if args.watch is not None and args.watch <= 0:
+        raise UsageError("--watch needs a positive number of seconds")
+    with Connection(args.run_dir) as conn:
+        previous: dict[str, Any] | None = None
+        try:
+            while True:
+                stats = conn.proxy_stats(args.timeout)
+                stats.pop("ok", None)
+                if args.json:
+                    print(_dumps({"time": time.time(), **stats}), flush=True)
+                else:
+                    if args.watch is not None and sys.stdout.isatty():
+                        sys.stdout.write("\033[H\033[J")
+                    print(format_stats(stats, previous, args.watch), flush=True)
+                if args.watch is None:
+                    return EXIT_OK
+                if not sys.stdout.isatty() and not args.json:
+                    print(flush=True)
+                previous = stats
+                time.sleep(args.watch)  # a refresh interval, not synchronisation
+        except KeyboardInterrupt:
+            return EXIT_OK
+
+
+# -- demo ------------------------------------------------------------------------------------
+
+DEMO_EXCHANGE = "notifications"
+DEMO_KEYS = ("compute.instance.create.end", "compute.instance.delete.end")
+DEMO_PATTERN = "compute.instance.#"
+DEMO_POOL = "demo-workers"
+
+
+def _demo_child(role: str, name: str, run_dir: str, key: bytes, ready: Any, stop: Any,
+                progress: Any, results: Any) -> None:
+    """One demo consumer process (spawned): subscribe or join the pool, report, exit."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    logging.getLogger("zbus").addHandler(logging.NullHandler())  # counters tell the story
+    per_key: Counter[str] = Counter()
+    sequences: list[int] = []
+
+    def handle(delivery: Delivery) -> None:
+        per_key[delivery.routing_key] += 1
+        sequences.append(delivery.sequence)
+
+    try:
+        dispatcher = Dispatcher()
+        dispatcher.bind(DEMO_EXCHANGE, DEMO_PATTERN, handle)
+        with Connection(run_dir) as conn:
+            consumer = (conn.subscribe(dispatcher, key) if role == "subscriber"
+                        else conn.join_pool(DEMO_POOL, dispatcher, key))
+            with consumer:
+                consumer.ready(timeout=20)
+                ready.put(name)
+                while not stop.is_set():
+                    consumer.process(0.02)
+                    progress.value = consumer.stats.received
+                results.put({"name": name, "role": role, "per_key": dict(per_key),
+                             "sequences": sequences, "stats": consumer.stats.as_dict()})
+    except Exception as exc:
+        ready.put(name)  # unblock the parent; the error below explains
+        results.put({"name": name, "role": role, "error": f"{type(exc).__name__}: {exc}"})
+
+
+def _short_tmp() -> str:
+    return "/tmp" if os.path.isdir("/tmp") and os.access("/tmp", os.W_OK) else tempfile.gettempdir()
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    # The daemon's package ships in the same distribution; imported by name because mypy
+    # cannot follow the editable install's package-dir mapping (proxy/ -> zbus_proxy).
+    proxy_class: Any = importlib.import_module("zbus_proxy").Proxy
+
+    n, forged = args.count, args.forged
+    if n < 1 or forged < 0:
+        raise UsageError("--count must be at least 1 and --forged at least 0")
+    say: Callable[[str], None] = lambda text: print(text, flush=True)  # noqa: E731
+    temp = None if args.run_dir_given else tempfile.mkdtemp(prefix="zbus-demo-", dir=_short_tmp())
+    run_dir = Path(temp if temp is not None else args.run_dir)
+    mp = multiprocessing.get_context("spawn")
+    ready, results = mp.Queue(), mp.Queue()
+    stop = mp.Event()
+    procs: list[Any] = []
+    progress: dict[str, Any] = {}
+    key = generate_key()
+    try:
+        with proxy_class(run_dir) as proxy:
+            say(f"zbus demo: embedded proxy on {run_dir} (pid {os.getpid()})")
+            t0 = time.monotonic()
+            roles = [("subscriber", f"subscriber-{i}") for i in (1, 2)] + [
+                ("worker", f"worker-{i}") for i in (1, 2, 3)]
+            for role, name in roles:
+                progress[name] = mp.Value("q", 0)
+                proc = mp.Process(
+                    target=_demo_child, name=name, daemon=True,
+                    args=(role, name, str(run_dir), key, ready, stop, progress[name], results),
+                )
+                proc.start()
+                procs.append(proc)
+            for _ in roles:
+                ready.get(timeout=args.timeout)
+            say(f"  2 fan-out subscribers and a pool of 3 workers ({DEMO_POOL!r}) in separate "
+                f"processes, all ready in {time.monotonic() - t0:.2f}s")
+
+            t1 = time.monotonic()
+            forger = MessageFactory(generate_key(), "demo-forger")
+            forged_at = {(i + 1) * n // (forged + 1) for i in range(forged)}
+            with Connection(run_dir) as conn:
+                publisher = Publisher(conn.exchange(DEMO_EXCHANGE),
+                                      MessageFactory(key, "demo-publisher"))
+                for i in range(n):
+                    if i in forged_at:
+                        conn.send_frames(forger.frames(DEMO_EXCHANGE, DEMO_KEYS[0], {"n": -1}))
+                    publisher.send(DEMO_KEYS[i % 2], {"n": i + 1, "instance": f"vm-{i + 1}"})
+                sent_in = time.monotonic() - t1
+                say(f"  published {n} signed messages on {DEMO_EXCHANGE}/"
+                    f"{{{','.join(DEMO_KEYS)}}} and {forged} forged (wrong key) "
+                    f"in {sent_in:.2f}s")
+                expected = n + forged
+                subs = [name for role, name in roles if role == "subscriber"]
+                workers = [name for role, name in roles if role == "worker"]
+                deadline = time.monotonic() + args.timeout
+                while time.monotonic() < deadline:
+                    if all(progress[s].value >= expected for s in subs) and sum(
+                            progress[w].value for w in workers) >= expected:
+                        break
+                    if any(not p.is_alive() for p in procs):
+                        break
+                    time.sleep(0.01)  # polling shared counters, not synchronising
+                took = time.monotonic() - t1
+                time.sleep(0.05)  # grace: a duplicate, if any, would show up in the books
+            stop.set()
+            reports = {}
+            for _ in roles:
+                try:
+                    r = results.get(timeout=10)
+                except queue.Empty:
+                    break
+                reports[r["name"]] = r
+            devices = proxy.stats()["devices"]
+        for proc in procs:
+            proc.join(5)
+        return _demo_books(say, n, forged, roles, reports, devices, took)
+    except KeyboardInterrupt:
+        _err("demo interrupted")
+        return EXIT_FAILED
+    finally:
+        stop.set()
+        for proc in procs:
+            proc.join(2)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(2)
+        ready.close()
+        results.close()
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _demo_books(say: Callable[[str], None], n: int, forged: int, roles: list[tuple[str, str]],
+                reports: dict[str, dict[str, Any]], devices: dict[str, dict[str, int]],
+                took: float) -> int:
+    problems: list[str] = []
+    everything = set(range(1, n + 1))
+    say(f"\nfan-out subscribers (each must get all {n}, in publish order):")
+    for role, name in roles:
+        r = reports.get(name)
+        if r is None or "error" in r:
+            problems.append(f"{name} failed: {r['error'] if r else 'no report'}")
+            continue
+        stats, seqs = r["stats"], r["sequences"]
+        if role != "subscriber":
+            continue
+        rejected = sum(stats["rejected"].values())
+        if rejected != forged:
+            problems.append(f"{name} rejected {rejected} messages, expected {forged}")
+        in_order = all(a < b for a, b in itertools.pairwise(seqs))
+        got = len(seqs)
+        say(f"  {name}: received {got}/{n}  in order: {'yes' if in_order else 'NO'}  "
+            f"lost: {stats['lost']}  forged rejected: {rejected}  "
+            f"per key: {_per_key(r['per_key'])}")
+        if got != n or set(seqs) != everything or not in_order or stats["lost"]:
+            problems.append(f"{name} received {got}/{n} (in order: {in_order}, "
+                            f"lost {stats['lost']})")
+    say(f"worker pool {DEMO_POOL!r} (each message to exactly one worker):")
+    pool_seqs: list[int] = []
+    pool_rejected = 0
+    for role, name in roles:
+        r = reports.get(name)
+        if role != "worker" or r is None or "error" in r:
+            continue
+        pool_seqs += r["sequences"]
+        rejected = sum(r["stats"]["rejected"].values())
+        pool_rejected += rejected
+        say(f"  {name}: share {len(r['sequences'])}  forged rejected: {rejected}  "
+            f"per key: {_per_key(r['per_key'])}")
+    once = len(pool_seqs) == n and set(pool_seqs) == everything
+    say(f"  pool total: {len(pool_seqs)}/{n}, each message exactly once: "
+        f"{'yes' if once else 'NO'}; forged rejected: {pool_rejected}/{forged}")
+    if not once:
+        dup = len(pool_seqs) - len(set(pool_seqs))
+        problems.append(f"the pool got {len(pool_seqs)} messages for {n} "
+                        f"({dup} duplicates, {len(everything - set(pool_seqs))} missing)")
+    if pool_rejected != forged:
+        problems.append(f"the pool rejected {pool_rejected} forged messages, expected {forged}")
+    say("proxy counters (frames: 3 per message, 1 per readiness probe):")
+    for name in sorted(devices, key=lambda d: (d.startswith("pool-"), d)):
+        c = devices[name]
+        say(f"  {name:<26} in {c.get('frontend_frames_in', 0):>7}  "
+            f"out {c.get('backend_frames_out', 0):>7}")
+    say(f"delivered everything in {took:.2f}s")
+    if problems:
+        say("BOOKS DO NOT BALANCE: " + "; ".join(problems))
+        return EXIT_FAILED
+    say(f"books balance: each subscriber got all {n} in order, the pool got each of the {n} "
+        f"exactly once, and every one of the {forged} forged messages was rejected")
+    return EXIT_OK
+
+
+def _per_key(per_key: dict[str, int]) -> str:
+    return ", ".join(f"{k.split('.')[-2]}={v}" for k, v in sorted(per_key.items())) or "-"
+
+
+# -- argument parsing ------------------------------------------------------------------------
+
+
+def _add_run_dir(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run-dir", default=str(default_run_dir()),
+                   help="the local zbus-proxy's run directory (default: %(default)s)")
+
+
+def _add_keys(p: argparse.ArgumentParser, verb: str) -> None:
+    p.add_argument("--key-file", metavar="FILE",
+                   help=f"key file (from 'zbus keygen') to {verb} with")
+    p.add_argument("--key-hex", metavar="[KEY_ID:]HEX",
+                   help=f"the key as hex (key id 'default' unless given) to {verb} with")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zbus",
+        description="Look at and talk to the local zbus-proxy; 'zbus demo' shows zbus working.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "demo", help="run an embedded proxy, subscribers and a worker pool; check the books",
+        description="Start an in-process proxy (on a fresh temporary run directory unless "
+        "--run-dir is given), two fan-out subscribers and a pool of three workers in separate "
+        "processes, publish signed (and a few forged) messages once all are ready, and print "
+        "who received what. Exits 0 only when the books balance.",
+    )
+    p.add_argument("--count", type=int, default=1000, help="messages to publish (default: 1000)")
+    p.add_argument("--forged", type=int, default=3,
+                   help="forged messages mixed in, which every consumer must reject (default: 3)")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for readiness and for delivery (default: 30)")
+    p.add_argument("--run-dir", default=None,
+                   help="run the embedded proxy here instead of a fresh temporary directory")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "tap", help="print live messages matching exchange/pattern, one per line",
+        description="Subscribe at the local proxy and print each matching message, decoded. "
+        "With a key every message is verified and forged ones are reported as REJECTED on "
+        "stderr; without a key the signature is NOT checked and lines say UNVERIFIED (every "
+        "other check still runs). Prints a READY line on stderr once the subscription is live.",
+    )
+    p.add_argument("pattern", nargs="+", metavar="PATTERN",
+                   help="'exchange/pattern' in AMQP syntax, e.g. 'notifications/compute.#'")
+    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    _add_keys(p, "verify")
+    p.add_argument("--count", type=int, default=None, help="exit after this many messages")
+    p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="seconds to wait for the subscription to be live (default: 10)")
+    _add_run_dir(p)
+    p.set_defaults(func=cmd_tap)
+
+    p = sub.add_parser(
+        "pub", help="publish one signed message (payload as JSON)",
+        description="Publish a signed message from the shell, e.g. "
+        "zbus pub notifications compute.instance.create.end '{\"id\": 1}' --key-file k.key",
+    )
+    p.add_argument("exchange", metavar="EXCHANGE")
+    p.add_argument("routing_key", metavar="ROUTING_KEY")
+    p.add_argument("payload", metavar="PAYLOAD", help="a JSON value, or '-' to read stdin")
+    _add_keys(p, "sign")
+    p.add_argument("--publisher-id", default=f"zbus-cli@{socket.gethostname()}",
+                   help="the publisher id in the envelope (default: %(default)s)")
+    p.add_argument("--message-type", default=None,
+                   help="message type in the envelope (default: the routing key)")
+    p.add_argument("--type-version", type=int, default=None,
+                   help="message type version (default: 1)")
+    p.add_argument("--count", type=int, default=1, help="publish it this many times")
+    _add_run_dir(p)
+    p.set_defaults(func=cmd_pub)
+
+    p = sub.add_parser(
+        "stats", help="show the local proxy's counters and pools",
+        description="Ask the local proxy's control socket for its counters: frames in and "
+        "out per device (forwarding loop), and the declared pools with their bindings.",
+    )
+    p.add_argument("--json", action="store_true", help="print the raw counters as JSON")
+    p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
+                   help="refresh every SECONDS until Ctrl-C, with rates")
+    p.add_argument("--timeout", type=float, default=3.0,
+                   help="seconds to wait for the proxy (default: 3)")
+    _add_run_dir(p)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "keygen", help="write a new signing key file (mode 0600)",
+        description="Write a fresh random 32-byte signing key to FILE with mode 0600. Refuses "
+        "to overwrite an existing file.",
+    )
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("--key-id", default=DEFAULT_KEY_ID,
+                   help="the key's id, sent with each signature (default: %(default)s)")
+    p.set_defaults(func=cmd_keygen)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "demo":
+        args.run_dir_given = args.run_dir is not None
+    try:
+        if getattr(args, "run_dir", None) is not None:
+            Endpoints(Path(args.run_dir))  # a run dir too long for ipc fails here, clearly
+        result: int = args.func(args)
+        return result
+    except UsageError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_USAGE
+    except ZbusError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED
