@@ -4,7 +4,7 @@ The public API is what this module exports; everything in underscore modules is 
 """
 
 from ._connection import Connection, Exchange, PoolMember, Publisher, Router, Subscriber
-from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, SequenceTracker
+from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._envelope import Envelope
 from ._errors import (
     ConfigError,
@@ -48,7 +48,6 @@ __all__ = [
     "ReplayError",
     "Router",
     "RoutingError",
-    "SequenceTracker",
     "Settings",
     "SignatureError",
     "Subscriber",

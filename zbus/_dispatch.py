@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ._envelope import Envelope, decode_envelope, decode_topic, verify_frames
+from ._envelope import Envelope, decode_envelope, decode_topic, signature_key_id, verify_frames
 from ._errors import ConfigError, EnvelopeError, ReplayError, VersionError
 from ._keys import KeyRing
 from ._message import Message
@@ -38,7 +38,6 @@ __all__ = [
     "Delivery",
     "Dispatcher",
     "Handler",
-    "SequenceTracker",
 ]
 
 log = logging.getLogger("zbus")
@@ -58,6 +57,8 @@ class Delivery:
     message: Any
     """The decoded :class:`Message` when its class is registered, else the raw payload."""
     handlers: tuple[Handler, ...] = ()
+    verified: bool = True
+    """False only for consumers made without keys (diagnostic tools such as ``zbus tap``)."""
 
     @property
     def payload(self) -> Any:
@@ -197,47 +198,21 @@ class ConsumerStats:
         }
 
 
-class SequenceTracker:
-    """Per-publisher-run sequence accounting: counts gaps (lost) and late arrivals.
-
-    The first message seen from a run sets its baseline: a consumer that joins late does not
-    count what was sent before it joined. The table is bounded (least recently seen first out).
-    """
-
-    def __init__(self, max_publishers: int = 10_000) -> None:
-        self._next: OrderedDict[tuple[str, bytes], int] = OrderedDict()
-        self._max = max_publishers
-
-    def observe(self, publisher_id: str, run: bytes, sequence: int) -> tuple[int, bool]:
-        """Return (messages missing before this one, whether this one arrived late)."""
-        key = (publisher_id, run)
-        expected = self._next.get(key)
-        if expected is None:
-            if len(self._next) >= self._max:
-                self._next.popitem(last=False)
-            self._next[key] = sequence + 1
-            return 0, False
-        self._next.move_to_end(key)
-        if sequence >= expected:
-            self._next[key] = sequence + 1
-            return sequence - expected, False
-        return 0, True
-
-
 class ConsumerCore:
     """The I/O-free heart of every subscriber and pool member, whatever the backend."""
 
     def __init__(
         self,
         dispatcher: Dispatcher,
-        keys: bytes | KeyRing,
+        keys: bytes | KeyRing | None,
         *,
         track_sequences: bool = True,
         replay: ReplayGuard | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.dispatcher = dispatcher
-        self.keys = KeyRing.of(keys)
+        # keys=None checks everything but the HMAC: for diagnostic taps, never for services.
+        self.keys = None if keys is None else KeyRing.of(keys)
         self.stats = ConsumerStats()
         # Replay state is per consumer, never shared: one history shared by several
         # consumers raises false duplicates (jupyter_client #252).
@@ -264,7 +239,10 @@ class ConsumerCore:
         topic, raw, signature = frames
         self.stats.received += 1
         try:
-            key_id = verify_frames(self.keys, topic, raw, signature)
+            if self.keys is not None:
+                key_id = verify_frames(self.keys, topic, raw, signature)
+            else:
+                key_id = signature_key_id(signature)
             exchange, routing_key = decode_topic(topic)
             envelope = decode_envelope(raw)
         except EnvelopeError as exc:
@@ -292,7 +270,9 @@ class ConsumerCore:
         if not handlers:
             self.stats.unmatched += 1
             return None
-        return Delivery(exchange, routing_key, envelope, key_id, message, handlers)
+        return Delivery(
+            exchange, routing_key, envelope, key_id, message, handlers, self.keys is not None
+        )
 
     def run_handlers(self, delivery: Delivery) -> None:
         """Call each handler in turn; one that raises is logged and counted, never fatal."""

@@ -33,6 +33,7 @@ __all__ = [
     "encode_envelope",
     "mac",
     "signature_frame",
+    "signature_key_id",
     "verify_frames",
 ]
 
@@ -94,19 +95,24 @@ def signature_frame(keys: KeyRing, topic: bytes, envelope: bytes) -> bytes:
     )
 
 
-def verify_frames(keys: KeyRing, topic: bytes, envelope: bytes, signature: bytes) -> str:
-    """Check frame 3 against frames 1 and 2; return the key id. Raises SignatureError."""
+def signature_key_id(signature: bytes) -> str:
+    """The key id a signature frame names, checking its shape but not its HMAC."""
     if len(signature) < 2 + 1 + MAC_BYTES or signature[0] != SIGNATURE_SCHEME:
         raise SignatureError("signature frame is malformed or uses an unknown scheme")
     id_len = signature[1]
     if len(signature) != 2 + id_len + MAC_BYTES:
         raise SignatureError("signature frame length does not match its key id length")
     try:
-        key_id = signature[2 : 2 + id_len].decode("ascii")
+        return signature[2 : 2 + id_len].decode("ascii")
     except UnicodeDecodeError:
         raise SignatureError("signature key id is not ASCII") from None
+
+
+def verify_frames(keys: KeyRing, topic: bytes, envelope: bytes, signature: bytes) -> str:
+    """Check frame 3 against frames 1 and 2; return the key id. Raises SignatureError."""
+    key_id = signature_key_id(signature)
     key = keys.get(key_id)  # UnknownKeyError is a SignatureError
-    if not _compare(mac(key, topic, envelope), signature[2 + id_len :]):
+    if not _compare(mac(key, topic, envelope), signature[-MAC_BYTES:]):
         raise SignatureError(f"HMAC does not match (key id {key_id!r})")
     return key_id
 

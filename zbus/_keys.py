@@ -6,12 +6,14 @@ Key material never appears in ``repr``, ``str`` or log lines.
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
+from pathlib import Path
 
 from ._errors import ConfigError, UnknownKeyError
 from ._names import validate_name
 
-__all__ = ["KeyRing", "MIN_KEY_BYTES", "generate_key"]
+__all__ = ["KeyRing", "MIN_KEY_BYTES", "format_key_file", "generate_key"]
 
 MIN_KEY_BYTES = 16
 DEFAULT_KEY_ID = "default"
@@ -20,6 +22,12 @@ DEFAULT_KEY_ID = "default"
 def generate_key() -> bytes:
     """A fresh 32-byte random signing key."""
     return os.urandom(32)
+
+
+def format_key_file(key: bytes, key_id: str = DEFAULT_KEY_ID) -> str:
+    """The text of a key file holding ``key`` under ``key_id`` (see KeyRing.from_file)."""
+    _check_key(validate_name(key_id, "key id"), key)
+    return f"# zbus signing key: keep this file private (mode 0600)\n{key_id} {key.hex()}\n"
 
 
 def _check_key(key_id: str, key: bytes) -> bytes:
@@ -77,6 +85,43 @@ class KeyRing:
             raise UnknownKeyError(
                 f"no key with id {key_id!r} in this key ring (it holds {sorted(self._keys)})"
             ) from None
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> KeyRing:
+        """Read a key file (as ``zbus keygen`` writes it) into a ring.
+
+        Lines are ``KEY_ID HEX`` or just ``HEX`` (key id ``default``); ``#`` starts a
+        comment. The first key is the active (signing) one; all of them verify. A file that
+        others can read or write, or that its group can write, is refused.
+        """
+        where = str(path)
+        try:
+            mode = os.stat(path).st_mode
+            if mode & (stat.S_IRWXO | stat.S_IWGRP):
+                raise ConfigError(
+                    f"key file {where!r} is accessible to other users (mode "
+                    f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {where}'"
+                )
+            text = Path(path).read_text(encoding="ascii")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"cannot read key file {where!r}: {exc}") from None
+        keys: dict[str, bytes] = {}
+        for number, raw in enumerate(text.splitlines(), 1):
+            parts = raw.split("#", 1)[0].split()
+            if not parts:
+                continue
+            if len(parts) > 2:
+                raise ConfigError(f"{where}:{number}: expected 'KEY_ID HEX' or 'HEX'")
+            key_id, hexkey = (DEFAULT_KEY_ID, parts[0]) if len(parts) == 1 else parts
+            if key_id in keys:
+                raise ConfigError(f"{where}:{number}: key id {key_id!r} appears twice")
+            try:
+                keys[key_id] = bytes.fromhex(hexkey)
+            except ValueError:
+                raise ConfigError(f"{where}:{number}: the key is not hexadecimal") from None
+        if not keys:
+            raise ConfigError(f"key file {where!r} holds no key: make one with 'zbus keygen FILE'")
+        return cls(keys, active=next(iter(keys)))
 
     def ids(self) -> list[str]:
         return sorted(self._keys)
