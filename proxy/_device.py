@@ -111,7 +111,8 @@ class Device:
             req.send(command)
             if not req.poll(int(timeout * 1000)):
                 return None
-            return req.recv_multipart()
+            reply: list[bytes] = req.recv_multipart()
+            return reply
         finally:
             req.close(linger=0)
 
@@ -119,7 +120,7 @@ class Device:
         reply = self._command(b"STATISTICS")
         if reply is None or len(reply) != len(STAT_NAMES):
             return {}
-        return {name: _U64.unpack(frame)[0] for name, frame in zip(STAT_NAMES, reply)}
+        return {name: _U64.unpack(frame)[0] for name, frame in zip(STAT_NAMES, reply, strict=True)}
 
     def stop(self, timeout: float = 5.0) -> None:
         self._command(b"TERMINATE")

@@ -88,7 +88,8 @@ class Proxy:
         except BaseException:
             self.stop()
             raise
-        log.info("zbus-proxy ready on %s (pid %d, %d pools)", run_dir, os.getpid(), len(self._pools))
+        log.info("zbus-proxy ready on %s (pid %d, %d pools)",
+                 run_dir, os.getpid(), len(self._pools))
         return self
 
     def stop(self) -> None:
@@ -175,8 +176,9 @@ class Proxy:
 
     def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> None:
         validate_name(name, "pool name")
-        if not isinstance(bindings, list) or not bindings:
-            raise ConfigError("a pool needs at least one binding 'exchange/pattern'")
+        if (not isinstance(bindings, list) or not bindings
+                or not all(isinstance(b, str) for b in bindings)):
+            raise ConfigError("a pool needs a list of one or more bindings 'exchange/pattern'")
         patterns = [TopicPattern.parse(b) for b in bindings]
         wanted = sorted(str(p) for p in patterns)
         with self._pool_lock:
@@ -195,13 +197,18 @@ class Proxy:
                 SocketSpec(zmq.PULL, connect=(ep.pool_origin(name),), rcvhwm=s.pool_hwm),
                 SocketSpec(zmq.PUSH, bind=ep.pool(name), sndhwm=s.pool_hwm),
             )
-            self._add_device(
-                f"pool-{name}-origin",
-                SocketSpec(zmq.SUB, connect=(ep.origin,), rcvhwm=s.pool_hwm,
-                           subscribe=tuple(minimal_prefixes(patterns))),
-                SocketSpec(zmq.PUSH, bind=ep.pool_origin(name), sndhwm=s.pool_hwm),
-                prepare=self._probe_pool,
-            )
+            try:
+                self._add_device(
+                    f"pool-{name}-origin",
+                    SocketSpec(zmq.SUB, connect=(ep.origin,), rcvhwm=s.pool_hwm,
+                               subscribe=tuple(minimal_prefixes(patterns))),
+                    SocketSpec(zmq.PUSH, bind=ep.pool_origin(name), sndhwm=s.pool_hwm),
+                    prepare=self._probe_pool,
+                )
+            except BaseException:
+                # Undo the half-made pool, or a retry would find its socket address taken.
+                self._devices.pop(f"pool-{name}-deliver").stop()
+                raise
             self._pools[name] = wanted
             if persist:
                 self._save_pools()
@@ -270,16 +277,30 @@ class Proxy:
                 if not sock.poll(100):
                     continue
                 try:
-                    raw = sock.recv()
+                    # All frames: REP refuses to reply (EFSM) until the whole request is read,
+                    # so a multi-frame request read with recv() would kill this thread.
+                    frames = sock.recv_multipart()
+                    if len(frames) == 1:
+                        reply = self._handle(frames[0])
+                    else:
+                        reply = {"ok": False, "error": f"a control request is one frame, "
+                                                       f"not {len(frames)}"}
+                    sock.send(msgpack.packb(reply))
                 except zmq.ZMQError:
-                    continue
-                sock.send(msgpack.packb(self._handle(raw)))
+                    # Peer gone mid-request (REP drops the reply itself): keep serving.
+                    log.debug("control socket error", exc_info=True)
         finally:
             sock.close(linger=0)
 
     def _handle(self, raw: bytes) -> dict[str, Any]:
         try:
-            request = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+            try:
+                request = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+            except Exception as exc:  # msgpack raises several types, some with no text
+                raise ConfigError(
+                    f"a control request is a msgpack map with an 'op', and this is not "
+                    f"valid msgpack ({type(exc).__name__}: {exc})"
+                ) from None
             if not isinstance(request, dict):
                 raise ConfigError("a control request is a msgpack map with an 'op'")
             op = request.get("op")
@@ -292,7 +313,9 @@ class Proxy:
             if op == "declare_pool":
                 self.declare_pool(request.get("name"), request.get("bindings"))  # type: ignore[arg-type]
                 return {"ok": True}
-            raise ConfigError(f"unknown control op {op!r} (known: ping, stats, pools, declare_pool)")
+            raise ConfigError(
+                f"unknown control op {op!r} (known: ping, stats, pools, declare_pool)"
+            )
         except (ConfigError, ValueError, TypeError) as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a control request must never kill the proxy

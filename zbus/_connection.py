@@ -8,6 +8,7 @@ Make one Connection per thread that publishes; they share the process's ZeroMQ c
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -17,16 +18,18 @@ from typing import Any
 
 import zmq
 
+from ._control import ControlClient
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
 from ._message import Message, MessageFactory
-from ._control import ControlClient
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import context, make_socket, wait_for_probe
 
 __all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
+
+log = logging.getLogger("zbus")
 
 
 class Connection:
@@ -47,6 +50,7 @@ class Connection:
         self._ctx = context
         self._push: zmq.Socket[Any] | None = None
         self._owner: int | None = None
+        self._unflushed = False
         self._closed = False
 
     @property
@@ -71,14 +75,18 @@ class Connection:
         self._owner = threading.get_ident()
         return sock
 
-    def send_frames(self, frames: list[bytes]) -> None:
-        """Send already-signed frames (from :meth:`MessageFactory.frames`) to the proxy."""
-        sock = self._push or self._publish_socket()
+    def _check_owner(self) -> None:
         if self._owner != threading.get_ident():
             raise ZbusError(
                 "this Connection publishes from another thread; ZeroMQ sockets are not "
                 "thread-safe: make one Connection per publishing thread"
             )
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        """Send already-signed frames (from :meth:`MessageFactory.frames`) to the proxy."""
+        sock = self._push or self._publish_socket()
+        self._check_owner()
+        self._unflushed = True
         try:
             sock.send_multipart(frames)
         except zmq.Again:
@@ -92,6 +100,25 @@ class Connection:
         """Send several already-signed messages in one call (same errors as send_frames)."""
         for frames in batch:
             self.send_frames(frames)
+
+    def flush(self, timeout: float = 10.0) -> None:
+        """Return once everything sent on this Connection has passed through the proxy.
+
+        A probe goes out on the publishing socket, behind the queued messages, and comes back
+        through the proxy's delivery plane; one path in order, so when it is back, everything
+        before it was handed to every consumer's queue at the proxy. Raises Timeout.
+        """
+        if self._push is None or not self._unflushed:
+            return
+        self._check_owner()
+        token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
+        sub = make_socket(self.ctx, zmq.SUB, self.settings, connect=self.endpoints.deliver)
+        try:
+            sub.subscribe(token)
+            wait_for_probe(sub, self._push, token, timeout, lambda frames: None, "flush")
+        finally:
+            sub.close(linger=0)
+        self._unflushed = False
 
     def exchange(self, name: str) -> Exchange:
         return Exchange(name, self)
@@ -117,10 +144,25 @@ class Connection:
         return self.control.request("stats", timeout)
 
     def close(self) -> None:
+        """Flush for up to ``settings.linger`` seconds, then close; what is still queued then
+        is dropped, with a warning (libzmq's own linger cannot be relied on: the process's
+        shared context is usually never terminated, so its queue dies with the process)."""
+        if self._closed:
+            return
         self._closed = True
-        if self._push is not None:
-            self._push.close()
-            self._push = None
+        if self._push is None:
+            return
+        linger = self.settings.linger
+        if self._unflushed and linger > 0 and self._owner == threading.get_ident():
+            try:
+                self.flush(linger)
+            except Timeout:
+                log.warning(
+                    "zbus: closing a Connection to %s with messages the proxy did not take "
+                    "within linger=%gs: they are dropped", self.endpoints.run_dir, linger,
+                )
+        self._push.close(linger=0)
+        self._push = None
 
     def __enter__(self) -> Connection:
         return self
@@ -263,7 +305,9 @@ class _Consumer:
 class Subscriber(_Consumer):
     """Fan-out: receives its own copy of every message matching the dispatcher's patterns."""
 
-    def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing) -> None:
+    def __init__(
+        self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing
+    ) -> None:
         super().__init__(connection, dispatcher, keys, track_sequences=True)
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")

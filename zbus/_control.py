@@ -34,7 +34,8 @@ class ControlClient:
             if not sock.poll(int(timeout * 1000)):
                 raise Timeout(
                     f"zbus-proxy did not answer {op!r} within {timeout:g}s on "
-                    f"{self.endpoints.control}: is it running with --run-dir {self.endpoints.run_dir}?"
+                    f"{self.endpoints.control}: is it running with "
+                    f"--run-dir {self.endpoints.run_dir}?"
                 )
             reply = msgpack.unpackb(sock.recv(), raw=False)
         finally:

@@ -7,6 +7,7 @@ greenlets or tasks: whoever creates one owns it.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +24,8 @@ _RECEIVING = {zmq.SUB, zmq.XSUB, zmq.PULL, zmq.REP, zmq.REQ, zmq.DEALER, zmq.ROU
 
 def context() -> zmq.Context[Any]:
     """This process's shared context, made lazily (pyzmq makes a new one after fork)."""
-    return zmq.Context.instance()
+    ctx: zmq.Context[Any] = zmq.Context.instance()
+    return ctx
 
 
 def make_socket(
@@ -36,7 +38,7 @@ def make_socket(
     connect: str | list[str] | None = None,
     bind: str | None = None,
 ) -> zmq.Socket[Any]:
-    sock = ctx.socket(kind)
+    sock: zmq.Socket[Any] = ctx.socket(kind)
     try:
         sock.setsockopt(zmq.LINGER, int(settings.linger * 1000))
         if kind in _RECEIVING:
@@ -74,11 +76,10 @@ def wait_for_probe(
     deadline = time.monotonic() + timeout
     interval = 0.005
     while True:
-        try:
+        # Again: proxy not there yet (or queue full); the receiver's poll paces the retries.
+        with contextlib.suppress(zmq.Again):
             sender.send(token, zmq.NOBLOCK)
-        except zmq.Again:
-            pass  # proxy not there yet; the receiver's poll below paces the retries
-        until = time.monotonic() + interval
+        until = min(time.monotonic() + interval, deadline)
         while (left := until - time.monotonic()) > 0:
             if not receiver.poll(int(left * 1000) + 1):
                 break
@@ -86,6 +87,9 @@ def wait_for_probe(
             if frames[0] == token:
                 return
             keep(frames)
-        if time.monotonic() > deadline:
-            raise Timeout(f"{what} was not live end to end within {timeout:g}s: is zbus-proxy running?")
+        if time.monotonic() >= deadline:
+            raise Timeout(
+                f"{what}: the probe did not come back through zbus-proxy within {timeout:g}s; "
+                "is zbus-proxy running on this run directory?"
+            )
         interval = min(interval * 2, 0.2)

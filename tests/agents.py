@@ -1,0 +1,305 @@
+"""Child-process roles for the integration tests, and the test-side handles that drive them.
+
+Run as ``python tests/agents.py ROLE ...`` (or ``python -m tests.agents ROLE ...``):
+
+* ``subscribe`` — a fan-out :class:`zbus.Subscriber`;
+* ``worker`` — a :class:`zbus.PoolMember` of ``--pool``;
+* ``publish`` — a publisher of ``--count`` messages, or, with ``--until-stop``, a paced stream
+  that runs until told to stop.
+
+Protocol with the test (kept tiny so that it cannot be the thing under test):
+
+* a consumer prints ``READY`` on stdout once its ``ready()`` returned, i.e. once its
+  subscription or pool connection is live end to end;
+* every delivery is forwarded to the test's collector (a PULL socket the test binds) as a
+  msgpack map ``{"kind": "seen", "name": NAME, "items": [[publisher_id, sequence, key], ...]}``,
+  in batches so that forwarding stays cheaper than receiving. One agent's batches travel one
+  ZeroMQ pipe, so the collector sees them in the agent's receive order;
+* a line ``stop`` on stdin (or stdin closing, e.g. because the test died) makes the agent send
+  ``{"kind": "stats", "name": NAME, "stats": ConsumerStats.as_dict(), ...}`` and exit 0;
+* a publisher prints ``DONE <first> <last> <seconds> <timeouts>`` when it has finished.
+
+The agents own every socket they make, from their main thread; the stdin reader thread only
+sets an Event.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+import zbus
+
+AGENTS = Path(__file__).resolve()
+BATCH = 256
+READY = "READY"
+
+
+# -- the child side ---------------------------------------------------------------------------
+
+
+def _watch_stdin(stop: threading.Event) -> None:
+    """Set ``stop`` on a ``stop`` line or on EOF (the parent went away)."""
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=read, name="stdin", daemon=True).start()
+
+
+def _dispatcher(bindings: Sequence[str]) -> zbus.Dispatcher:
+    dispatcher = zbus.Dispatcher()
+    for binding in bindings:
+        exchange, _, pattern = binding.partition("/")
+        dispatcher.bind(exchange, pattern, lambda delivery: None)
+    return dispatcher
+
+
+def _consume(args: argparse.Namespace) -> int:
+    key = bytes.fromhex(args.key)
+    settings = zbus.Settings()
+    stop = threading.Event()
+    _watch_stdin(stop)
+    ctx = zmq.Context()
+    collector = ctx.socket(zmq.PUSH)
+    # Bounded linger, long enough for the final stats message to reach the test.
+    collector.setsockopt(zmq.LINGER, 5000)
+    collector.connect(args.collector)
+    conn = zbus.Connection(args.run_dir, settings=settings, context=ctx)
+    consumer: zbus.Subscriber | zbus.PoolMember
+    if args.role == "worker":
+        consumer = conn.join_pool(args.pool, _dispatcher(args.bind), key)
+    else:
+        consumer = conn.subscribe(_dispatcher(args.bind), key)
+    consumer.ready(timeout=20.0)
+    print(READY, flush=True)
+
+    items: list[list[Any]] = []
+    first = last = 0.0
+    got = 0
+
+    def flush() -> None:
+        if items:
+            collector.send(msgpack.packb({"kind": "seen", "name": args.name, "items": items}))
+            items.clear()
+
+    while not stop.is_set():
+        delivery = consumer.receive(timeout=0.05)
+        if delivery is None:
+            flush()
+            continue
+        last = time.perf_counter()
+        if not first:
+            first = last
+        got += 1
+        if got == args.expect:
+            stop.set()  # throughput runs: stop after the last expected message
+        if not args.count_only:
+            items.append([delivery.publisher_id, delivery.sequence, delivery.routing_key])
+            if len(items) >= BATCH:
+                flush()
+    flush()
+    collector.send(msgpack.packb({
+        "kind": "stats", "name": args.name, "stats": consumer.stats.as_dict(),
+        "first": first, "last": last,
+    }))
+    consumer.close()
+    conn.close()
+    collector.close()
+    ctx.term()
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    key = bytes.fromhex(args.key)
+    stop = threading.Event()
+    _watch_stdin(stop)
+    settings = zbus.Settings(send_timeout=args.send_timeout)
+    factory = zbus.MessageFactory(key, args.publisher_id)
+    timeouts = 0
+    with zbus.Connection(args.run_dir, settings=settings) as conn:
+        print(READY, flush=True)
+        start = time.perf_counter()
+        sent = 0
+        while (sent < args.count if not args.until_stop else not stop.is_set()):
+            frames = factory.frames(args.exchange, args.routing_key, {"n": sent})
+            while True:
+                try:
+                    conn.send_frames(frames)
+                    break
+                except zbus.Timeout:
+                    # The proxy is away (restart test): resend the same signed frames, so the
+                    # publisher itself loses nothing and every gap the consumers count is the
+                    # proxy's.
+                    timeouts += 1
+                    if stop.is_set() and args.until_stop:
+                        break
+            sent += 1
+            if args.interval:
+                time.sleep(args.interval)  # pacing, not synchronisation
+        # Everything queued must have reached the proxy before this process may exit.
+        conn.flush(timeout=60)
+        elapsed = time.perf_counter() - start
+    print(f"DONE 1 {sent} {elapsed:.6f} {timeouts}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="agents")
+    parser.add_argument("role", choices=["subscribe", "worker", "publish"])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--key", required=True, help="signing key, hex")
+    parser.add_argument("--name", default="agent")
+    parser.add_argument("--collector", help="endpoint of the test's PULL socket")
+    parser.add_argument("--bind", action="append", default=[], help="exchange/pattern")
+    parser.add_argument("--pool")
+    parser.add_argument("--count-only", action="store_true",
+                        help="forward nothing, only the final stats (throughput runs)")
+    parser.add_argument("--expect", type=int, default=0,
+                        help="stop by itself after this many deliveries (0: on 'stop')")
+    parser.add_argument("--publisher-id", default="agent-publisher")
+    parser.add_argument("--exchange", default="notifications")
+    parser.add_argument("--routing-key", default="compute.instance.create.end")
+    parser.add_argument("--count", type=int, default=0)
+    parser.add_argument("--until-stop", action="store_true")
+    parser.add_argument("--interval", type=float, default=0.0)
+    parser.add_argument("--send-timeout", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    if args.role == "publish":
+        return _publish(args)
+    return _consume(args)
+
+
+# -- the test side ----------------------------------------------------------------------------
+
+
+class Agent:
+    """One agent child process. ``close`` always ends it (stop, then kill)."""
+
+    def __init__(self, run_dir: Path, role: str, *args: str, name: str = "agent") -> None:
+        self.name = name
+        self.log = run_dir / f"agent-{name}.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(AGENTS), role, "--run-dir", str(run_dir), "--name", name,
+                 *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+            )
+        self.lines: list[str] = []
+
+    def readline(self, timeout: float) -> str:
+        """The next stdout line; raises if none comes within ``timeout`` or the agent died."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line:
+            raise AssertionError(
+                f"agent {self.name} printed nothing within {timeout:g}s "
+                f"(exit {self.proc.poll()}): {self.log.read_text()[-2000:]}"
+            )
+        self.lines.append(line.rstrip("\n"))
+        return self.lines[-1]
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        line = self.readline(timeout)
+        assert line == READY, f"agent {self.name}: expected READY, got {line!r}"
+
+    def tell_stop(self) -> None:
+        assert self.proc.stdin is not None
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(b"stop\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        """End the process whatever state it is in (never leaves it behind)."""
+        if self.proc.poll() is None:
+            self.tell_stop()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+class Collector:
+    """The test's PULL socket that agents report to (owned by the test's thread)."""
+
+    def __init__(self, run_dir: Path) -> None:
+        # Not '*.sock': the proxy clears those from its run directory when it starts.
+        self.endpoint = f"ipc://{run_dir}/collector.ipc"
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.PULL)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+        self.seen: dict[str, list[tuple[str, int, str]]] = defaultdict(list)
+        self.stats: dict[str, dict[str, Any]] = {}
+
+    def pump(self, timeout: float) -> bool:
+        """Take in whatever arrives within ``timeout``; True if anything came."""
+        got = False
+        while self.sock.poll(int(timeout * 1000)):
+            report = msgpack.unpackb(self.sock.recv(), raw=False)
+            got = True
+            if report["kind"] == "seen":
+                self.seen[report["name"]].extend(tuple(item) for item in report["items"])
+            else:
+                self.stats[report["name"]] = report
+            timeout = 0
+        return got
+
+    def until(self, done: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                counts = {name: len(items) for name, items in self.seen.items()}
+                raise AssertionError(f"timed out waiting for {what}; seen so far: {counts}")
+            self.pump(min(left, 0.1))
+
+    def sequences(self, name: str) -> list[int]:
+        return [seq for _, seq, _ in self.seen[name]]
+
+    def stop_all(self, agents: Sequence[Agent], timeout: float = 15.0) -> None:
+        """Tell ``agents`` to stop and collect each one's final stats."""
+        for agent in agents:
+            agent.tell_stop()
+        names = [agent.name for agent in agents]
+        self.until(lambda: all(n in self.stats for n in names), timeout, f"stats of {names}")
+        for agent in agents:
+            assert agent.wait(10) == 0, agent.log.read_text()[-2000:]
+
+    def multiset(self, names: Sequence[str]) -> Counter[tuple[str, int]]:
+        return Counter((pub, seq) for n in names for pub, seq, _ in self.seen[n])
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
