@@ -1,0 +1,444 @@
+"""The asyncio backend: the sans-I/O core on ``zmq.asyncio`` sockets.
+
+    >>> import zbus.asyncio
+    >>> conn = zbus.asyncio.Connection(run_dir)
+    >>> await zbus.asyncio.Publisher(conn.exchange("compute"), factory).send("a.b", {...})
+    >>> async with conn.subscribe(dispatcher, key) as sub:
+    ...     await sub.ready()
+    ...     await sub.run()                      # or: async for delivery in sub: ...
+
+Same wire format and the same :class:`~zbus.ConsumerCore` as the threads backend: messages
+cross between backends freely. Only waiting differs, and it is all ``await``.
+
+Invariants a maintainer must keep:
+
+* a socket belongs to the task that uses it; make one :class:`Connection` per publishing
+  task (or accept that its sends are serialised on one socket), and never receive on one
+  :class:`Subscriber` from two tasks at once;
+* handlers may be coroutine functions (awaited) or plain functions (called on the loop, so
+  keep them short); a handler that raises is counted by
+  :meth:`ConsumerCore.handler_failed` and the loop goes on;
+* ``stop()`` makes ``run()``/iteration return after the delivery in hand; ``aclose()`` stops,
+  then runs the handlers of everything already read (set aside by ``ready()`` or queued in
+  the socket, bounded by the socket's HWM) before closing; ``close()`` drops it;
+* cancelling ``run()`` or an ``async for`` over a consumer closes the consumer's socket: a
+  cancelled consumer is finished, and leaks nothing. ``ready()`` always closes its probe
+  socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+from collections import deque
+from pathlib import Path
+from typing import Any, cast
+
+import msgpack
+import zmq
+import zmq.asyncio
+
+from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
+from ._errors import ConfigError, ProxyError, Timeout, TransportError
+from ._keys import KeyRing
+from ._message import Message, MessageFactory
+from ._names import CONTROL_PREFIX, validate_exchange, validate_name
+from ._settings import Endpoints, Settings, default_run_dir
+from ._transport import context as _process_context
+from ._transport import make_socket
+
+__all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
+
+
+class Connection:
+    """The sockets one task uses to reach its host's zbus-proxy.
+
+    ``context`` (any pyzmq context; default the process's) is shadowed by a
+    ``zmq.asyncio.Context``: asyncio and plain sockets share libzmq's I/O thread.
+    """
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike[str] | None = None,
+        *,
+        settings: Settings | None = None,
+        context: zmq.Context[Any] | None = None,
+    ) -> None:
+        self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
+        self.settings = settings or Settings()
+        self._base_ctx = context
+        self._ctx: zmq.asyncio.Context | None = None
+        self._push: zmq.asyncio.Socket | None = None
+        self._closed = False
+
+    @property
+    def ctx(self) -> zmq.asyncio.Context:
+        if self._ctx is None:
+            self._ctx = zmq.asyncio.Context(self._base_ctx or _process_context())
+        return self._ctx
+
+    def socket(self, kind: int, **options: Any) -> zmq.asyncio.Socket:
+        """A new asyncio socket set up by :func:`zbus._transport.make_socket`; caller owns it."""
+        return cast(zmq.asyncio.Socket, make_socket(self.ctx, kind, self.settings, **options))
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Send already-signed frames; Timeout after ``settings.send_timeout`` when stuck."""
+        sock = self._push
+        if sock is None:
+            if self._closed:
+                raise TransportError("this Connection is closed")
+            sock = self._push = self.socket(
+                zmq.PUSH, sndhwm=self.settings.publish_hwm, connect=self.endpoints.ingress
+            )
+            sock.setsockopt(zmq.SNDTIMEO, int(self.settings.send_timeout * 1000))
+        try:
+            await sock.send_multipart(frames)
+        except zmq.Again:
+            raise Timeout(
+                f"zbus-proxy at {self.endpoints.run_dir} took no message for "
+                f"{self.settings.send_timeout:g}s; the message was not sent"
+            ) from None
+
+    def exchange(self, name: str) -> Exchange:
+        return Exchange(name, self)
+
+    def subscribe(self, dispatcher: Dispatcher, keys: bytes | KeyRing) -> Subscriber:
+        return Subscriber(self, dispatcher, keys)
+
+    def join_pool(self, pool: str, dispatcher: Dispatcher, keys: bytes | KeyRing) -> PoolMember:
+        return PoolMember(self, pool, dispatcher, keys)
+
+    async def request(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
+        """One control request (see :mod:`zbus._control`) on a fresh asyncio REQ socket."""
+        sock = self.socket(zmq.REQ, connect=self.endpoints.control)
+        try:
+            await sock.send(msgpack.packb({"op": op, **fields}))
+            if not await sock.poll(int(timeout * 1000)):
+                raise Timeout(f"zbus-proxy did not answer {op!r} within {timeout:g}s on "
+                              f"{self.endpoints.control}: is it running?")
+            reply = msgpack.unpackb(await sock.recv(), raw=False)
+        finally:
+            sock.close(linger=0)
+        if not isinstance(reply, dict) or not reply.get("ok"):
+            error = reply.get("error") if isinstance(reply, dict) else repr(reply)
+            raise ProxyError(f"zbus-proxy refused {op!r}: {error}")
+        return reply
+
+    async def declare_pool(self, pool: str, bindings: list[str], timeout: float = 5.0) -> None:
+        """As :meth:`zbus.Connection.declare_pool`, awaited."""
+        await self.request("declare_pool", timeout, name=validate_name(pool, "pool name"),
+                           bindings=sorted(bindings))
+
+    async def proxy_stats(self, timeout: float = 5.0) -> dict[str, Any]:
+        return await self.request("stats", timeout)
+
+    def close(self) -> None:
+        self._closed = True
+        if self._push is not None:
+            self._push.close()
+            self._push = None
+
+    async def __aenter__(self) -> Connection:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Exchange:
+    """A message class on one asyncio connection."""
+
+    def __init__(self, name: str, connection: Connection) -> None:
+        self.name = validate_exchange(name)
+        self.connection = connection
+
+    async def send(self, routing_key: str, obj: Message | Any, factory: MessageFactory) -> None:
+        await self.connection.send_frames(factory.frames(self.name, routing_key, obj))
+
+    def __repr__(self) -> str:
+        return f"zbus.asyncio.Exchange({self.name!r})"
+
+
+class Publisher:
+    """Sends messages signed by ``factory`` to ``exchange`` (see :class:`zbus.Publisher`)."""
+
+    def __init__(self, exchange: Exchange, factory: MessageFactory) -> None:
+        self.exchange = exchange
+        self.factory = factory
+
+    async def send(self, routing_key: str, obj: Message | Any, *,
+                   exchange: str | None = None) -> None:
+        await self.send_many(routing_key, [obj], exchange=exchange)
+
+    async def send_many(self, routing_key: str, objs: list[Any], *,
+                        exchange: str | None = None) -> None:
+        name = self.exchange.name if exchange is None else exchange
+        for obj in objs:
+            await self.exchange.connection.send_frames(self.factory.frames(name, routing_key, obj))
+
+    async def publish(self, message: Message) -> None:
+        await self.send(message.message_type, message)
+
+
+class Router:
+    """Base class for applications that want named async send methods."""
+
+    def __init__(self, connection: Connection, factory: MessageFactory) -> None:
+        self.connection = connection
+        self.factory = factory
+
+    async def send(self, exchange: str, obj: Message | Any, routing_key: str | None = None) -> None:
+        if routing_key is None:
+            if not isinstance(obj, Message):
+                raise ConfigError("a plain payload needs an explicit routing_key")
+            routing_key = obj.message_type
+        await self.connection.send_frames(self.factory.frames(exchange, routing_key, obj))
+
+
+class _Consumer:
+    """Receive loop shared by subscribers and pool members (asyncio backend)."""
+
+    _sock: zmq.asyncio.Socket
+    _hwm: int
+
+    def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
+                 *, track_sequences: bool) -> None:
+        if not dispatcher.patterns:
+            raise ConfigError("the dispatcher has no bindings: bind a handler first")
+        self.connection = connection
+        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences)
+        self._pending: deque[list[bytes]] = deque()
+        self._stopping = False
+        self._wake: asyncio.Future[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._runner: asyncio.Task[Any] | None = None
+
+    @property
+    def stats(self) -> ConsumerStats:
+        return self.core.stats
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._sock.closed)
+
+    async def _read(self, deadline: float | None, *, stoppable: bool = True) -> list[bytes] | None:
+        """The next message from the socket; None at ``deadline`` (loop time), once closed,
+        or (when ``stoppable``) once stopped."""
+        loop = asyncio.get_running_loop()
+        while not (stoppable and self._stopping) and not self._sock.closed:
+            try:
+                return await self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            left = None if deadline is None else deadline - loop.time()
+            if left is not None and left <= 0:
+                return None
+            readable = cast("asyncio.Future[int]",
+                            self._sock.poll(-1 if left is None else int(left * 1000) + 1))
+            self._wake = loop.create_future()
+            try:
+                await asyncio.wait((readable, self._wake), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                readable.cancel()
+                self._wake = None
+        return None
+
+    async def receive(self, timeout: float | None = None) -> Delivery | None:
+        """The next verified, matching delivery (handlers not run); None after ``timeout``
+        or once stopped. Rejected and unmatched messages are counted and skipped."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            frames = self._pending.popleft() if self._pending else await self._read(deadline)
+            if frames is None:
+                break
+            delivery = self.core.accept(frames)
+            if delivery is not None:
+                return delivery
+            if deadline is not None and loop.time() >= deadline:
+                break
+        return None
+
+    async def dispatch(self, delivery: Delivery) -> None:
+        """Run ``delivery``'s handlers in turn, awaiting coroutine handlers."""
+        for handler in delivery.handlers:
+            try:
+                result = handler(delivery)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                self.core.handler_failed(handler, delivery)
+        self.core.stats.delivered += 1
+
+    async def process(self, timeout: float | None = None) -> bool:
+        """Receive one delivery and run its handlers; False when ``timeout`` passed first."""
+        delivery = await self.receive(timeout)
+        if delivery is None:
+            return False
+        await self.dispatch(delivery)
+        return True
+
+    async def run(self, *, max_messages: int | None = None,
+                  idle_timeout: float | None = None) -> int:
+        """Dispatch until :meth:`stop`, ``max_messages`` deliveries, or ``idle_timeout``.
+
+        Cancelling it closes this consumer.
+        """
+        handled = 0
+        self._stopping = False
+        self._idle.clear()
+        self._runner = asyncio.current_task()
+        try:
+            while not self._stopping and (max_messages is None or handled < max_messages):
+                if not await self.process(idle_timeout):
+                    break
+                handled += 1
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        finally:
+            self._idle.set()
+            self._runner = None
+        return handled
+
+    def __aiter__(self) -> _Consumer:
+        self._stopping = False
+        return self
+
+    async def __anext__(self) -> Delivery:
+        try:
+            delivery = await self.receive()
+        except asyncio.CancelledError:
+            self.close()
+            raise
+        if delivery is None:
+            raise StopAsyncIteration
+        return delivery
+
+    def stop(self) -> None:
+        """Make :meth:`run` and iteration return after the delivery in hand (and
+        :meth:`receive` return None) until ``run()`` or ``async for`` starts again."""
+        self._stopping = True
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
+
+    async def aclose(self, *, drain: bool = True) -> int:
+        """Stop, let the delivery in hand finish, run the handlers of what was already read
+        (when ``drain``), then close. Returns how many messages the drain dispatched."""
+        self.stop()
+        if self._runner is not asyncio.current_task():  # not from a handler of run() itself
+            await self._idle.wait()
+        drained = 0
+        if drain and not self._sock.closed:
+            for _ in range(self._hwm + len(self._pending)):
+                if self._pending:
+                    frames = self._pending.popleft()
+                else:
+                    try:
+                        frames = await self._sock.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                delivery = self.core.accept(frames)
+                if delivery is not None:
+                    await self.dispatch(delivery)
+                    drained += 1
+        self.close()
+        return drained
+
+    def close(self) -> None:
+        """Close now, dropping what was read and not dispatched."""
+        self.stop()
+        if not self._sock.closed:
+            self._sock.close(linger=0)
+
+    async def __aenter__(self: Any) -> Any:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        if exc_type is None:
+            await self.aclose()
+        else:
+            self.close()
+
+
+class Subscriber(_Consumer):
+    """Fan-out: receives its own copy of every message matching the dispatcher's patterns."""
+
+    def __init__(self, connection: Connection, dispatcher: Dispatcher,
+                 keys: bytes | KeyRing) -> None:
+        super().__init__(connection, dispatcher, keys, track_sequences=True)
+        self._hwm = connection.settings.subscriber_hwm
+        self._sock = connection.socket(zmq.SUB, rcvhwm=self._hwm,
+                                       connect=connection.endpoints.deliver)
+        for prefix in self.core.prefixes():
+            self._sock.subscribe(prefix)
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Return once the subscription is live at the proxy (see :meth:`zbus.Subscriber.ready`).
+
+        Sends a unique probe topic through the proxy until it comes back; what arrives
+        meanwhile is kept for :meth:`receive`. Raises Timeout.
+        """
+        token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
+        self._sock.subscribe(token)
+        conn = self.connection
+        push = conn.socket(zmq.PUSH, connect=conn.endpoints.ingress)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        interval = 0.005
+        try:
+            while loop.time() <= deadline:
+                if self._sock.closed:
+                    raise TransportError("this subscriber was closed while getting ready")
+                with contextlib.suppress(zmq.Again):  # proxy not there yet: the wait paces us
+                    await push.send(token, zmq.NOBLOCK)
+                until = loop.time() + interval
+                while (frames := await self._read(until, stoppable=False)) is not None:
+                    if frames[0] == token:
+                        return
+                    self._pending.append(frames)
+                interval = min(interval * 2, 0.2)
+            raise Timeout(f"subscription was not live end to end within {timeout:g}s: "
+                          "is zbus-proxy running?")
+        finally:
+            push.close(linger=0)
+            if not self._sock.closed:
+                self._sock.unsubscribe(token)
+
+
+class PoolMember(_Consumer):
+    """A member of a worker pool: each matching message goes to exactly one live member."""
+
+    def __init__(self, connection: Connection, pool: str, dispatcher: Dispatcher,
+                 keys: bytes | KeyRing) -> None:
+        super().__init__(connection, dispatcher, keys, track_sequences=False)
+        self.pool = validate_name(pool, "pool name")
+        self._hwm = connection.settings.pool_hwm
+        self._sock = connection.socket(zmq.PULL, rcvhwm=self._hwm)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+        self._sock.connect(connection.endpoints.pool(self.pool))
+
+    @property
+    def bindings(self) -> list[str]:
+        return sorted(str(p) for p in self.core.dispatcher.patterns)
+
+    async def ready(self, timeout: float = 10.0) -> None:
+        """Declare the pool (idempotent) and return once this member is connected to it."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self.connection.declare_pool(self.pool, self.bindings, timeout)
+        if self._monitor.closed:
+            return  # connected before
+        left = deadline - loop.time()
+        if left <= 0 or not await self._monitor.poll(int(left * 1000)):
+            raise Timeout(f"pool member of {self.pool!r} did not connect within {timeout:g}s")
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+
+    def close(self) -> None:
+        if not self._monitor.closed:
+            self._monitor.close(linger=0)
+        super().close()
