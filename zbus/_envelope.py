@@ -22,7 +22,7 @@ import msgpack
 
 from ._errors import EnvelopeError, InvalidName, SignatureError, VersionError
 from ._keys import KeyRing
-from ._names import split_topic, validate_routing_key
+from ._names import is_routing_key, split_topic
 
 __all__ = [
     "ENVELOPE_FORMAT",
@@ -158,10 +158,8 @@ def decode_envelope(data: bytes) -> Envelope:
         raise EnvelopeError(
             "message_type_version must be a non-negative integer", reason="wrong_type"
         )
-    try:
-        validate_routing_key(message_type)
-    except InvalidName:
-        raise EnvelopeError("message_type is not a valid name", reason="wrong_type") from None
+    if not is_routing_key(message_type):
+        raise EnvelopeError("message_type is not a valid name", reason="wrong_type")
     return Envelope(
         message_id, publisher_id, sequence, float(timestamp), message_type, version, payload
     )

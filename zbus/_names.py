@@ -54,8 +54,14 @@ def validate_exchange(name: str) -> str:
     return validate_name(name, "exchange name")
 
 
+@lru_cache(maxsize=4096)
+def is_routing_key(key: str) -> bool:
+    """Whether ``key`` is a valid routing key or message type (cached; never raises)."""
+    return len(key) <= MAX_ROUTING_KEY and _ROUTING_KEY.match(key) is not None
+
+
 def validate_routing_key(key: str) -> str:
-    if not isinstance(key, str) or len(key) > MAX_ROUTING_KEY or not _ROUTING_KEY.match(key):
+    if not isinstance(key, str) or not is_routing_key(key):
         raise InvalidName(
             f"invalid routing key {key!r}: use words of A-Z, a-z, 0-9, '_' and '-' joined by "
             f"single dots, at most {MAX_ROUTING_KEY} characters "
@@ -72,8 +78,9 @@ def topic_frame(exchange: str, routing_key: str) -> bytes:
     return f"{exchange}/{routing_key}".encode("ascii")
 
 
+@lru_cache(maxsize=4096)  # bounded: consumers call it only on MAC-verified frames
 def split_topic(frame: bytes) -> tuple[str, str]:
-    """Split a received topic frame into (exchange, routing key), validating both.
+    """Split a received topic frame into (exchange, routing key), validating both (cached).
 
     Raises :class:`InvalidName` for anything a conforming publisher cannot have sent.
     """
