@@ -7,7 +7,8 @@ or ``None`` when the message was rejected or matched nothing. Every outcome is c
 
 Policy (docs/GUIDE.md repeats it for users):
 
-* rejected (bad signature, unknown key, malformed, wrong types, unknown version): dropped,
+* rejected (bad signature, unknown key, key not allowed on the exchange, malformed, wrong
+  types, stale, future, replay, unknown version): dropped,
   counted under ``rejected[reason]``, logged at WARNING the first time per reason, then DEBUG;
 * unmatched (ZeroMQ prefix filtering is coarser than patterns): dropped, counted;
 * a handler that raises: logged with its traceback, counted in ``handler_errors``; the other
@@ -244,6 +245,8 @@ class ConsumerCore:
             else:
                 key_id = signature_key_id(signature)
             exchange, routing_key = decode_topic(topic)
+            if self.keys is not None:  # a genuine signature, but by a key allowed here?
+                self.keys.check_exchange(exchange, key_id)
             envelope = decode_envelope(raw)
         except EnvelopeError as exc:
             self.reject(exc.reason, str(exc))

@@ -14,6 +14,7 @@ __all__ = [
     "EnvelopeError",
     "SignatureError",
     "UnknownKeyError",
+    "KeyNotAllowedError",
     "ReplayError",
     "VersionError",
     "RoutingError",
@@ -60,6 +61,16 @@ class UnknownKeyError(SignatureError):
     """A received message names a key id that this key ring does not hold."""
 
     reason = "unknown_key"
+
+
+class KeyNotAllowedError(SignatureError):
+    """A message carries a valid signature by a key that is not allowed on its exchange.
+
+    The signer holds a real key, so this is a misconfigured publisher or a leaked key being
+    used beyond its exchange: worth an alert, unlike random forgeries.
+    """
+
+    reason = "key_not_allowed"
 
 
 class ReplayError(EnvelopeError):

@@ -1,19 +1,35 @@
 """Signing keys: a ring of keys by id, one of them active for signing.
 
-Key material never appears in ``repr``, ``str`` or log lines.
+Invariants a maintainer must keep:
+
+* Key material never appears in ``repr``, ``str``, error messages or log lines.
+* A ring is immutable: rotation makes a new ring (``with_active``, ``without``), so a ring
+  handed to a consumer or factory never changes under it.
+* Per-exchange keys: ``exchanges`` maps an exchange to the key ids allowed on it, the first
+  of which signs there. On such a *restricted* exchange only those ids verify. On every other
+  exchange only the *shared* ids verify: by default the active key plus every key named in no
+  ``exchanges`` entry. So a key given to one exchange's publishers cannot sign for another
+  exchange, and the ring-wide key cannot sign for a restricted one unless it is listed there.
+  ``permits``/``check_exchange`` answer this in one set lookup (the consumer's hot path).
 """
 
 from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
-from ._errors import ConfigError, UnknownKeyError
-from ._names import validate_name
+from ._errors import ConfigError, KeyNotAllowedError, UnknownKeyError
+from ._names import validate_exchange, validate_name
 
-__all__ = ["KeyRing", "MIN_KEY_BYTES", "format_key_file", "generate_key"]
+__all__ = [
+    "KeyNotAllowedError",
+    "KeyRing",
+    "MIN_KEY_BYTES",
+    "format_key_file",
+    "generate_key",
+]
 
 MIN_KEY_BYTES = 16
 DEFAULT_KEY_ID = "default"
@@ -48,9 +64,24 @@ class KeyRing:
     on the publishers, then remove the old one.
     """
 
-    __slots__ = ("_active", "_active_key", "_keys")
+    __slots__ = ("_active", "_active_key", "_allowed", "_keys", "_shared", "_signers")
 
-    def __init__(self, keys: Mapping[str, bytes], active: str | None = None) -> None:
+    def __init__(
+        self,
+        keys: Mapping[str, bytes],
+        active: str | None = None,
+        *,
+        exchanges: Mapping[str, str | Collection[str]] | None = None,
+        shared: Collection[str] | None = None,
+    ) -> None:
+        """``keys`` by id; ``active`` signs on exchanges not in ``exchanges``.
+
+        ``exchanges`` (optional) maps an exchange name to the key id, or the ids in order of
+        preference, allowed on it: the first signs there, all of them verify there, and no
+        other key verifies there. ``shared`` (optional) lists the ids that verify on every
+        exchange *not* in ``exchanges``; by default the active key and every key that no
+        ``exchanges`` entry names.
+        """
         if not keys:
             raise ConfigError("a KeyRing needs at least one key")
         self._keys = {validate_name(k, "key id"): _check_key(k, v) for k, v in keys.items()}
@@ -62,6 +93,31 @@ class KeyRing:
             raise ConfigError(f"active key id {active!r} is not in the ring {sorted(self._keys)}")
         self._active = active
         self._active_key = self._keys[active]
+        self._allowed: dict[str, frozenset[str]] = {}
+        self._signers: dict[str, str] = {}
+        for exchange, ids in (exchanges or {}).items():
+            validate_exchange(exchange)
+            listed = [ids] if isinstance(ids, str) else list(ids)
+            if not listed:
+                raise ConfigError(f"exchange {exchange!r} lists no key id")
+            self._require(listed, f"exchange {exchange!r}")
+            self._signers[exchange] = listed[0]
+            self._allowed[exchange] = frozenset(listed)
+        if shared is None:
+            named = set().union(*self._allowed.values()) if self._allowed else set()
+            self._shared = frozenset({active} | (set(self._keys) - named))
+        else:
+            listed = [shared] if isinstance(shared, str) else list(shared)
+            self._shared = frozenset(self._require(listed, "shared"))
+
+    def _require(self, ids: list[str], where: str) -> list[str]:
+        for key_id in ids:
+            if not isinstance(key_id, str) or key_id not in self._keys:
+                raise ConfigError(
+                    f"{where} names key id {key_id!r}, which is not in the ring "
+                    f"{sorted(self._keys)}"
+                )
+        return ids
 
     @classmethod
     def of(cls, key: bytes | KeyRing, key_id: str = DEFAULT_KEY_ID) -> KeyRing:
@@ -78,6 +134,74 @@ class KeyRing:
     def active_key(self) -> bytes:
         return self._active_key
 
+    @property
+    def exchanges(self) -> dict[str, list[str]]:
+        """The restricted exchanges and their allowed key ids (the signing one first)."""
+        return {
+            exchange: [signer, *sorted(self._allowed[exchange] - {signer})]
+            for exchange, signer in self._signers.items()
+        }
+
+    @property
+    def shared_ids(self) -> list[str]:
+        """The key ids that verify on every exchange not in :attr:`exchanges`."""
+        return sorted(self._shared)
+
+    def signing_key_for(self, exchange: str) -> tuple[str, bytes]:
+        """(key id, key) that signs messages on ``exchange``."""
+        key_id = self._signers.get(exchange, self._active)
+        return key_id, self._keys[key_id]
+
+    def permits(self, exchange: str, key_id: str) -> bool:
+        """Whether a message on ``exchange`` may be signed by ``key_id`` (one set lookup)."""
+        return key_id in self._allowed.get(exchange, self._shared)
+
+    def check_exchange(self, exchange: str, key_id: str) -> None:
+        """Raise :class:`KeyNotAllowedError` unless ``key_id`` may sign on ``exchange``."""
+        if key_id not in self._allowed.get(exchange, self._shared):
+            allowed = sorted(self._allowed.get(exchange, self._shared))
+            raise KeyNotAllowedError(
+                f"key id {key_id!r} is not allowed on exchange {exchange!r} "
+                f"(allowed there: {allowed})"
+            )
+
+    def with_active(self, key_id: str) -> KeyRing:
+        """The same ring with ``key_id`` as the active (signing) key: step 2 of a rotation.
+
+        Per-exchange entries are kept; the old active key stays shared only if an explicit
+        ``shared`` list named it or no ``exchanges`` entry names it.
+        """
+        return KeyRing(self._keys, key_id, exchanges=self.exchanges, shared=self._explicit_shared(
+            lambda ids: ids | {key_id}
+        ))
+
+    def without(self, key_id: str) -> KeyRing:
+        """The same ring with ``key_id`` removed: retiring a key, step 3 of a rotation."""
+        if key_id not in self._keys:
+            raise ConfigError(f"no key with id {key_id!r} in this key ring")
+        if key_id == self._active:
+            raise ConfigError(f"key id {key_id!r} is the active key: make another active first")
+        exchanges: dict[str, list[str]] = {}
+        for exchange, ids in self.exchanges.items():
+            kept = [i for i in ids if i != key_id]
+            if not kept:
+                raise ConfigError(
+                    f"key id {key_id!r} is the only key of exchange {exchange!r}: give the "
+                    "exchange another key first"
+                )
+            exchanges[exchange] = kept
+        keys = {k: v for k, v in self._keys.items() if k != key_id}
+        return KeyRing(keys, self._active, exchanges=exchanges,
+                       shared=self._explicit_shared(lambda ids: ids - {key_id}))
+
+    def _explicit_shared(
+        self, change: Callable[[frozenset[str]], frozenset[str]]
+    ) -> frozenset[str] | None:
+        # Keep an explicit shared set explicit (changed as asked); a default one stays default.
+        named = set().union(*self._allowed.values()) if self._allowed else set()
+        default = frozenset({self._active} | (set(self._keys) - named))
+        return None if self._shared == default else change(self._shared)
+
     def get(self, key_id: str) -> bytes:
         try:
             return self._keys[key_id]
@@ -87,12 +211,19 @@ class KeyRing:
             ) from None
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str]) -> KeyRing:
+    def from_file(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        exchanges: Mapping[str, str | Collection[str]] | None = None,
+        shared: Collection[str] | None = None,
+    ) -> KeyRing:
         """Read a key file (as ``zbus keygen`` writes it) into a ring.
 
         Lines are ``KEY_ID HEX`` or just ``HEX`` (key id ``default``); ``#`` starts a
-        comment. The first key is the active (signing) one; all of them verify. A file that
-        others can read or write, or that its group can write, is refused.
+        comment. The first key is the active (signing) one; all of them verify, subject to
+        ``exchanges`` and ``shared`` (as in the constructor). A file that others can read or
+        write, or that its group can write, is refused.
         """
         where = str(path)
         try:
@@ -121,7 +252,7 @@ class KeyRing:
                 raise ConfigError(f"{where}:{number}: the key is not hexadecimal") from None
         if not keys:
             raise ConfigError(f"key file {where!r} holds no key: make one with 'zbus keygen FILE'")
-        return cls(keys, active=next(iter(keys)))
+        return cls(keys, active=next(iter(keys)), exchanges=exchanges, shared=shared)
 
     def ids(self) -> list[str]:
         return sorted(self._keys)
@@ -130,4 +261,5 @@ class KeyRing:
         return key_id in self._keys
 
     def __repr__(self) -> str:
-        return f"KeyRing(ids={self.ids()!r}, active={self._active!r})"
+        extra = f", exchanges={self.exchanges!r}" if self._signers else ""
+        return f"KeyRing(ids={self.ids()!r}, active={self._active!r}{extra})"

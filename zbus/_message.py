@@ -92,15 +92,27 @@ class MessageFactory:
     ) -> None:
         if not isinstance(publisher_id, str) or not publisher_id or len(publisher_id) > 255:
             raise ConfigError("publisher_id must be a non-empty string of at most 255 characters")
-        self.keys = KeyRing.of(signing_key)
         self.publisher_id = publisher_id
         self._clock = clock
-        key_id = self.keys.active_id.encode("ascii")
-        self._sig_head = bytes((SIGNATURE_SCHEME, len(key_id))) + key_id
-        self._key = self.keys.active_key
+        self.rekey(signing_key)
         self._packb = msgpack.Packer(use_bin_type=True).pack
         self._new_run()
         _factories.add(self)
+
+    def rekey(self, signing_key: bytes | KeyRing) -> None:
+        """Sign from now on with ``signing_key`` (rotation): the stream, its run id and its
+        sequence numbers go on unchanged, so consumers see no gap."""
+        self.keys = KeyRing.of(signing_key)
+        # exchange -> (signature head, key): the per-message cost stays one dict lookup.
+        self._signers: dict[str, tuple[bytes, bytes]] = {}
+
+    def _signer(self, exchange: str) -> tuple[bytes, bytes]:
+        key_id, key = self.keys.signing_key_for(exchange)
+        kid = key_id.encode("ascii")
+        if len(self._signers) >= 1024:  # exchanges come from the caller; bound it anyway
+            self._signers.clear()
+        signer = self._signers[exchange] = (bytes((SIGNATURE_SCHEME, len(kid))) + kid, key)
+        return signer
 
     def _new_run(self) -> None:
         self.run_id = os.urandom(8)
@@ -154,7 +166,8 @@ class MessageFactory:
                 "return dicts, lists, strings, bytes, numbers, booleans or None"
             ) from None
         self._next_seq = seq + 1  # only now: a payload that fails to pack leaves no gap
-        return [topic, envelope, self._sig_head + mac(self._key, topic, envelope)]
+        head, key = self._signers.get(exchange) or self._signer(exchange)
+        return [topic, envelope, head + mac(key, topic, envelope)]
 
     def __repr__(self) -> str:
         return f"MessageFactory(publisher_id={self.publisher_id!r}, keys={self.keys!r})"
