@@ -3,13 +3,22 @@
 The public API is what this module exports; everything in underscore modules is private.
 """
 
-from ._connection import Connection, Exchange, PoolMember, Publisher, Router, Subscriber
+from ._connection import (
+    Connection,
+    Exchange,
+    LinkStats,
+    PoolMember,
+    Publisher,
+    Router,
+    Subscriber,
+)
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._envelope import Envelope
 from ._errors import (
     ConfigError,
     EnvelopeError,
     InvalidName,
+    KeyNotAllowedError,
     ProxyError,
     ReplayError,
     RoutingError,
@@ -23,6 +32,7 @@ from ._errors import (
 from ._keys import KeyRing, generate_key
 from ._message import Message, MessageFactory
 from ._names import TopicPattern
+from ._reliable import ReliableMember, ReliableStats
 from ._settings import Endpoints, Settings, default_run_dir
 
 __version__ = "0.1.0"
@@ -39,12 +49,16 @@ __all__ = [
     "EnvelopeError",
     "Exchange",
     "InvalidName",
+    "KeyNotAllowedError",
     "KeyRing",
+    "LinkStats",
     "Message",
     "MessageFactory",
     "PoolMember",
     "ProxyError",
     "Publisher",
+    "ReliableMember",
+    "ReliableStats",
     "ReplayError",
     "Router",
     "RoutingError",

@@ -8,15 +8,18 @@ Make one Connection per thread that publishes; they share the process's ZeroMQ c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 from collections import deque
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from ._control import ControlClient
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
@@ -27,9 +30,50 @@ from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import context, make_socket, wait_for_probe
 
-__all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
+if TYPE_CHECKING:
+    from ._reliable import ReliableMember
+
+__all__ = [
+    "Connection",
+    "Exchange",
+    "LinkStats",
+    "PoolMember",
+    "Publisher",
+    "Router",
+    "Subscriber",
+]
 
 log = logging.getLogger("zbus")
+
+# A SUB's subscriptions travel its send pipe, which drops (silently) what exceeds SNDHWM:
+# both when they are first made and when libzmq re-sends them all after a reconnect
+# (libzmq #2258). Size the pipe for every subscription, plus room for probes.
+_SUB_SLACK = 1000
+# How often an otherwise busy subscriber looks at its link events (messages between looks).
+_LINK_CHECK_EVERY = 256
+# Longest single wait inside receive(): link events and re-probes need a turn even when the
+# caller asked to wait forever.
+_MAX_WAIT = 0.25
+
+
+@dataclass
+class LinkStats:
+    """What a consumer's connection to its proxy went through (see docs/RELIABILITY.md).
+
+    ``disconnects``: the proxy went away (crash, restart, heartbeat timeout);
+    ``reconnects``: the connection came back; ``resubscribed``: a re-probe proved the
+    subscriptions live again after a reconnect; ``last_outage``: seconds from the last
+    disconnect until that proof (None until the first one). Loss during an outage is in
+    ``ConsumerStats.lost`` (as sequence gaps), not here.
+    """
+
+    disconnects: int = 0
+    reconnects: int = 0
+    resubscribed: int = 0
+    last_outage: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 class Connection:
@@ -130,6 +174,15 @@ class Connection:
     def join_pool(self, pool: str, dispatcher: Dispatcher, keys: bytes | KeyRing) -> PoolMember:
         """Become a member of worker pool ``pool`` bound to ``dispatcher``'s patterns."""
         return PoolMember(self, pool, dispatcher, keys)
+
+    def join_reliable_pool(
+        self, pool: str, dispatcher: Dispatcher, keys: bytes | KeyRing, *, window: int = 10
+    ) -> ReliableMember:
+        """Become a member of at-least-once pool ``pool`` (docs/RELIABILITY.md): at most
+        ``window`` messages in flight, each acked after its handlers returned."""
+        from ._reliable import ReliableMember  # it builds on this module
+
+        return ReliableMember(self, pool, dispatcher, keys, window=window)
 
     def declare_pool(self, pool: str, bindings: list[str], timeout: float = 5.0) -> None:
         """Declare ``pool`` at the proxy with ``bindings`` (``"exchange/pattern"`` strings).
@@ -292,6 +345,13 @@ class _Consumer:
         """Make :meth:`run` return after the message in hand (callable from any thread)."""
         self._stop.set()
 
+    def counters(self) -> dict[str, Any]:
+        """Every counter this consumer keeps, as one plain map (for logs and ``zbus stats``)."""
+        return self.stats.as_dict()
+
+    def _drain_marker(self) -> bytes:
+        return CONTROL_PREFIX + b"drain/" + os.urandom(8).hex().encode()
+
     def close(self) -> None:
         self._sock.close(linger=0)
 
@@ -303,7 +363,13 @@ class _Consumer:
 
 
 class Subscriber(_Consumer):
-    """Fan-out: receives its own copy of every message matching the dispatcher's patterns."""
+    """Fan-out: receives its own copy of every message matching the dispatcher's patterns.
+
+    The subscriber watches its connection to the proxy (a socket monitor): when the proxy
+    restarts, libzmq reconnects and re-sends the subscriptions by itself, and the subscriber
+    re-probes the path to know when they are live again (:attr:`live`, :attr:`link`). What
+    was published meanwhile is counted as ``stats.lost`` once a later message arrives.
+    """
 
     def __init__(
         self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing
@@ -312,12 +378,33 @@ class Subscriber(_Consumer):
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
         settings = connection.settings
+        self._prefixes = self.core.prefixes()
         self._sock = make_socket(
-            connection.ctx, zmq.SUB, settings,
-            rcvhwm=settings.subscriber_hwm, connect=connection.endpoints.deliver,
+            connection.ctx, zmq.SUB, settings, sndhwm=_SUB_SLACK + 2 * len(self._prefixes),
+            rcvhwm=settings.subscriber_hwm,
         )
-        for prefix in self.core.prefixes():
+        # Before connect, so that no link event is missed.
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+        )
+        self._sock.connect(connection.endpoints.deliver)
+        for prefix in self._prefixes:
             self._sock.subscribe(prefix)
+        self.link = LinkStats()
+        self._down_since: float | None = None
+        self._reprobe: bytes | None = None
+        self._reprobe_push: zmq.Socket[Any] | None = None
+        self._reprobe_next = 0.0
+        self._reprobe_interval = 0.0
+        self._since_check = 0
+
+    @property
+    def live(self) -> bool:
+        """False from a lost connection to the proxy until the subscriptions are proven live."""
+        return self._down_since is None
+
+    def counters(self) -> dict[str, Any]:
+        return {**self.stats.as_dict(), "link": self.link.as_dict(), "live": self.live}
 
     def ready(self, timeout: float = 10.0) -> None:
         """Return once the subscription is live at the proxy: nothing published after this
@@ -331,6 +418,144 @@ class Subscriber(_Consumer):
         finally:
             push.close(linger=0)
             self._sock.unsubscribe(token)
+
+    def receive(self, timeout: float | None = None) -> Delivery | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self._pending:
+                frames = self._pending.popleft()
+            else:
+                self._since_check += 1
+                if self._since_check >= _LINK_CHECK_EVERY:
+                    self._check_link()
+                if not self._sock.poll(0):
+                    self._check_link()
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        return None
+                    wait = _MAX_WAIT if self._reprobe is None else 0.02
+                    if deadline is not None:
+                        wait = min(wait, deadline - now)
+                    if not self._sock.poll(max(1, int(wait * 1000))):
+                        continue
+                frames = self._sock.recv_multipart()
+                if len(frames) == 1 and frames[0] == self._reprobe:
+                    self._resubscribed()
+                    continue
+            delivery = self.core.accept(frames)
+            if delivery is not None:
+                return delivery
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _check_link(self) -> None:
+        """Read link events; while a re-probe is out, send it again now and then."""
+        self._since_check = 0
+        while self._monitor.poll(0):
+            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self.link.disconnects += 1
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._down_since is not None:
+                self.link.reconnects += 1
+                self._start_reprobe()
+        if self._reprobe is not None and time.monotonic() >= self._reprobe_next:
+            self._send_reprobe()
+
+    def _start_reprobe(self) -> None:
+        # libzmq re-sends the subscriptions on reconnect (it has them since this SUB made
+        # them); the probe, subscribed after them on the same pipe, proves they arrived.
+        if self._reprobe is None:
+            self._reprobe = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
+            self._sock.subscribe(self._reprobe)
+        if self._reprobe_push is not None:
+            self._reprobe_push.close(linger=0)
+        conn = self.connection
+        self._reprobe_push = make_socket(
+            conn.ctx, zmq.PUSH, conn.settings, connect=conn.endpoints.ingress
+        )
+        self._reprobe_interval = 0.005
+        self._reprobe_next = 0.0
+
+    def _send_reprobe(self) -> None:
+        assert self._reprobe is not None and self._reprobe_push is not None
+        with contextlib.suppress(zmq.Again):
+            self._reprobe_push.send(self._reprobe, zmq.NOBLOCK)
+        self._reprobe_next = time.monotonic() + self._reprobe_interval
+        self._reprobe_interval = min(self._reprobe_interval * 2, 0.2)
+
+    def _resubscribed(self) -> None:
+        assert self._reprobe is not None
+        self._sock.unsubscribe(self._reprobe)
+        self._reprobe = None
+        if self._reprobe_push is not None:
+            self._reprobe_push.close(linger=0)
+            self._reprobe_push = None
+        if self._down_since is not None:
+            self.link.last_outage = time.monotonic() - self._down_since
+            self._down_since = None
+        self.link.resubscribed += 1
+
+    def drain(self, timeout: float = 10.0) -> int:
+        """Run the handlers of every message that reached the proxy before this call, then
+        close; returns how many were handled.
+
+        A marker goes through the proxy behind them (one path, in order): once it is back,
+        everything before it has been handled. The subscriptions stay until then, because a
+        SUB also filters what it has already queued: unsubscribing first would discard it.
+        What arrives after the marker is not taken (closed with the socket). Raises Timeout
+        (after closing) when the marker is not back within ``timeout``.
+        """
+        deadline = time.monotonic() + timeout
+        marker = self._drain_marker()
+        self._sock.subscribe(marker)
+        conn = self.connection
+        push = make_socket(conn.ctx, zmq.PUSH, conn.settings, connect=conn.endpoints.ingress)
+        handled = 0
+        done = False
+        try:
+            while self._pending:
+                delivery = self.core.accept(self._pending.popleft())
+                if delivery is not None:
+                    self.core.run_handlers(delivery)
+                    handled += 1
+            interval, resend = 0.005, 0.0
+            while not done and (left := deadline - time.monotonic()) > 0:
+                if time.monotonic() >= resend:
+                    with contextlib.suppress(zmq.Again):
+                        push.send(marker, zmq.NOBLOCK)
+                    resend = time.monotonic() + interval
+                    interval = min(interval * 2, 0.2)
+                if not self._sock.poll(max(1, int(min(left, interval) * 1000))):
+                    continue
+                frames = self._sock.recv_multipart()
+                if len(frames) == 1 and frames[0] == marker:
+                    done = True
+                    break
+                delivery = self.core.accept(frames)
+                if delivery is not None:
+                    self.core.run_handlers(delivery)
+                    handled += 1
+        finally:
+            push.close(linger=0)
+            self.close()
+        if not done:
+            raise Timeout(
+                f"drain: the proxy did not confirm the end of this subscription within "
+                f"{timeout:g}s ({handled} messages handled); what had not arrived is lost"
+            )
+        return handled
+
+    def close(self) -> None:
+        if self._reprobe_push is not None:
+            self._reprobe_push.close(linger=0)
+            self._reprobe_push = None
+        if not self._monitor.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                self._sock.disable_monitor()
+            self._monitor.close(linger=0)
+        super().close()
 
 
 class PoolMember(_Consumer):
@@ -347,6 +572,8 @@ class PoolMember(_Consumer):
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock.connect(connection.endpoints.pool(self.pool))
         self._connected = False
+        self.abandoned = 0
+        """Messages this member had received but dropped unhandled at drain()'s deadline."""
 
     @property
     def bindings(self) -> list[str]:
@@ -364,6 +591,39 @@ class PoolMember(_Consumer):
             self._connected = True
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
+
+    def drain(self, timeout: float = 10.0, *, quiet: float = 0.05) -> int:
+        """Handle what this member has prefetched until the pool is quiet for ``quiet``
+        seconds (or ``timeout`` passes), then close; returns how many were handled.
+
+        The fast path cannot stop the proxy's PUSH from sending to a connected member: what
+        reaches this member's pipe after the last receive is lost when it closes (ZeroMQ
+        discards a closed pipe; a disconnected PULL drops its prefetch the same way). Such
+        messages are counted in :attr:`abandoned` when they were already in this process;
+        for a drain that loses nothing, use an at-least-once pool (``zbus.ReliableMember``).
+        """
+        deadline = time.monotonic() + timeout
+        handled = 0
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                if not self.process(min(quiet, left)):
+                    break
+                handled += 1
+            # Bounded: a busy pool keeps pushing; what comes after this is never seen here.
+            for _ in range(len(self._pending) + self.connection.settings.pool_hwm):
+                if not (self._pending or self._sock.poll(0)):
+                    break
+                if self._pending:
+                    self._pending.popleft()
+                else:
+                    self._sock.recv_multipart()
+                self.abandoned += 1
+        finally:
+            self.close()
+        return handled
+
+    def counters(self) -> dict[str, Any]:
+        return {**self.stats.as_dict(), "abandoned": self.abandoned}
 
     def close(self) -> None:
         if not self._monitor.closed:

@@ -1,0 +1,431 @@
+"""At-least-once pools, the proxy side: credit-based distribution, acks, redelivery, dead letters.
+
+Beside the fast path (PUSH/PULL, at most once), a pool can run in this mode. One
+:class:`ReliablePool` per pool owns a thread and two sockets:
+
+    origin PUB --> SUB (the pool's binding prefixes) --> [queue, in flight] --> ROUTER
+                                                              ROUTER <--DEALER-- members
+
+Wire protocol on ``rpool-NAME.sock`` (every frame count and type checked; anything else is
+counted under ``stats()["refused"]`` and dropped, the member is never trusted further):
+
+    member -> pool: HELLO u32 window | CREDIT u32 window | ACK u64... | NACK u64... | PING | BYE
+    pool -> member: WELCOME run(8) | CREDITED u32 window | WHO | MSG u64 id, u32 attempt,
+                    topic, envelope, signature   (the message's three frames, untouched)
+
+Invariants a maintainer must keep:
+
+* a member has at most ``window`` messages in flight (credit): it only receives what it asked
+  for; ``CREDIT 0`` stops the flow, and ``CREDITED`` is sent after the last MSG it will get;
+* a message leaves this component's memory only by an ACK, or into the dead letters after
+  ``max_attempts`` deliveries without one (each NACK, ack timeout or member death is an
+  attempt);
+* everything is bounded: queued + in flight <= ``max_pending`` (beyond: the newest message is
+  dropped and counted as ``overflow``), dead letters <= ``dead_letter_max`` (the oldest is
+  evicted and counted);
+* the state lives in this process's memory only: a proxy crash loses what was queued or in
+  flight (docs/RELIABILITY.md); members then see a new ``run`` in WELCOME.
+
+:class:`ReliableCore` is the logic with no sockets and no clock (``now`` is passed in);
+:class:`ReliablePool` is the edge. The proxy never parses a message: it has no keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from zbus import ConfigError, Endpoints, Settings, TopicPattern, TransportError
+from zbus._names import CONTROL_PREFIX, minimal_prefixes, validate_name
+from zbus._reliable import reliable_endpoint
+from zbus._transport import make_socket, wait_for_probe
+
+__all__ = ["DeadLetter", "ReliableCore", "ReliablePool"]
+
+log = logging.getLogger("zbus.proxy")
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+@dataclass(slots=True)
+class _Entry:
+    id: int
+    frames: list[bytes]
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class _Member:
+    window: int
+    last_seen: float
+    inflight: dict[int, float] = field(default_factory=dict)  # id -> ack deadline
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message no member acknowledged within ``max_attempts`` deliveries."""
+
+    frames: list[bytes]
+    attempts: int
+    reason: str  # the last attempt's fate: "nack", "ack_timeout" or "member_lost"
+
+
+class ReliableCore:
+    """The bookkeeping of one at-least-once pool, with no I/O (``now`` passed in)."""
+
+    def __init__(
+        self,
+        *,
+        max_pending: int = 10_000,
+        max_attempts: int = 5,
+        ack_timeout: float = 30.0,
+        member_timeout: float = 6.0,
+        dead_letter_max: int = 1000,
+        max_window: int = 1000,
+    ) -> None:
+        if min(max_pending, max_attempts, dead_letter_max, max_window) < 1:
+            raise ConfigError("max_pending, max_attempts, dead_letter_max and max_window >= 1")
+        if ack_timeout <= 0 or member_timeout <= 0:
+            raise ConfigError("ack_timeout and member_timeout must be positive")
+        self.max_pending = max_pending
+        self.max_attempts = max_attempts
+        self.ack_timeout = ack_timeout
+        self.member_timeout = member_timeout
+        self.max_window = max_window
+        self._next_id = 1
+        self._queue: deque[_Entry] = deque()
+        self._inflight: dict[int, tuple[_Entry, bytes]] = {}  # id -> (entry, member)
+        self._members: dict[bytes, _Member] = {}
+        self._rotation: deque[bytes] = deque()
+        self.dead: deque[DeadLetter] = deque(maxlen=dead_letter_max)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("accepted", "delivered", "redelivered", "acked", "nacked", "ack_timeouts",
+             "members_lost", "dead_lettered", "dead_letters_evicted", "overflow",
+             "unknown_acks", "refused"), 0)
+
+    # -- input ---------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue) + len(self._inflight)
+
+    def offer(self, frames: list[bytes]) -> bool:
+        """Queue one message from the pool's subscription; False (counted) when full."""
+        if self.pending >= self.max_pending:
+            self.counters["overflow"] += 1
+            return False
+        self._queue.append(_Entry(self._next_id, frames))
+        self._next_id += 1
+        self.counters["accepted"] += 1
+        return True
+
+    # -- members -------------------------------------------------------------------------
+
+    def known(self, member: bytes) -> bool:
+        return member in self._members
+
+    def hello(self, member: bytes, window: int, now: float) -> None:
+        state = self._members.get(member)
+        if state is None:
+            self._members[member] = _Member(min(window, self.max_window), now)
+            self._rotation.append(member)
+        else:
+            state.window, state.last_seen = min(window, self.max_window), now
+
+    def credit(self, member: bytes, window: int, now: float) -> None:
+        state = self._members[member]
+        state.window, state.last_seen = min(window, self.max_window), now
+
+    def seen(self, member: bytes, now: float) -> None:
+        self._members[member].last_seen = now
+
+    def ack(self, member: bytes, ids: list[int], now: float) -> None:
+        state = self._members[member]
+        state.last_seen = now
+        for i in ids:
+            held = self._inflight.get(i)
+            if held is None or held[1] != member:
+                # Acked after its ack timeout (it went to someone else) or after a restart.
+                self.counters["unknown_acks"] += 1
+                continue
+            del self._inflight[i]
+            del state.inflight[i]
+            self.counters["acked"] += 1
+
+    def nack(self, member: bytes, ids: list[int], now: float) -> None:
+        state = self._members[member]
+        state.last_seen = now
+        for i in ids:
+            held = self._inflight.get(i)
+            if held is None or held[1] != member:
+                self.counters["unknown_acks"] += 1
+                continue
+            del state.inflight[i]
+            self.counters["nacked"] += 1
+            self._retry(i, "nack")
+
+    def remove(self, member: bytes, reason: str = "member_lost") -> None:
+        """A member said BYE, timed out, or cannot be reached: its in-flight go back."""
+        state = self._members.pop(member, None)
+        if state is None:
+            return
+        self._rotation.remove(member)
+        if reason == "member_lost":
+            self.counters["members_lost"] += 1
+        # Front of the queue, in their original order: they are the oldest.
+        for i in sorted(state.inflight, reverse=True):
+            self._retry(i, "member_lost")
+
+    def _retry(self, i: int, reason: str) -> None:
+        entry, _ = self._inflight.pop(i)
+        if entry.attempts >= self.max_attempts:
+            if len(self.dead) == self.dead.maxlen:
+                self.counters["dead_letters_evicted"] += 1
+            self.dead.append(DeadLetter(entry.frames, entry.attempts, reason))
+            self.counters["dead_lettered"] += 1
+        else:
+            self._queue.appendleft(entry)
+
+    # -- time and distribution -----------------------------------------------------------
+
+    def tick(self, now: float) -> list[bytes]:
+        """Expire ack deadlines and silent members; returns the members removed."""
+        lost = [m for m, s in self._members.items() if now - s.last_seen > self.member_timeout]
+        for member in lost:
+            self.remove(member)
+        for state in self._members.values():
+            expired = [i for i, deadline in state.inflight.items() if deadline <= now]
+            for i in expired:
+                del state.inflight[i]
+                self.counters["ack_timeouts"] += 1
+                self._retry(i, "ack_timeout")
+        return lost
+
+    def dispatch(self, now: float) -> Iterator[tuple[bytes, int, int, list[bytes]]]:
+        """(member, id, attempt, frames) for each message a member has credit for.
+
+        Round robin over members with credit; stops when the queue or the credit runs out.
+        """
+        while self._queue:
+            for _ in range(len(self._rotation)):
+                member = self._rotation[0]
+                self._rotation.rotate(-1)
+                state = self._members[member]
+                if len(state.inflight) < state.window:
+                    break
+            else:
+                return
+            entry = self._queue.popleft()
+            entry.attempts += 1
+            self.counters["delivered"] += 1
+            if entry.attempts > 1:
+                self.counters["redelivered"] += 1
+            state.inflight[entry.id] = now + self.ack_timeout
+            self._inflight[entry.id] = (entry, member)
+            yield member, entry.id, entry.attempts, entry.frames
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            **self.counters,
+            "queued": len(self._queue),
+            "in_flight": len(self._inflight),
+            "members": {m.hex(): {"window": s.window, "in_flight": len(s.inflight)}
+                        for m, s in self._members.items()},
+            "dead_letters": len(self.dead),
+        }
+
+
+class ReliablePool:
+    """One at-least-once pool: a thread with the pool's SUB and its members' ROUTER.
+
+    >>> pool = ReliablePool("billing", ["notifications/compute.#"], endpoints, settings, ctx)
+    >>> pool.start(); ...; pool.stats(); pool.dead_letters(); pool.stop()
+    """
+
+    def __init__(
+        self,
+        name: str,
+        bindings: list[str],
+        endpoints: Endpoints,
+        settings: Settings,
+        ctx: zmq.Context[Any],
+        *,
+        ack_timeout: float = 30.0,
+        max_attempts: int = 5,
+        max_pending: int | None = None,
+        dead_letter_max: int = 1000,
+    ) -> None:
+        self.name = validate_name(name, "pool name")
+        if not bindings:
+            raise ConfigError("a pool needs one or more bindings 'exchange/pattern'")
+        self.prefixes = minimal_prefixes(TopicPattern.parse(b) for b in bindings)
+        self.endpoints = endpoints
+        self.settings = settings
+        self.endpoint = reliable_endpoint(endpoints, self.name)
+        self._ctx = ctx
+        self.core = ReliableCore(
+            max_pending=max_pending or settings.pool_hwm, max_attempts=max_attempts,
+            ack_timeout=ack_timeout, member_timeout=settings.heartbeat_timeout,
+            dead_letter_max=dead_letter_max,
+        )
+        self.run_id = os.urandom(8)
+        self._lock = threading.Lock()  # guards core against stats()/dead_letters() readers
+        self._stopping = threading.Event()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"zbus-rpool-{name}", daemon=True)
+
+    def start(self, timeout: float = 10.0) -> ReliablePool:
+        """Start the thread; returns once the pool's subscription is live at the origin."""
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise TransportError(f"reliable pool {self.name} did not start in {timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stopping.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {"name": self.name, "run": self.run_id.hex(), **self.core.snapshot()}
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """The dead letters held (oldest first); they stay until evicted by newer ones."""
+        with self._lock:
+            return list(self.core.dead)
+
+    # -- the thread ----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        s = self.settings
+        socks: list[zmq.Socket[Any]] = []
+        try:
+            sub = make_socket(self._ctx, zmq.SUB, s, rcvhwm=s.subscriber_hwm,
+                              sndhwm=1000 + 2 * len(self.prefixes),
+                              connect=self.endpoints.origin)
+            socks.append(sub)
+            for prefix in self.prefixes:
+                sub.subscribe(prefix)
+            router = make_socket(self._ctx, zmq.ROUTER, s, bind=self.endpoint)
+            socks.append(router)
+            # Sending to a member that is gone raises instead of dropping in silence.
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            self._probe(sub)
+        except BaseException as exc:  # reported to start()
+            self._error = exc
+            self._ready.set()
+            for sock in socks:
+                sock.close(linger=0)
+            return
+        self._ready.set()
+        try:
+            self._loop(sub, router)
+        except zmq.ContextTerminated:
+            pass
+        except Exception:
+            log.exception("reliable pool %s stopped on an error", self.name)
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+
+    def _probe(self, sub: zmq.Socket[Any]) -> None:
+        token = CONTROL_PREFIX + b"probe/rpool-" + os.urandom(8).hex().encode()
+        sub.subscribe(token)
+        sender = make_socket(self._ctx, zmq.PUSH, self.settings, connect=self.endpoints.ingress)
+        try:
+            wait_for_probe(sub, sender, token, 10.0, self._offer, "reliable pool subscription")
+        finally:
+            sender.close(linger=0)
+            sub.unsubscribe(token)
+
+    def _offer(self, frames: list[bytes]) -> None:
+        if len(frames) == 3:  # anything else is not a message; the members judge the rest
+            with self._lock:
+                self.core.offer(frames)
+
+    def _loop(self, sub: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+        poller = zmq.Poller()
+        poller.register(sub, zmq.POLLIN)
+        poller.register(router, zmq.POLLIN)
+        next_tick = 0.0
+        while not self._stopping.is_set():
+            events = dict(poller.poll(50))
+            now = time.monotonic()
+            with self._lock:
+                if sub in events:
+                    # Bounded batch: members' acks must not starve behind a busy stream.
+                    for _ in range(1000):
+                        try:
+                            frames = sub.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        if len(frames) == 3:
+                            self.core.offer(frames)
+                if router in events:
+                    for _ in range(1000):
+                        try:
+                            frames = router.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._member_said(router, frames, now)
+                if now >= next_tick:
+                    self.core.tick(now)
+                    next_tick = now + 0.05
+                for member, i, attempt, msg in list(self.core.dispatch(now)):
+                    if not self.core.known(member):
+                        continue  # removed by a failed send earlier in this batch
+                    try:
+                        router.send_multipart(
+                            [member, b"MSG", _U64.pack(i), _U32.pack(attempt), *msg],
+                            zmq.NOBLOCK,
+                        )
+                    except zmq.ZMQError:  # EHOSTUNREACH: gone; EAGAIN: not reading
+                        self.core.remove(member)
+
+    def _member_said(self, router: zmq.Socket[Any], frames: list[bytes], now: float) -> None:
+        core = self.core
+        if len(frames) < 2:
+            core.counters["refused"] += 1
+            return
+        member, verb, args = frames[0], frames[1], frames[2:]
+        try:
+            if verb == b"HELLO" and len(args) == 1 and len(args[0]) == 4:
+                core.hello(member, _U32.unpack(args[0])[0], now)
+                router.send_multipart([member, b"WELCOME", self.run_id], zmq.NOBLOCK)
+                return
+            if not core.known(member):
+                # A member of a previous run of this pool (proxy restarted), or one we
+                # timed out: it must say HELLO again before it gets anything.
+                if verb != b"BYE":
+                    router.send_multipart([member, b"WHO"], zmq.NOBLOCK)
+                return
+            if verb == b"CREDIT" and len(args) == 1 and len(args[0]) == 4:
+                window = _U32.unpack(args[0])[0]
+                core.credit(member, window, now)
+                # Everything this member will get under the old window was sent before this.
+                router.send_multipart([member, b"CREDITED", args[0]], zmq.NOBLOCK)
+            elif verb in (b"ACK", b"NACK") and args and all(len(a) == 8 for a in args):
+                ids = [_U64.unpack(a)[0] for a in args]
+                (core.ack if verb == b"ACK" else core.nack)(member, ids, now)
+            elif verb == b"PING" and not args:
+                core.seen(member, now)
+            elif verb == b"BYE" and not args:
+                core.remove(member, "bye")
+            else:
+                core.counters["refused"] += 1
+        except zmq.ZMQError:
+            core.remove(member)

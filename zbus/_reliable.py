@@ -1,0 +1,321 @@
+"""At-least-once pools, the member side (threads backend).
+
+A :class:`ReliableMember` is a DEALER connected to its pool's component in the proxy
+(``proxy/_reliable.py`` documents the wire protocol). It asks for at most ``window`` messages
+at a time, acknowledges each one after its handlers returned (or NACKs it when a handler
+raised, so that it is retried and, after the pool's ``max_attempts``, dead-lettered), and
+suppresses duplicates by message id: a redelivery of a message this member already handled is
+acknowledged without running the handlers again.
+
+Invariants a maintainer must keep:
+
+* an ACK is sent only after every handler of the message returned: a member that dies before
+  that leaves the message un-acked, and the pool redelivers it (at least once);
+* duplicate suppression is per member and bounded (``dedup_size`` message ids, oldest
+  forgotten first); a message redelivered to *another* member after its first member died
+  between handler and ACK runs again there: handlers must be idempotent, or check a shared
+  store, for effects that must happen once;
+* the member pings every ``heartbeat_ivl`` while it waits; a handler that runs longer than the
+  pool's member timeout (``heartbeat_timeout``) makes the pool take its messages back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import zmq
+
+from ._connection import Connection, _Consumer
+from ._dispatch import ConsumerCore, Delivery, Dispatcher
+from ._errors import ConfigError, ReplayError, Timeout
+from ._keys import KeyRing
+from ._names import validate_name
+from ._replay import ReplayGuard
+from ._settings import Endpoints
+from ._transport import make_socket
+
+__all__ = ["ReliableMember", "ReliableStats", "reliable_endpoint"]
+
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def reliable_endpoint(endpoints: Endpoints, pool: str) -> str:
+    """Where pool ``pool``'s at-least-once component listens: ``rpool-NAME.sock``."""
+    name = validate_name(pool, "pool name")
+    path = f"{endpoints.run_dir}/rpool-{name}.sock"
+    if len(path.encode()) > 107:
+        raise ConfigError(f"ipc socket path {path!r} is too long: shorten the run directory")
+    return f"ipc://{path}"
+
+
+@dataclass
+class ReliableStats:
+    """Counters of an at-least-once member (beside its :class:`zbus.ConsumerStats`).
+
+    ``acked``/``nacked``: messages acknowledged (handled, or refused as bad input) / handed
+    back because a handler raised; ``duplicates``: redeliveries of messages this member had
+    already handled, acknowledged without running handlers; ``redelivered``: deliveries with
+    attempt > 1 (whoever had them before); ``pool_restarts``: the pool's component came back
+    with a new run (a proxy restart: what it held in memory was lost).
+    """
+
+    acked: int = 0
+    nacked: int = 0
+    duplicates: int = 0
+    redelivered: int = 0
+    pool_restarts: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class _DuplicateError(ReplayError):
+    pass
+
+
+class _PoolGuard(ReplayGuard):
+    """The member's replay guard: a message this member handled is a duplicate (acked, not
+    run again); one it handed back with NACK may come back once per NACK; the rest is judged
+    as by any consumer. A message id is its publisher's run id followed by u64be(sequence)
+    (docs/PROTOCOL.md), so the guard can name it without the envelope."""
+
+    def __init__(self, member: ReliableMember) -> None:
+        super().__init__()
+        self.member = member
+        self.duplicate: bytes | None = None
+
+    def observe(self, publisher_id: str, run: bytes, sequence: int) -> tuple[int, bool]:
+        mid = run + _U64.pack(sequence)
+        if mid in self.member._dedup or mid in self.member._ids:
+            self.duplicate = mid
+            raise _DuplicateError(
+                f"message {sequence} of {publisher_id!r} again", reason="duplicate"
+            )
+        if mid in self.member._retry:
+            self.member._retry.discard(mid)
+            return 0, True
+        return super().observe(publisher_id, run, sequence)
+
+
+class ReliableMember(_Consumer):
+    """A member of an at-least-once pool (see the module docstring)."""
+
+    def __init__(
+        self,
+        connection: Connection,
+        pool: str,
+        dispatcher: Dispatcher,
+        keys: bytes | KeyRing,
+        *,
+        window: int = 10,
+        dedup_size: int = 100_000,
+    ) -> None:
+        super().__init__(connection, dispatcher, keys, track_sequences=False)
+        self._guard = _PoolGuard(self)
+        self.core = ConsumerCore(dispatcher, keys, track_sequences=False, replay=self._guard)
+        if not dispatcher.patterns:
+            raise ConfigError("the dispatcher has no bindings: bind a handler before joining")
+        if window < 1 or dedup_size < 1:
+            raise ConfigError("window and dedup_size must be at least 1")
+        self.pool = validate_name(pool, "pool name")
+        self.window = window
+        self.reliable = ReliableStats()
+        self._dedup: OrderedDict[bytes, None] = OrderedDict()
+        self._dedup_size = dedup_size
+        self._ids: dict[bytes, int] = {}  # message id -> delivery id, for deliveries handed out
+        self._retry: set[bytes] = set()  # message ids NACKed, allowed through the guard once
+        self._run: bytes | None = None
+        settings = connection.settings
+        self._sock = make_socket(
+            connection.ctx, zmq.DEALER, settings,
+            connect=reliable_endpoint(connection.endpoints, self.pool),
+        )
+        self._ping_every = settings.heartbeat_ivl
+        self._last_sent = 0.0
+        self._credited: int | None = None
+
+    def counters(self) -> dict[str, Any]:
+        return {**self.stats.as_dict(), "reliable": self.reliable.as_dict()}
+
+    # -- talking to the pool -----------------------------------------------------------
+
+    def _send(self, *frames: bytes) -> None:
+        # DEALER queues while the pool is away (up to SNDHWM); never block the handler loop.
+        with contextlib.suppress(zmq.Again):
+            self._sock.send_multipart(list(frames), zmq.NOBLOCK)
+        self._last_sent = time.monotonic()
+
+    def _hello(self) -> None:
+        self._send(b"HELLO", _U32.pack(self.window))
+
+    def ready(self, timeout: float = 10.0) -> None:
+        """Return once the pool's component has welcomed this member. Raises Timeout."""
+        deadline = time.monotonic() + timeout
+        self._hello()
+        while self._run is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(
+                    f"the at-least-once pool {self.pool!r} did not answer within {timeout:g}s: "
+                    "is its component running in zbus-proxy?"
+                )
+            if self._sock.poll(int(min(left, 0.2) * 1000) + 1):
+                self._handle_control(self._sock.recv_multipart())
+            else:
+                self._hello()
+
+    def _handle_control(self, frames: list[bytes]) -> tuple[int, int, list[bytes]] | None:
+        """Act on one frame set from the pool; a MSG comes back as (id, attempt, frames)."""
+        verb = frames[0] if frames else b""
+        if verb == b"MSG" and len(frames) == 6 and len(frames[1]) == 8 and len(frames[2]) == 4:
+            return _U64.unpack(frames[1])[0], _U32.unpack(frames[2])[0], frames[3:]
+        if verb == b"WELCOME" and len(frames) == 2:
+            if self._run is not None and frames[1] != self._run:
+                # A new component (proxy restarted): our delivery ids mean nothing to it.
+                self.reliable.pool_restarts += 1
+                self._ids.clear()
+            self._run = frames[1]
+        elif verb == b"WHO":
+            self._hello()
+        elif verb == b"CREDITED" and len(frames) == 2 and len(frames[1]) == 4:
+            self._credited = _U32.unpack(frames[1])[0]
+        else:
+            self.core.reject("bad_pool_frame", f"{len(frames)} frames from the pool, verb {verb!r}")
+        return None
+
+    # -- consuming -----------------------------------------------------------------------
+
+    def receive(self, timeout: float | None = None) -> Delivery | None:
+        """The next new delivery; call :meth:`ack` (or :meth:`nack`) for it when done.
+
+        Rejected or unmatched messages are acknowledged here (redelivering bad input helps
+        nobody) and counted; duplicates are acknowledged and counted, never returned.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            if now - self._last_sent >= self._ping_every:
+                self._send(b"PING")
+            wait = self._ping_every
+            if deadline is not None:
+                if now >= deadline:
+                    return None
+                wait = min(wait, deadline - now)
+            if not self._sock.poll(max(1, int(wait * 1000))):
+                continue
+            got = self._handle_control(self._sock.recv_multipart())
+            if got is None:
+                continue
+            delivery = self._accept(*got)
+            if delivery is not None:
+                return delivery
+
+    def _accept(self, i: int, attempt: int, frames: list[bytes]) -> Delivery | None:
+        if attempt > 1:
+            self.reliable.redelivered += 1
+        self._guard.duplicate = None
+        delivery = self.core.accept(frames)
+        mid = self._guard.duplicate
+        if mid is not None:
+            # Not a rejection: undo the guard's count, count it where it belongs.
+            rejected = self.stats.rejected
+            rejected["duplicate"] -= 1
+            if not rejected["duplicate"]:
+                del rejected["duplicate"]
+            self.reliable.duplicates += 1
+            if mid in self._ids:
+                # Redelivered while we still hold the first copy (its ack timed out): the
+                # pool now waits for the new id; the old one's ack becomes a late ack.
+                self._ids[mid] = i
+                return None
+        if delivery is None:
+            # Bad input or a duplicate: acknowledged, so that it is not sent again.
+            self._send(b"ACK", _U64.pack(i))
+            self.reliable.acked += 1
+            return None
+        self._ids[delivery.envelope.message_id] = i
+        return delivery
+
+    def ack(self, delivery: Delivery) -> None:
+        """The handlers of ``delivery`` are done: the pool may forget it."""
+        mid = delivery.envelope.message_id
+        i = self._ids.pop(mid, None)
+        self._remember(mid)
+        if i is not None:
+            self._send(b"ACK", _U64.pack(i))
+            self.reliable.acked += 1
+
+    def nack(self, delivery: Delivery) -> None:
+        """Hand ``delivery`` back for another attempt (dead-lettered after the pool's limit)."""
+        mid = delivery.envelope.message_id
+        i = self._ids.pop(mid, None)
+        if i is not None:
+            if len(self._retry) < self._dedup_size:  # bounded like the dedup set
+                self._retry.add(mid)
+            self._send(b"NACK", _U64.pack(i))
+            self.reliable.nacked += 1
+
+    def _remember(self, mid: bytes) -> None:
+        self._dedup[mid] = None
+        if len(self._dedup) > self._dedup_size:
+            self._dedup.popitem(last=False)
+
+    def process(self, timeout: float | None = None) -> bool:
+        """Receive one delivery, run its handlers, then ack it (nack if a handler raised)."""
+        delivery = self.receive(timeout)
+        if delivery is None:
+            return False
+        self._handle(delivery)
+        return True
+
+    def _handle(self, delivery: Delivery) -> None:
+        errors = self.core.stats.handler_errors
+        self.core.run_handlers(delivery)
+        if self.core.stats.handler_errors == errors:
+            self.ack(delivery)
+        else:
+            self.nack(delivery)
+
+    def drain(self, timeout: float = 10.0) -> int:
+        """Stop taking new messages, handle and ack those already sent, say BYE, close.
+
+        Sets the window to 0; the pool confirms with CREDITED after the last message it sent
+        this member, so when that arrives, nothing is in flight towards us. Returns how many
+        were handled. Raises Timeout (after closing) when the confirmation does not come
+        within ``timeout``: what this member holds un-acked is then redelivered to others.
+        """
+        deadline = time.monotonic() + timeout
+        self._credited = None
+        self._send(b"CREDIT", _U32.pack(0))
+        handled = 0
+        try:
+            while self._credited != 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout(
+                        f"drain: the pool {self.pool!r} did not confirm within {timeout:g}s "
+                        f"({handled} handled); un-acked messages go back to the pool"
+                    )
+                if not self._sock.poll(max(1, int(min(left, 0.2) * 1000))):
+                    continue
+                got = self._handle_control(self._sock.recv_multipart())
+                if got is not None and (delivery := self._accept(*got)) is not None:
+                    self._handle(delivery)
+                    handled += 1
+        finally:
+            self.close()
+        return handled
+
+    def close(self) -> None:
+        """Say BYE (the pool takes back whatever this member still holds) and close."""
+        if self._sock.closed:
+            return
+        self._send(b"BYE")
+        # Bounded linger: long enough for BYE and the last acks to leave.
+        self._sock.close(linger=int(self.connection.settings.linger * 1000))
