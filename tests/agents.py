@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -234,6 +235,7 @@ class Agent:
     def close(self) -> None:
         """End the process whatever state it is in (never leaves it behind)."""
         if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)  # a SIGSTOPped agent must hear "stop"
             self.tell_stop()
             try:
                 self.proc.wait(5)

@@ -9,12 +9,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 import zbus
+
+from .agents import Agent, Collector
 
 
 @pytest.fixture
@@ -94,3 +96,41 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+Spawn = Callable[..., Agent]
+
+
+@pytest.fixture
+def collector(run_dir: Path) -> Iterator[Collector]:
+    """The test's PULL socket that agent processes report their deliveries to."""
+    c = Collector(run_dir)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+@pytest.fixture
+def agents() -> Iterator[list[Agent]]:
+    """Agent processes a test starts; every one is ended after the test, pass or fail."""
+    started: list[Agent] = []
+    try:
+        yield started
+    finally:
+        for agent in started:
+            agent.close()
+
+
+def spawner(kind: type[Agent], run_dir: Path, key: bytes, started: list[Agent],
+            collector: Collector | None = None) -> Spawn:
+    """A function starting ``kind`` agents with the test's key (and collector), tracked in
+    ``started`` so the ``agents`` fixture ends them."""
+    extra = ("--collector", collector.endpoint) if collector is not None else ()
+
+    def start(role: str, name: str, *args: str) -> Agent:
+        agent = kind(run_dir, role, "--key", key.hex(), *extra, *args, name=name)
+        started.append(agent)
+        return agent
+
+    return start

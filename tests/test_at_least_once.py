@@ -23,30 +23,16 @@ from zbus_proxy._reliable import ReliablePool
 import zbus
 
 from .agents import Agent
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, Spawn, spawner
 from .reliability_agents import RAgent
 
 BINDING = "notifications/compute.#"
 KEY = "compute.instance.create.end"
 COUNT = 3000
 
-Spawn = Callable[..., Agent]
-
-
 @pytest.fixture
-def spawn(run_dir: Path, key: bytes) -> Iterator[Spawn]:
-    agents: list[Agent] = []
-
-    def start(role: str, name: str, *args: str) -> Agent:
-        agent = RAgent(run_dir, role, "--key", key.hex(), *args, name=name)
-        agents.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in agents:
-            agent.close()
+def spawn(run_dir: Path, key: bytes, agents: list[Agent]) -> Spawn:
+    return spawner(RAgent, run_dir, key, agents)
 
 
 def lines(path: Path) -> list[tuple[str, int, str]]:

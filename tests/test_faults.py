@@ -10,47 +10,20 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from .agents import Agent, Collector
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, Spawn, spawner
 from .reliability_agents import RAgent, rss_bytes
 
 BINDING = "notifications/compute.#"
 
-Spawn = Callable[..., Agent]
-
-
 @pytest.fixture
-def collector(run_dir: Path) -> Iterator[Collector]:
-    c = Collector(run_dir)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
-def spawn(run_dir: Path, key: bytes, collector: Collector) -> Iterator[Spawn]:
-    """Start agent processes; each one is ended after the test (SIGCONT first if stopped)."""
-    agents: list[Agent] = []
-
-    def start(role: str, name: str, *args: str) -> Agent:
-        agent = RAgent(run_dir, role, "--key", key.hex(), "--collector", collector.endpoint,
-                       *args, name=name)
-        agents.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in agents:
-            if agent.proc.poll() is None:
-                os.kill(agent.proc.pid, signal.SIGCONT)
-            agent.close()
+def spawn(run_dir: Path, key: bytes, collector: Collector, agents: list[Agent]) -> Spawn:
+    return spawner(RAgent, run_dir, key, agents, collector)
 
 
 def fault_row(fault: str, sent: int, delivered: int, lost: int, dups: int,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,40 +17,15 @@ import pytest
 import zbus
 
 from .agents import Agent, Collector
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, Spawn, spawner
 
 EXCHANGE = "notifications"
 KEY = "compute.instance.create.end"
 BINDING = f"{EXCHANGE}/compute.#"
 
-Spawn = Callable[..., Agent]
-
-
 @pytest.fixture
-def collector(run_dir: Path) -> Iterator[Collector]:
-    c = Collector(run_dir)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@pytest.fixture
-def spawn(run_dir: Path, key: bytes, collector: Collector) -> Iterator[Spawn]:
-    """Start agent processes; every one is ended after the test, pass or fail."""
-    agents: list[Agent] = []
-
-    def start(role: str, name: str, *args: str) -> Agent:
-        agent = Agent(run_dir, role, "--key", key.hex(), "--collector", collector.endpoint,
-                      *args, name=name)
-        agents.append(agent)
-        return agent
-
-    try:
-        yield start
-    finally:
-        for agent in agents:
-            agent.close()
+def spawn(run_dir: Path, key: bytes, collector: Collector, agents: list[Agent]) -> Spawn:
+    return spawner(Agent, run_dir, key, agents, collector)
 
 
 def subscribers(spawn: Spawn, count: int, binding: str = BINDING) -> list[Agent]:
