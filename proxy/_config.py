@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from zbus import ConfigError, Endpoints, Settings, default_run_dir
+from zbus._transport import CurveKeys, read_public_keys
+
+from ._directory import DEFAULT_PORT, FederationConfig, parse_address, parse_peer
 
 __all__ = ["SCHEMA", "ProxyConfig", "build_config", "load_toml", "setup_logging"]
 
@@ -59,6 +62,18 @@ def _string(value: Any) -> str:
     return value
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _strings(value: Any) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"must be a list of non-empty strings, got {value!r}")
+    return list(value)
+
+
 def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if not isinstance(value, str) or value.upper() not in (o.upper() for o in options):
@@ -88,6 +103,9 @@ SCHEMA: dict[str, Key] = {
                                  "messages queued per subscriber before drops"),
     "limits.pool_hwm": Key(_positive_int, _defaults.pool_hwm,
                            "messages queued per pool and per member"),
+    "limits.pool_link_hwm": Key(_positive_int, _defaults.pool_link_hwm,
+                                "messages a link from a (local or peer) pool origin "
+                                "prefetches; lost if the host's last member leaves"),
     "limits.max_message_bytes": Key(_positive_int, _defaults.max_message_bytes,
                                     "largest frame accepted (ZMQ_MAXMSGSIZE)"),
     "limits.linger": Key(_seconds, _defaults.linger,
@@ -96,6 +114,26 @@ SCHEMA: dict[str, Key] = {
                                 "seconds between ZeroMQ heartbeats"),
     "limits.heartbeat_timeout": Key(_seconds, _defaults.heartbeat_timeout,
                                     "seconds without traffic before a peer is dropped"),
+    "network.bind": Key(_string, None, "HOST or HOST:PORT: join other hosts, binding the "
+                        f"origin on tcp HOST:PORT (default port {DEFAULT_PORT}) and the peer "
+                        "control socket on PORT+1; one interface only, never a wildcard "
+                        "unless you write 0.0.0.0 (default: off, this host only)"),
+    "network.peers": Key(_strings, [], "static peers, HOST[:PORT][=KEY] (KEY: the peer's Z85 "
+                         "public key or a file holding it)"),
+    "network.insecure_tcp": Key(_bool, False, "tcp links without CURVE: no encryption, "
+                                      "no authentication (logged at WARNING)"),
+    "network.sync_interval": Key(_seconds, 1.0, "seconds between directory polls and peer "
+                                 "hellos"),
+    "network.node_id": Key(_string, None, "this proxy's id among peers (default HOST:PORT)"),
+    "curve.secret_key": Key(_path, None, "this proxy's CURVE secret key file (mode 0600; "
+                            "make one with --curve-keygen DIR)"),
+    "curve.allow": Key(_strings, [], "files (one Z85 public key a line) or directories "
+                       "(*.pub) of the keys allowed to connect; static peers' keys are added"),
+    "directory.kind": Key(_choice(("static", "redis")), "static", "static (network.peers) "
+                          "or redis"),
+    "directory.redis_url": Key(_string, None, "redis://HOST:PORT/DB for directory.kind = redis"),
+    "directory.ttl": Key(_seconds, 10.0, "seconds a registration lives without a refresh"),
+    "directory.prefix": Key(_string, "zbus:proxy:", "Redis key prefix of registrations"),
     "log.level": Key(_choice(LOG_LEVELS), "INFO", "DEBUG, INFO, WARNING or ERROR"),
     "log.format": Key(_choice(LOG_FORMATS), "text", "text or json (one line per event)"),
     "metrics.port": Key(_port, 0, "serve Prometheus metrics on this TCP port (0: off)"),
@@ -118,6 +156,7 @@ class ProxyConfig:
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     source: str | None = None
+    federation: FederationConfig | None = None
     values: dict[str, Any] = field(default_factory=dict)
     """Every key's effective value, for --check-config and the start-up log line."""
 
@@ -215,6 +254,7 @@ def build_config(
     except ConfigError as exc:
         raise ConfigError(f"key 'run_dir'{_where(source)}: {exc}") from None
     state_dir = values["state_dir"]
+    federation = _federation(values, source)
     return ProxyConfig(
         run_dir=run_dir,
         state_dir=Path(state_dir).expanduser() if state_dir is not None else None,
@@ -224,7 +264,45 @@ def build_config(
         metrics_port=values["metrics.port"],
         metrics_host=values["metrics.host"],
         source=source,
+        federation=federation,
         values=values,
+    )
+
+
+def _federation(values: dict[str, Any], source: str | None) -> FederationConfig | None:
+    bind = values["network.bind"]
+    if bind is None:
+        for key in ("network.peers", "curve.allow"):
+            if values[key]:
+                raise ConfigError(f"key {key!r}{_where(source)}: needs network.bind "
+                                  "(the interface this proxy joins other hosts on)")
+        if values["directory.kind"] == "redis":
+            raise ConfigError(f"key 'directory.kind'{_where(source)}: redis needs network.bind")
+        return None
+    host, port = parse_address(bind, "network.bind")
+    curve = None
+    if values["curve.secret_key"] is not None:
+        curve = CurveKeys.load(Path(values["curve.secret_key"]).expanduser())
+    elif not values["network.insecure_tcp"]:
+        raise ConfigError(
+            f"key 'network.bind'{_where(source)}: tcp links need a CURVE key: set "
+            "curve.secret_key (--curve-secret FILE; make one with `zbus-proxy --curve-keygen "
+            "DIR`), or ask for plain tcp explicitly with --insecure-plain-tcp"
+        )
+    if curve is not None and values["network.insecure_tcp"]:
+        raise ConfigError(f"key 'network.insecure_tcp'{_where(source)}: contradicts "
+                          "curve.secret_key; choose one")
+    allow: set[bytes] = set()
+    for path in values["curve.allow"]:
+        allow.update(read_public_keys(Path(path).expanduser()))
+    peers = tuple(parse_peer(spec) for spec in values["network.peers"])
+    return FederationConfig(
+        host=host, port=port, peers=peers, curve=curve, allow=frozenset(allow),
+        insecure_plain_tcp=values["network.insecure_tcp"],
+        directory=values["directory.kind"], redis_url=values["directory.redis_url"] or "",
+        redis_prefix=values["directory.prefix"], ttl=values["directory.ttl"],
+        sync_interval=max(values["network.sync_interval"], 0.05),
+        node_id=values["network.node_id"] or "",
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import zmq
 
 from zbus import TransportError
+from zbus._transport import CurveKeys
 
 __all__ = ["Device", "SocketSpec"]
 
@@ -35,11 +36,17 @@ STAT_NAMES = (
 @dataclass(frozen=True)
 class SocketSpec:
     kind: int
-    bind: str | None = None
+    bind: str | tuple[str, ...] | None = None
     connect: tuple[str, ...] = ()
     subscribe: tuple[bytes, ...] = ()
     sndhwm: int | None = None
     rcvhwm: int | None = None
+    curve: CurveKeys | None = None
+    """Our CURVE keys: tcp binds become CURVE servers; with ``server_key``, connects clients."""
+    server_key: bytes | None = None
+    close_linger: float = 0.0
+    """Seconds the socket may flush when the device stops; >0 where what is queued must not
+    be thrown away (a pool link's PUSH into its pool), 0 elsewhere for a prompt stop."""
 
 
 Prepare = Callable[[zmq.Socket[Any], zmq.Socket[Any]], None]
@@ -64,6 +71,8 @@ class Device:
         self._prepare = prepare
         self._control = f"inproc://zbus-device-{name}-{id(self)}"
         self._ready = threading.Event()
+        self.last_endpoints: tuple[str, str] = ("", "")
+        """Each socket's last bound endpoint (tcp binds come last: the port chosen for ``*``)."""
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"zbus-{name}", daemon=True)
 
@@ -84,6 +93,7 @@ class Device:
             socks.append(frontend)
             backend = self._make(self._specs[1])
             socks.append(backend)
+            self.last_endpoints = (_last(frontend), _last(backend))
             if self._prepare is not None:
                 self._prepare(frontend, backend)
         except BaseException as exc:  # reported to start(), which raises it in the caller
@@ -98,8 +108,9 @@ class Device:
         except zmq.ContextTerminated:
             pass
         finally:
-            for sock in socks:
-                sock.close(linger=0)
+            control.close(linger=0)
+            for sock, spec in zip((frontend, backend), self._specs, strict=True):
+                sock.close(linger=int(spec.close_linger * 1000))
 
     def _command(self, command: bytes, timeout: float = 2.0) -> list[bytes] | None:
         if not self._thread.is_alive():
@@ -129,3 +140,8 @@ class Device:
     @property
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+
+def _last(sock: zmq.Socket[Any]) -> str:
+    value = sock.getsockopt(zmq.LAST_ENDPOINT)
+    return value.decode() if isinstance(value, bytes) else str(value)

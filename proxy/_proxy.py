@@ -7,29 +7,50 @@ Single-host wiring (docs/ARCHITECTURE.md in this repo explains each choice):
     pool P:  SUB (P's bindings, on origin) ==device==> PUSH pool-P.origin
              PULL (pool-P.origin)          ==device==> PUSH pool-P --> PULL members
 
+Many hosts (``federation``): origin PUB and every pool-P.origin PUSH also bind tcp on one
+configured interface (CURVE). The fan-in XSUB also binds ``inproc://zbus-fanin``, and each
+peer gets a *link* device, XSUB (tcp, peer's origin) ==> XPUB (connects to the fan-in); a
+pool's deliver-side PULL binds ``inproc://zbus-pool-P-in`` and pool links, PULL (this host's
+or a peer's pool-P.origin) ==> PUSH (into it), exist only while this host has live members
+of P. Links are devices too, started and stopped by the manager thread, so that no socket
+ever changes its connections while a libzmq proxy loop in another thread owns it.
+
 Invariants: no Python touches a message once a device runs; the proxy holds no signing keys;
-pool declarations are written to ``pools.json`` before the declaration is acknowledged.
+pool declarations are written to ``pools.json`` before the declaration is acknowledged; the
+origin carries only what this host's publishers sent (the loop-freedom of any peer graph);
+peer-facing requests never make requests of their own (no control-plane deadlock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import logging
 import os
+import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import zmq
+import zmq.utils.monitor
 
 from zbus import ConfigError, Endpoints, ProxyError, Settings, TopicPattern, default_run_dir
 from zbus._names import CONTROL_PREFIX, minimal_prefixes, validate_name
 from zbus._transport import make_socket, wait_for_probe
 
 from ._device import Device, SocketSpec
+from ._directory import (
+    FederationConfig,
+    PeerInfo,
+    RedisDirectory,
+    StaticDirectory,
+    ZapHandler,
+)
 
 __all__ = ["Proxy"]
 
@@ -37,6 +58,10 @@ log = logging.getLogger("zbus.proxy")
 
 POOLS_FILE = "pools.json"
 LOCK_FILE = "zbus-proxy.lock"
+PEER_TIMEOUT = 1.0
+"""Seconds a request to a peer's control socket may take before that peer counts as away."""
+PROBE_PREFIX = CONTROL_PREFIX + b"probe/"
+MISSED_HELLOS = 3
 
 
 class Proxy:
@@ -52,6 +77,7 @@ class Proxy:
         *,
         settings: Settings | None = None,
         state_dir: str | os.PathLike[str] | None = None,
+        federation: FederationConfig | None = None,
     ) -> None:
         self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
         self.settings = settings or Settings()
@@ -65,6 +91,25 @@ class Proxy:
         self._control_thread: threading.Thread | None = None
         self._control_ready = threading.Event()
         self.pool_startup_drops = 0
+        self.federation = federation
+        self.me: PeerInfo | None = federation.me if federation else None
+        tag = f"{os.getpid()}-{id(self)}"
+        self._fanin = f"inproc://zbus-fanin-{tag}"
+        self._tag = tag
+        self._zap: ZapHandler | None = None
+        self._directory: StaticDirectory | RedisDirectory | None = None
+        self._threads: list[threading.Thread] = []
+        # Federation state, shared by the control, peer and manager threads (under _state).
+        self._state = threading.Lock()
+        self._peers: dict[str, PeerInfo] = {}
+        self._learned: dict[str, PeerInfo] = {}
+        self._peer_state: dict[str, dict[str, Any]] = {}
+        self._pool_endpoints: dict[str, str] = {}
+        self._members: dict[str, int] = {}
+        self._links: dict[str, tuple[tuple[Any, ...], Device]] = {}
+        self._retired: dict[str, dict[str, int]] = {}
+        self._monitor_inbox: queue.SimpleQueue[tuple[str, zmq.Socket[Any]]] = queue.SimpleQueue()
+        self.reflected = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -76,6 +121,9 @@ class Proxy:
         try:
             self._remove_sockets()
             self._ctx = zmq.Context()
+            fed = self.federation
+            if fed is not None:
+                self._start_security(fed)
             self._start_planes()
             for name, bindings in self._load_pools().items():
                 self._declare_pool(name, bindings, persist=False)
@@ -85,6 +133,8 @@ class Proxy:
             self._control_thread.start()
             if not self._control_ready.wait(10):
                 raise ProxyError("the control socket did not start")
+            if fed is not None:
+                self._start_federation(fed)
         except BaseException:
             self.stop()
             raise
@@ -92,13 +142,52 @@ class Proxy:
                  run_dir, os.getpid(), len(self._pools))
         return self
 
+    def _start_security(self, fed: FederationConfig) -> None:
+        assert self._ctx is not None
+        if fed.curve is None:
+            log.warning("tcp links are PLAIN: no encryption, no authentication "
+                        "(--insecure-plain-tcp); anyone who reaches %s can read and inject",
+                        fed.host)
+            return
+        # Before any tcp listener exists: libzmq accepts every CURVE client when no ZAP
+        # handler is bound, so starting it first is what makes the allow-list fail closed.
+        self._zap = ZapHandler(self._ctx, fed.allowed)
+        self._zap.start()
+
+    def _start_federation(self, fed: FederationConfig) -> None:
+        assert self.me is not None
+        if fed.directory == "redis":
+            self._directory = RedisDirectory(fed.redis_url, self.me, ttl=fed.ttl,
+                                             prefix=fed.redis_prefix)
+        else:
+            self._directory = StaticDirectory(fed.peers, self.me)
+        ready = threading.Event()
+        for target, name in ((self._serve_peers, "zbus-peers"), (self._manage, "zbus-links")):
+            thread = threading.Thread(target=target, args=(ready,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            if not ready.wait(10):
+                raise ProxyError(f"the {name} thread did not start")
+            ready.clear()
+        log.info("federation on", extra={"node": self.me.id, "origin": self.me.origin,
+                                         "directory": fed.directory})
+
     def stop(self) -> None:
         self._stopping.set()
         if self._control_thread is not None:
             self._control_thread.join(5)
+        for thread in self._threads:
+            thread.join(10)
+        self._threads.clear()
+        for _, link in list(self._links.values()):
+            link.stop()
+        self._links.clear()
         for device in reversed(list(self._devices.values())):
             device.stop()
         self._devices.clear()
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
@@ -145,6 +234,7 @@ class Proxy:
             self._ctx, spec.kind, self.settings,
             sndhwm=spec.sndhwm, rcvhwm=spec.rcvhwm,
             connect=list(spec.connect) or None, bind=spec.bind,
+            curve=spec.curve, server_key=spec.server_key,
         )
         for prefix in spec.subscribe:
             sock.subscribe(prefix)
@@ -158,23 +248,46 @@ class Proxy:
         self._devices[name] = device
 
     def _start_planes(self) -> None:
-        ep, s = self.endpoints, self.settings
+        ep, s, fed = self.endpoints, self.settings, self.federation
+        origin: tuple[str, ...] = (ep.origin,)
+        fanin: tuple[str, ...] | None = None
+        if fed is not None and self.me is not None:
+            origin += (self.me.origin,)
+            fanin = (self._fanin,)
         self._add_device(
             "origin",
             SocketSpec(zmq.PULL, bind=ep.ingress, rcvhwm=s.publish_hwm),
-            SocketSpec(zmq.PUB, bind=ep.origin, sndhwm=s.subscriber_hwm),
+            SocketSpec(zmq.PUB, bind=origin, sndhwm=s.subscriber_hwm,
+                       curve=fed.curve if fed else None),
         )
         self._add_device(
             "deliver",
-            SocketSpec(zmq.XSUB, connect=(ep.origin,), rcvhwm=s.subscriber_hwm),
+            # sndhwm 0 on every XSUB: its send side carries only subscriptions, and libzmq
+            # drops those silently at the HWM (libzmq #2258) when thousands go out at once.
+            SocketSpec(zmq.XSUB, connect=(ep.origin,), bind=fanin, rcvhwm=s.subscriber_hwm,
+                       sndhwm=0),
             SocketSpec(zmq.XPUB, bind=ep.deliver, sndhwm=s.subscriber_hwm),
         )
 
     def declare_pool(self, name: str, bindings: list[str]) -> None:
-        """Declare (idempotently) pool ``name`` with ``bindings`` and persist it."""
-        self._declare_pool(name, bindings, persist=True)
+        """Declare (idempotently) pool ``name`` with ``bindings``, persist it, and pass it on
+        to every peer that answered lately (the others get it with their next hello)."""
+        created = self._declare_pool(name, bindings, persist=True)
+        if self.federation is None:
+            return
+        with self._state:
+            live = [self._peers[p] for p, st in self._peer_state.items()
+                    if st.get("alive") and p in self._peers]
+        for peer in live:
+            reply = self._peer_request(peer, "declare_pool", name=name, bindings=bindings)
+            if reply is None or not reply.get("ok"):
+                log.warning("a peer did not take a pool declaration; its next hello will", extra={
+                    "peer": peer.id, "pool": name,
+                    "error": (reply or {}).get("error", "no answer")})
+        if created:
+            self._wake()
 
-    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> None:
+    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> bool:
         validate_name(name, "pool name")
         if (not isinstance(bindings, list) or not bindings
                 or not all(isinstance(b, str) for b in bindings)):
@@ -190,29 +303,64 @@ class Proxy:
                         f"another pool name, or stop the proxy and remove it from "
                         f"{self.state_dir / POOLS_FILE}"
                     )
-                return
-            ep, s = self.endpoints, self.settings
-            self._add_device(
-                f"pool-{name}-deliver",
-                SocketSpec(zmq.PULL, connect=(ep.pool_origin(name),), rcvhwm=s.pool_hwm),
-                SocketSpec(zmq.PUSH, bind=ep.pool(name), sndhwm=s.pool_hwm),
-            )
+                return False
+            ep, s, fed = self.endpoints, self.settings, self.federation
+            pool_origin: tuple[str, ...] = (ep.pool_origin(name),)
+            if fed is None:
+                self._add_device(
+                    f"pool-{name}-deliver",
+                    SocketSpec(zmq.PULL, connect=(ep.pool_origin(name),), rcvhwm=s.pool_hwm),
+                    SocketSpec(zmq.PUSH, bind=ep.pool(name), sndhwm=s.pool_hwm),
+                )
+            else:
+                # The PUSH binds in _watch_members, after its member monitor is connected.
+                pool_origin += (f"tcp://{fed.host}:*",)
+                self._add_device(
+                    f"pool-{name}-deliver",
+                    SocketSpec(zmq.PULL, bind=self._pool_in(name), rcvhwm=s.pool_hwm),
+                    SocketSpec(zmq.PUSH, sndhwm=s.pool_hwm),
+                    prepare=lambda pull, push: self._watch_members(name, push),
+                )
             try:
                 self._add_device(
                     f"pool-{name}-origin",
                     SocketSpec(zmq.SUB, connect=(ep.origin,), rcvhwm=s.pool_hwm,
                                subscribe=tuple(minimal_prefixes(patterns))),
-                    SocketSpec(zmq.PUSH, bind=ep.pool_origin(name), sndhwm=s.pool_hwm),
+                    SocketSpec(zmq.PUSH, bind=pool_origin, sndhwm=s.pool_hwm,
+                               curve=fed.curve if fed else None),
                     prepare=self._probe_pool,
                 )
             except BaseException:
                 # Undo the half-made pool, or a retry would find its socket address taken.
                 self._devices.pop(f"pool-{name}-deliver").stop()
                 raise
+            if fed is not None:
+                with self._state:
+                    self._pool_endpoints[name] = \
+                        self._devices[f"pool-{name}-origin"].last_endpoints[1]
+                    self._members.setdefault(name, 0)
             self._pools[name] = wanted
             if persist:
                 self._save_pools()
         log.info("pool %s declared with %s", name, wanted)
+        return True
+
+    def _pool_in(self, name: str) -> str:
+        return f"inproc://zbus-pool-{name}-in-{self._tag}"
+
+    def _watch_members(self, name: str, push: zmq.Socket[Any]) -> None:
+        """In the pool's deliver device thread: count members with a socket monitor on the
+        members' PUSH, connected before the PUSH binds so that no member goes uncounted."""
+        assert self._ctx is not None
+        endpoint = f"inproc://zbus-members-{name}-{self._tag}"
+        push.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        reader: zmq.Socket[Any] = self._ctx.socket(zmq.PAIR)
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.connect(endpoint)
+        # Handed to the manager thread; the queue's lock is the memory barrier that libzmq
+        # asks for when a socket moves between threads, and this thread never touches it again.
+        self._monitor_inbox.put((name, reader))
+        push.bind(self.endpoints.pool(name))
 
     def _probe_pool(self, sub: zmq.Socket[Any], push: zmq.Socket[Any]) -> None:
         """Runs in the pool's device thread before its loop: the subscription is live."""
@@ -258,13 +406,30 @@ class Proxy:
             return dict(self._pools)
 
     def stats(self) -> dict[str, Any]:
-        return {
+        devices = {name: d.statistics() for name, d in list(self._devices.items())}
+        devices.update({name: d.statistics() for name, (_, d) in list(self._links.items())})
+        result: dict[str, Any] = {
             "pid": os.getpid(),
             "run_dir": str(self.endpoints.run_dir),
-            "devices": {name: d.statistics() for name, d in list(self._devices.items())},
+            "devices": devices,
             "pools": self.pools,
             "pool_startup_drops": self.pool_startup_drops,
         }
+        if self.federation is not None and self.me is not None:
+            with self._state:
+                result["federation"] = {
+                    "node": self.me.id,
+                    "origin": self.me.origin,
+                    "peers": {p: {"origin": info.origin, **self._peer_state.get(p, {})}
+                              for p, info in self._peers.items()},
+                    "members": dict(self._members),
+                    "pool_endpoints": dict(self._pool_endpoints),
+                    "retired_links": {k: dict(v) for k, v in self._retired.items()},
+                    "reflected": self.reflected,
+                    "zap": self._zap.stats() if self._zap else None,
+                    "directory_failures": getattr(self._directory, "failures", 0),
+                }
+        return result
 
     # -- control socket ------------------------------------------------------------------
 
@@ -313,11 +478,348 @@ class Proxy:
             if op == "declare_pool":
                 self.declare_pool(request.get("name"), request.get("bindings"))  # type: ignore[arg-type]
                 return {"ok": True}
+            if op == "reflect":
+                return {"ok": True, "peers": self._reflect(request.get("token"))}
             raise ConfigError(
-                f"unknown control op {op!r} (known: ping, stats, pools, declare_pool)"
+                f"unknown control op {op!r} (known: ping, stats, pools, declare_pool, reflect)"
             )
         except (ConfigError, ValueError, TypeError) as exc:
             return {"ok": False, "error": str(exc)}
         except Exception as exc:  # a control request must never kill the proxy
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {exc}"}
+
+    # -- federation: requests to peers ---------------------------------------------------
+
+    def _peer_request(self, peer: PeerInfo, op: str, timeout: float = PEER_TIMEOUT, /,
+                      **fields: Any) -> dict[str, Any] | None:
+        """One request to ``peer``'s control socket on a fresh REQ; None when it did not
+        answer (a REQ never stays stuck waiting for a peer that went away)."""
+        assert self._ctx is not None and self.federation is not None
+        fed = self.federation
+        try:
+            sock = make_socket(self._ctx, zmq.REQ, self.settings, connect=peer.control,
+                               curve=fed.curve, server_key=peer.public_key or None)
+        except Exception:
+            log.debug("cannot reach peer", extra={"peer": peer.id}, exc_info=True)
+            return None
+        try:
+            sock.send(msgpack.packb({"op": op, **fields}))
+            if not sock.poll(int(timeout * 1000)):
+                return None
+            reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=True)
+        except Exception:
+            log.debug("peer request failed", extra={"peer": peer.id, "op": op}, exc_info=True)
+            return None
+        finally:
+            sock.close(linger=0)
+        return reply if isinstance(reply, dict) else None
+
+    def _reflect(self, token: Any) -> list[str]:
+        """Ask every live peer to publish ``token`` (plus its id) on its own origin; the
+        caller waits for one copy per returned peer id on the delivery plane."""
+        if not isinstance(token, bytes) or not token.startswith(PROBE_PREFIX) \
+                or len(token) > 128:
+            raise ConfigError(f"a reflect token is bytes starting with {PROBE_PREFIX!r}")
+        if self.federation is None:
+            return []
+        with self._state:
+            live = [self._peers[p] for p, st in self._peer_state.items()
+                    if st.get("alive") and p in self._peers]
+        acked = []
+        for peer in live:
+            reply = self._peer_request(peer, "reflect", token=token)
+            if reply is not None and reply.get("ok"):
+                acked.append(peer.id)
+        return acked
+
+    def _wake(self) -> None:
+        """Make the manager reconcile links now rather than at its next tick."""
+        assert self._ctx is not None
+        sock = self._ctx.socket(zmq.PUSH)
+        try:
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"inproc://zbus-manager-{self._tag}")
+            with contextlib.suppress(zmq.Again):
+                sock.send(b"", zmq.NOBLOCK)
+        finally:
+            sock.close(linger=100)
+
+    # -- federation: the peer control socket ---------------------------------------------
+
+    def _serve_peers(self, ready: threading.Event) -> None:
+        """The tcp control socket other proxies talk to (CURVE, allow-listed by ZAP).
+
+        It answers from local state only and never sends a request itself, so two proxies
+        asking each other at once can never wait on each other."""
+        assert self._ctx is not None and self.federation is not None and self.me is not None
+        sock = make_socket(self._ctx, zmq.REP, self.settings, bind=self.me.control,
+                           curve=self.federation.curve)
+        push = make_socket(self._ctx, zmq.PUSH, self.settings, connect=self.endpoints.ingress)
+        ready.set()
+        try:
+            while not self._stopping.is_set():
+                if not sock.poll(100):
+                    continue
+                try:
+                    frames = sock.recv_multipart(copy=False)
+                    user = ""
+                    if self.federation.curve is not None:
+                        user = str(frames[0].get("User-Id"))
+                    if len(frames) == 1:
+                        reply = self._handle_peer(frames[0].bytes, user, push)
+                    else:
+                        reply = {"ok": False, "error": "a request is one frame"}
+                    sock.send(msgpack.packb(reply))
+                except zmq.ZMQError:
+                    log.debug("peer control socket error", exc_info=True)
+        finally:
+            push.close(linger=0)
+            sock.close(linger=0)
+
+    def _handle_peer(self, raw: bytes, user: str, push: zmq.Socket[Any]) -> dict[str, Any]:
+        assert self.me is not None and self.federation is not None
+        try:
+            try:
+                request = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+            except Exception:
+                raise ConfigError("a peer request is a msgpack map") from None
+            if not isinstance(request, dict):
+                raise ConfigError("a peer request is a msgpack map")
+            op = request.get("op")
+            if op == "ping":
+                return {"ok": True, "id": self.me.id}
+            if op == "hello":
+                return self._hello_from(request, user)
+            if op == "declare_pool":
+                # Never passed on from here: declarations spread one hop, from the proxy
+                # a client asked; a peer that missed it catches up through hello.
+                self._declare_pool(request.get("name"), request.get("bindings"),  # type: ignore[arg-type]
+                                   persist=True)
+                self._wake()
+                return {"ok": True}
+            if op == "reflect":
+                token = request.get("token")
+                if not isinstance(token, bytes) or not token.startswith(PROBE_PREFIX) \
+                        or len(token) > 128:
+                    raise ConfigError("bad reflect token")
+                try:
+                    push.send_multipart([token, self.me.id.encode()], zmq.NOBLOCK)
+                except zmq.Again:
+                    return {"ok": False, "error": "ingress full"}
+                self.reflected += 1
+                return {"ok": True}
+            raise ConfigError(f"unknown peer op {op!r}")
+        except (ConfigError, ValueError, TypeError) as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # a peer's request must never kill the proxy
+            log.exception("peer request failed")
+            return {"ok": False, "error": f"internal error: {exc}"}
+
+    def _hello_from(self, request: dict[str, Any], user: str) -> dict[str, Any]:
+        assert self.me is not None and self.federation is not None
+        info = PeerInfo.from_dict(request.get("peer"))
+        if self.federation.curve is not None and info.public_key.decode() != user:
+            raise ConfigError("the hello's public key is not the key this connection used")
+        self._adopt_pools(request.get("pools"), info.id)
+        if self.federation.directory == "static" and info.id != self.me.id:
+            configured = self._directory.refresh() if self._directory is not None else {}
+            with self._state:
+                if info.id not in configured and info.id not in self._learned:
+                    log.info("a peer not in our list introduced itself; linking to it",
+                             extra={"peer": info.id})
+                self._learned[info.id] = info
+        return self._hello_reply()
+
+    def _hello_reply(self) -> dict[str, Any]:
+        assert self.me is not None
+        pools = self.pools  # before _state: _declare_pool takes _pool_lock, then _state
+        with self._state:
+            return {"ok": True, "peer": self.me.as_dict(), "pools": pools,
+                    "pool_endpoints": dict(self._pool_endpoints),
+                    "members": dict(self._members)}
+
+    def _adopt_pools(self, pools: Any, source: str) -> None:
+        if not isinstance(pools, dict):
+            return
+        for name, bindings in pools.items():
+            if name in self._pools:
+                continue
+            try:
+                self._declare_pool(name, bindings, persist=True)
+            except (ConfigError, ValueError, TypeError) as exc:
+                log.warning("refused a peer's pool declaration",
+                            extra={"peer": source, "pool": name, "error": str(exc)})
+
+    # -- federation: the manager (directory, hellos, links) ------------------------------
+
+    def _manage(self, ready: threading.Event) -> None:
+        assert self._ctx is not None and self.federation is not None
+        wake = self._ctx.socket(zmq.PULL)
+        wake.setsockopt(zmq.LINGER, 0)
+        wake.bind(f"inproc://zbus-manager-{self._tag}")
+        monitors: dict[zmq.Socket[Any], str] = {}
+        interval = self.federation.sync_interval
+        next_sync = 0.0
+        ready.set()
+        try:
+            while not self._stopping.is_set():
+                while True:
+                    try:
+                        name, reader = self._monitor_inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    monitors[reader] = name
+                poller = zmq.Poller()
+                poller.register(wake, zmq.POLLIN)
+                for reader in monitors:
+                    poller.register(reader, zmq.POLLIN)
+                wait = max(0.0, min(next_sync - time.monotonic(), 0.1))
+                for sock, _ in poller.poll(int(wait * 1000)):
+                    if sock is wake:
+                        wake.recv()
+                        continue
+                    self._member_event(monitors[sock], sock.recv_multipart())
+                if time.monotonic() >= next_sync:
+                    try:
+                        self._sync()
+                    except Exception:
+                        log.exception("peer sync failed; retrying")
+                    next_sync = time.monotonic() + interval
+                try:
+                    self._reconcile()
+                except Exception:
+                    log.exception("link reconcile failed; retrying")
+        finally:
+            for reader in monitors:
+                reader.close(linger=0)
+            wake.close(linger=0)
+            if self._directory is not None:
+                self._directory.close()
+
+    def _member_event(self, pool: str, frames: list[bytes]) -> None:
+        event = zmq.utils.monitor.parse_monitor_message(frames)["event"]
+        with self._state:
+            count = self._members.get(pool, 0)
+            if event == zmq.EVENT_ACCEPTED:
+                count += 1
+            elif event == zmq.EVENT_DISCONNECTED:
+                count = max(0, count - 1)
+            self._members[pool] = count
+        log.debug("pool members", extra={"pool": pool, "members": count})
+
+    def _sync(self) -> None:
+        """Ask the directory who is there, then hello each one (learning its pools and pool
+        endpoints, and telling it ours)."""
+        assert self._directory is not None and self.me is not None
+        fed = self.federation
+        assert fed is not None
+        found = self._directory.refresh()
+        with self._state:
+            for pid, info in self._learned.items():
+                found.setdefault(pid, info)
+        allowed = fed.allowed
+        peers: dict[str, PeerInfo] = {}
+        for pid, info in found.items():
+            if fed.curve is not None and info.public_key not in allowed:
+                if pid not in self._peer_state or self._peer_state[pid].get("alive") is not None:
+                    log.warning("ignoring a peer whose key is not on the allow-list",
+                                extra={"peer": pid})
+                self._peer_state[pid] = {"alive": None, "refused": True}
+                continue
+            peers[pid] = info
+        hello = {"peer": self.me.as_dict(), "pools": self.pools}
+        states: dict[str, dict[str, Any]] = {}
+        for pid, info in peers.items():
+            reply = self._peer_request(info, "hello", PEER_TIMEOUT, **hello)
+            old = self._peer_state.get(pid, {})
+            if reply is None or not reply.get("ok"):
+                # One slow answer on a loaded host is not a dead peer: it counts as away after
+                # MISSED_HELLOS in a row (links stay regardless; heartbeats own the data path).
+                missed = old.get("missed", 0) + 1
+                states[pid] = {**old, "missed": missed,
+                               "alive": bool(old.get("alive")) and missed < MISSED_HELLOS}
+                if old.get("alive") and not states[pid]["alive"]:
+                    log.warning("peer stopped answering", extra={"peer": pid})
+                continue
+            if not old.get("alive"):
+                log.info("peer answering", extra={"peer": pid, "origin": info.origin})
+            self._adopt_pools(reply.get("pools"), pid)
+            endpoints = reply.get("pool_endpoints")
+            members = reply.get("members")
+            states[pid] = {
+                "alive": True,
+                "missed": 0,
+                "last_hello": time.time(),
+                "pool_endpoints": {k: v for k, v in (endpoints or {}).items()
+                                   if isinstance(v, str) and v.startswith("tcp://")},
+                "members": members if isinstance(members, dict) else {},
+            }
+        with self._state:
+            gone = set(self._peers) - set(peers)
+            self._peers = peers
+            for pid in gone:
+                log.info("peer left the directory", extra={"peer": pid})
+            self._peer_state = {p: st for p, st in self._peer_state.items()
+                                if st.get("refused")} | states
+
+    def _reconcile(self) -> None:
+        """Start the links that should exist and stop those that should not (manager only)."""
+        fed, s, ep = self.federation, self.settings, self.endpoints
+        assert fed is not None
+        want: dict[str, tuple[tuple[Any, ...], SocketSpec, SocketSpec]] = {}
+        with self._state:
+            peers = dict(self._peers)
+            states = {p: dict(st) for p, st in self._peer_state.items()}
+            members = dict(self._members)
+        for pid, info in peers.items():
+            want[f"peer-{pid}"] = (
+                ("origin", info.origin, info.public_key),
+                SocketSpec(zmq.XSUB, connect=(info.origin,), rcvhwm=s.subscriber_hwm,
+                           sndhwm=0, curve=fed.curve, server_key=info.public_key or None),
+                SocketSpec(zmq.XPUB, connect=(self._fanin,), sndhwm=s.subscriber_hwm),
+            )
+        for pool in self.pools:
+            if members.get(pool, 0) <= 0:
+                continue  # no live member here: take none of this pool's messages
+            sources: dict[str, tuple[str, bytes]] = {"local": (ep.pool_origin(pool), b"")}
+            for pid, info in peers.items():
+                endpoint = states.get(pid, {}).get("pool_endpoints", {}).get(pool)
+                if endpoint:
+                    sources[pid] = (endpoint, info.public_key)
+            for source, (endpoint, public) in sources.items():
+                want[f"pool-{pool}-from-{source}"] = (
+                    ("pool", pool, endpoint, public),
+                    SocketSpec(zmq.PULL, connect=(endpoint,), rcvhwm=s.pool_link_hwm,
+                               curve=fed.curve if public else None, server_key=public or None),
+                    # Linger: what this link already took is flushed into the pool on stop.
+                    SocketSpec(zmq.PUSH, connect=(self._pool_in(pool),),
+                               sndhwm=s.pool_link_hwm, close_linger=max(s.linger, 0.5)),
+                )
+        for name, (key, device) in list(self._links.items()):
+            if name not in want or want[name][0] != key:
+                self._retire(name, key, device)
+        for name, (key, front, back) in want.items():
+            if name in self._links:
+                continue
+            assert self._ctx is not None
+            device = Device(name, self._ctx, self._make, front, back)
+            try:
+                device.start()
+            except Exception as exc:
+                log.warning("cannot start a link", extra={"link": name, "error": str(exc)})
+                continue
+            with self._state:
+                self._links[name] = (key, device)
+            log.info("link up", extra={"link": name, "endpoint": key[-2]})
+
+    def _retire(self, name: str, key: tuple[Any, ...], device: Device) -> None:
+        stats = device.statistics()
+        device.stop()
+        with self._state:
+            self._links.pop(name, None)
+            if key[0] == "pool":
+                total = self._retired.setdefault(key[1], {})
+                for counter, value in stats.items():
+                    total[counter] = total.get(counter, 0) + value
+        log.info("link down", extra={"link": name})

@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from zbus import ConfigError, TransportError, ZbusError
+from zbus._transport import CurveKeys
 
 from ._config import SCHEMA, ProxyConfig, load_config, setup_logging
 from ._proxy import Proxy
@@ -40,6 +41,19 @@ _FLAG_KEYS = {
     "subscriber_hwm": "limits.subscriber_hwm",
     "pool_hwm": "limits.pool_hwm",
     "max_message_bytes": "limits.max_message_bytes",
+    "pool_link_hwm": "limits.pool_link_hwm",
+    "heartbeat_ivl": "limits.heartbeat_ivl",
+    "heartbeat_timeout": "limits.heartbeat_timeout",
+    "bind": "network.bind",
+    "peer": "network.peers",
+    "insecure_plain_tcp": "network.insecure_tcp",
+    "sync_interval": "network.sync_interval",
+    "node_id": "network.node_id",
+    "curve_secret": "curve.secret_key",
+    "curve_allow": "curve.allow",
+    "directory": "directory.kind",
+    "redis_url": "directory.redis_url",
+    "directory_ttl": "directory.ttl",
     "log_level": "log.level",
     "log_format": "log.format",
     "metrics_port": "metrics.port",
@@ -142,6 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--subscriber-hwm", "limits.subscriber_hwm", type=int)
     flag("--pool-hwm", "limits.pool_hwm", type=int)
     flag("--max-message-bytes", "limits.max_message_bytes", type=int)
+    flag("--pool-link-hwm", "limits.pool_link_hwm", type=int)
+    flag("--heartbeat-ivl", "limits.heartbeat_ivl", type=float)
+    flag("--heartbeat-timeout", "limits.heartbeat_timeout", type=float)
+    flag("--bind", "network.bind", metavar="HOST[:PORT]")
+    flag("--peer", "network.peers", action="append", metavar="HOST[:PORT][=KEY]")
+    flag("--insecure-plain-tcp", "network.insecure_tcp", action="store_const",
+         const=True)
+    flag("--sync-interval", "network.sync_interval", type=float)
+    flag("--node-id", "network.node_id")
+    flag("--curve-secret", "curve.secret_key", metavar="FILE")
+    flag("--curve-allow", "curve.allow", action="append", metavar="PATH")
+    flag("--directory", "directory.kind", choices=["static", "redis"])
+    flag("--redis-url", "directory.redis_url")
+    flag("--directory-ttl", "directory.ttl", type=float)
+    parser.add_argument("--curve-keygen", metavar="DIR",
+                        help="write a new CURVE key pair, DIR/proxy.pub and DIR/proxy.secret "
+                        "(mode 0600), print the public key, and exit")
     flag("--log-level", "log.level")
     flag("--log-format", "log.format", choices=["text", "json"])
     parser.add_argument("--log-json", dest="log_format", action="store_const", const="json",
@@ -166,6 +197,18 @@ def describe(config: ProxyConfig) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.curve_keygen:
+        try:
+            public, secret = CurveKeys.generate().write(args.curve_keygen)
+        except FileExistsError as exc:
+            print(f"zbus-proxy: {exc.filename} exists; not overwriting a key", file=sys.stderr)
+            return EXIT_CONFIG
+        except OSError as exc:
+            print(f"zbus-proxy: cannot write keys: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        print(public.read_text().splitlines()[-1])
+        print(f"public key: {public}\nsecret key: {secret} (mode 0600)", file=sys.stderr)
+        return EXIT_OK
     try:
         config = config_from_args(args)
     except ConfigError as exc:
@@ -184,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    proxy = Proxy(config.run_dir, settings=config.settings, state_dir=config.state_dir)
+    proxy = Proxy(config.run_dir, settings=config.settings, state_dir=config.state_dir,
+                  federation=config.federation)
     try:
         proxy.start()
     except ConfigError as exc:

@@ -349,3 +349,14 @@ def test_metrics_endpoint_matches_the_control_socket(run_dir: Path, key: bytes) 
             assert int(samples[sample]) == value, sample
     assert samples["zbus_proxy_up"] == "1"
 
+
+
+def test_keygen_curve_writes_a_private_pair_and_never_overwrites(tmp_path: Path) -> None:
+    result = zbus_cmd("keygen", "--curve", str(tmp_path / "curve"))
+    assert result.returncode == 0, result.stderr
+    secret, public = tmp_path / "curve" / "proxy.secret", tmp_path / "curve" / "proxy.pub"
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+    keys = zbus._transport.CurveKeys.load(secret)  # the pair is a real, matching CURVE pair
+    assert keys.public.decode() in public.read_text()
+    again = zbus_cmd("keygen", "--curve", str(tmp_path / "curve"))
+    assert again.returncode == 1 and "never overwrites" in again.stderr

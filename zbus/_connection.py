@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ._control import ControlClient
+from ._control import ControlClient, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
@@ -407,8 +407,10 @@ class Subscriber(_Consumer):
         return {**self.stats.as_dict(), "link": self.link.as_dict(), "live": self.live}
 
     def ready(self, timeout: float = 10.0) -> None:
-        """Return once the subscription is live at the proxy: nothing published after this
-        returns is lost to the slow-joiner effect. Raises Timeout."""
+        """Return once the subscription is live at this host's proxy and at every peer proxy
+        that answers: nothing published after this returns, on any host, is lost to the
+        slow-joiner effect. Raises Timeout."""
+        deadline = time.monotonic() + timeout
         token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
         self._sock.subscribe(token)
         conn = self.connection
@@ -418,6 +420,9 @@ class Subscriber(_Consumer):
         finally:
             push.close(linger=0)
             self._sock.unsubscribe(token)
+        # Live locally; a single-host proxy answers "no peers" at once.
+        left = max(0.1, deadline - time.monotonic())
+        wait_for_peers(conn.endpoints, conn.settings, conn.ctx, left)
 
     def receive(self, timeout: float | None = None) -> Delivery | None:
         deadline = None if timeout is None else time.monotonic() + timeout

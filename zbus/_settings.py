@@ -32,6 +32,9 @@ class Settings:
     the proxy drops for that subscriber alone, and the subscriber counts the gap."""
     pool_hwm: int = 10_000
     """Messages a pool queues at the proxy, and each member prefetches."""
+    pool_link_hwm: int = 1_000
+    """Messages a proxy's link from one (local or peer) pool origin prefetches. Kept small:
+    what a link holds when its host's last member leaves is lost (docs/OPERATING.md)."""
     max_message_bytes: int = 1 << 20
     """ZMQ_MAXMSGSIZE on every receiving socket: larger frames never reach Python."""
     linger: float = 1.0
@@ -40,7 +43,8 @@ class Settings:
     heartbeat_timeout: float = 6.0
 
     def __post_init__(self) -> None:
-        for name in ("publish_hwm", "subscriber_hwm", "pool_hwm", "max_message_bytes"):
+        for name in ("publish_hwm", "subscriber_hwm", "pool_hwm", "pool_link_hwm",
+                     "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"Settings.{name} must be positive")
         if self.send_timeout < 0 or self.linger < 0:

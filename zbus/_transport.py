@@ -1,25 +1,130 @@
 """The one place that creates pyzmq sockets and sets their options.
 
 Rules kept here: every socket gets an explicit, bounded LINGER; every receiving socket a
-ZMQ_MAXMSGSIZE; every connecting socket ZeroMQ heartbeats. Sockets never cross threads,
-greenlets or tasks: whoever creates one owns it.
+ZMQ_MAXMSGSIZE; every connecting socket, and every tcp listener, ZeroMQ heartbeats. Sockets
+never cross threads, greenlets or tasks: whoever creates one owns it.
+
+CURVE is per endpoint, not per socket: libzmq copies a socket's options into each listener or
+connecter when ``bind``/``connect`` is called. ``make_socket`` therefore binds ipc and inproc
+endpoints first, with no security (the run directory's file mode guards them), then switches
+CURVE (and the ZAP domain, so the proxy's allow-list is consulted) on before any tcp bind.
+A tcp endpoint never gets a socket without CURVE unless the caller passed ``curve=None``
+deliberately (the proxy does so only under ``--insecure-plain-tcp``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import zmq
 
-from ._errors import Timeout, TransportError
+from ._errors import ConfigError, Timeout, TransportError
 from ._settings import Settings
 
-__all__ = ["context", "make_socket", "wait_for_probe"]
+__all__ = [
+    "ZAP_DOMAIN", "CurveKeys", "context", "make_socket", "read_public_keys", "wait_for_probe",
+]
 
-_RECEIVING = {zmq.SUB, zmq.XSUB, zmq.PULL, zmq.REP, zmq.REQ, zmq.DEALER, zmq.ROUTER, zmq.XPUB}
+ZAP_DOMAIN = b"zbus"
+"""The ZAP domain of every CURVE listener; the proxy's ZAP handler answers for it."""
+
+_RECEIVING = {zmq.SUB, zmq.XSUB, zmq.PULL, zmq.REP, zmq.REQ, zmq.DEALER, zmq.ROUTER}
+# What PUB/XPUB sockets receive is subscriptions, and libzmq 4.3.5 walks a subscription
+# recursively, one level per byte: a ~200 KB subscription crashes the process (SIGSEGV).
+# Subscriptions are topic prefixes (at most 64 + 1 + 255 bytes, plus a probe), so cap them.
+_SUBSCRIBED = {zmq.PUB, zmq.XPUB}
+SUBSCRIPTION_MAX_BYTES = 1024
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """A CURVE key pair, both halves Z85 text (40 bytes) as libzmq takes them."""
+
+    public: bytes
+    secret: bytes = b""
+
+    def __repr__(self) -> str:  # never show the secret half in a log or a traceback
+        return f"CurveKeys(public={self.public!r})"
+
+    @classmethod
+    def generate(cls) -> CurveKeys:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> CurveKeys:
+        secret = secret.strip()
+        return cls(zmq.curve_public(secret), secret)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> CurveKeys:
+        """Read a secret key file written by :meth:`write` (refused if group/world-readable)."""
+        p = Path(path)
+        try:
+            mode = p.stat().st_mode
+            text = p.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read CURVE secret key {str(p)!r}: {exc}") from None
+        if mode & 0o077:
+            raise ConfigError(
+                f"CURVE secret key {str(p)!r} is readable by others (mode {mode & 0o777:o}): "
+                f"chmod 600 it"
+            )
+        secret = _key_line(text)
+        if secret is None:
+            raise ConfigError(f"{str(p)!r} holds no 40-character Z85 CURVE key")
+        try:
+            return cls.from_secret(secret)
+        except (zmq.ZMQError, ValueError) as exc:
+            raise ConfigError(f"{str(p)!r} is not a CURVE secret key: {exc}") from None
+
+    def write(self, directory: str | os.PathLike[str], name: str = "proxy") -> tuple[Path, Path]:
+        """``NAME.pub`` (0644) and ``NAME.secret`` (0600) in ``directory``; never overwrites."""
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        secret_path, public_path = d / f"{name}.secret", d / f"{name}.pub"
+        header = b"# zbus CURVE key (Z85)\n"
+        fd = os.open(secret_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + self.secret + b"\n")
+        fd = os.open(public_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            f.write(header + self.public + b"\n")
+        return public_path, secret_path
+
+
+def _key_line(text: bytes) -> bytes | None:
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(b"#"):
+            return line if len(line) == 40 else None
+    return None
+
+
+def read_public_keys(path: str | os.PathLike[str]) -> list[bytes]:
+    """Every Z85 public key in a file (one a line, ``#`` comments) or a directory's ``*.pub``."""
+    p = Path(path)
+    files = sorted(p.glob("*.pub")) if p.is_dir() else [p]
+    keys: list[bytes] = []
+    for f in files:
+        try:
+            lines = f.read_bytes().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"cannot read CURVE public keys from {str(f)!r}: {exc}") from None
+        for line in lines:
+            line = line.strip()
+            if not line or line.startswith(b"#"):
+                continue
+            if len(line) != 40:
+                raise ConfigError(f"{str(f)!r}: {line[:12]!r}... is not a 40-character Z85 key")
+            keys.append(line)
+    return keys
 
 
 def context() -> zmq.Context[Any]:
@@ -35,30 +140,56 @@ def make_socket(
     *,
     sndhwm: int | None = None,
     rcvhwm: int | None = None,
-    connect: str | list[str] | None = None,
-    bind: str | None = None,
+    connect: str | Sequence[str] | None = None,
+    bind: str | Sequence[str] | None = None,
+    curve: CurveKeys | None = None,
+    server_key: bytes | None = None,
 ) -> zmq.Socket[Any]:
+    """A socket with zbus's options. With ``curve``, tcp binds are CURVE servers; with
+    ``curve`` and ``server_key``, connects are CURVE clients of that server."""
     sock: zmq.Socket[Any] = ctx.socket(kind)
+    binds = [bind] if isinstance(bind, str) else list(bind or ())
+    # ipc/inproc first: they must not inherit the CURVE server options set for tcp below.
+    binds.sort(key=lambda endpoint: endpoint.startswith("tcp://"))
     try:
         sock.setsockopt(zmq.LINGER, int(settings.linger * 1000))
-        if kind in _RECEIVING:
+        if kind in _SUBSCRIBED:
+            sock.setsockopt(zmq.MAXMSGSIZE, min(settings.max_message_bytes, SUBSCRIPTION_MAX_BYTES))
+        elif kind in _RECEIVING:
             sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
         if sndhwm is not None:
             sock.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm is not None:
             sock.setsockopt(zmq.RCVHWM, rcvhwm)
+        if connect is not None or any(b.startswith("tcp://") for b in binds):
+            _heartbeats(sock, settings)
+        for endpoint in binds:
+            if endpoint.startswith("tcp://") and curve is not None and not sock.curve_server:
+                sock.curve_secretkey = curve.secret
+                sock.curve_server = True
+                sock.zap_domain = ZAP_DOMAIN
+            sock.bind(endpoint)
         if connect is not None:
-            sock.setsockopt(zmq.HEARTBEAT_IVL, int(settings.heartbeat_ivl * 1000))
-            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(settings.heartbeat_timeout * 1000))
+            if curve is not None and server_key is not None:
+                sock.curve_secretkey = curve.secret
+                sock.curve_publickey = curve.public
+                sock.curve_serverkey = server_key
             for endpoint in [connect] if isinstance(connect, str) else connect:
                 sock.connect(endpoint)
-        if bind is not None:
-            sock.bind(bind)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
         where = bind or connect
         raise TransportError(f"cannot set up a ZeroMQ socket on {where}: {exc}") from exc
     return sock
+
+
+def _heartbeats(sock: zmq.Socket[Any], settings: Settings) -> None:
+    # IVL: ping when idle; TIMEOUT: drop the connection when no traffic came for that long;
+    # TTL: tells the far side to drop us when our pings stop (a half-open peer goes away).
+    sock.setsockopt(zmq.HEARTBEAT_IVL, int(settings.heartbeat_ivl * 1000))
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(settings.heartbeat_timeout * 1000))
+    # TTL is carried in deciseconds on the wire (max 6553.5 s).
+    sock.setsockopt(zmq.HEARTBEAT_TTL, min(int(settings.heartbeat_timeout * 1000), 6_553_500))
 
 
 def wait_for_probe(

@@ -40,6 +40,7 @@ import msgpack
 import zmq
 import zmq.asyncio
 
+from ._control import wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, ProxyError, Timeout, TransportError
 from ._keys import KeyRing
@@ -390,23 +391,32 @@ class Subscriber(_Consumer):
         deadline = loop.time() + timeout
         interval = 0.005
         try:
-            while loop.time() <= deadline:
-                if self._sock.closed:
-                    raise TransportError("this subscriber was closed while getting ready")
-                with contextlib.suppress(zmq.Again):  # proxy not there yet: the wait paces us
-                    await push.send(token, zmq.NOBLOCK)
-                until = loop.time() + interval
-                while (frames := await self._read(until, stoppable=False)) is not None:
-                    if frames[0] == token:
-                        return
-                    self._pending.append(frames)
+            while not await self._probe_returned(push, token, loop.time() + interval):
+                if loop.time() > deadline:
+                    raise Timeout(f"subscription was not live end to end within {timeout:g}s: "
+                                  "is zbus-proxy running?")
                 interval = min(interval * 2, 0.2)
-            raise Timeout(f"subscription was not live end to end within {timeout:g}s: "
-                          "is zbus-proxy running?")
         finally:
             push.close(linger=0)
             if not self._sock.closed:
                 self._sock.unsubscribe(token)
+        # Live locally; now at every peer proxy (a single-host proxy answers "no peers" at
+        # once). wait_for_peers blocks, so it runs in a worker thread on its own sockets.
+        left = max(0.1, deadline - loop.time())
+        await asyncio.to_thread(
+            wait_for_peers, conn.endpoints, conn.settings, _process_context(), left
+        )
+
+    async def _probe_returned(self, push: zmq.asyncio.Socket, token: bytes, until: float) -> bool:
+        if self._sock.closed:
+            raise TransportError("this subscriber was closed while getting ready")
+        with contextlib.suppress(zmq.Again):  # proxy not there yet: the wait paces us
+            await push.send(token, zmq.NOBLOCK)
+        while (frames := await self._read(until, stoppable=False)) is not None:
+            if frames[0] == token:
+                return True
+            self._pending.append(frames)
+        return False
 
 
 class PoolMember(_Consumer):

@@ -42,7 +42,7 @@ from ._keys import DEFAULT_KEY_ID, KeyRing, format_key_file, generate_key
 from ._message import MessageFactory
 from ._names import CONTROL_PREFIX, TopicPattern, minimal_prefixes, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
-from ._transport import make_socket, wait_for_probe
+from ._transport import CurveKeys, make_socket, wait_for_probe
 
 __all__ = ["main"]
 
@@ -110,6 +110,17 @@ def _ping(conn: Connection, timeout: float = 3.0) -> dict[str, Any]:
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
+    if args.curve:
+        try:
+            public, secret = CurveKeys.generate().write(args.file)
+        except FileExistsError as exc:
+            _err(f"{exc.filename} already exists: zbus keygen never overwrites a key")
+            return EXIT_FAILED
+        except OSError as exc:
+            _err(f"cannot write CURVE keys in {args.file}: {exc}")
+            return EXIT_FAILED
+        print(f"wrote CURVE public key {public} and secret key {secret} (mode 0600)")
+        return EXIT_OK
     key_id = validate_name(args.key_id, "key id")
     path = Path(args.file)
     text = format_key_file(generate_key(), key_id)
@@ -657,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", metavar="FILE")
     p.add_argument("--key-id", default=DEFAULT_KEY_ID,
                    help="the key's id, sent with each signature (default: %(default)s)")
+    p.add_argument("--curve", action="store_true",
+                   help="instead, write a CURVE key pair for a proxy's tcp links: FILE is a "
+                   "directory that gets proxy.pub and proxy.secret (mode 0600)")
     p.set_defaults(func=cmd_keygen)
     return parser
 

@@ -1,0 +1,275 @@
+"""Cross-host helpers: a consumer agent that waits for every peer, and a federation of proxies.
+
+Child side (``python -m tests.federation_agents subscribe|worker ...``): the same protocol as
+tests/agents.py (``READY`` line, batches of ``[publisher_id, sequence, routing_key]`` to the
+test's collector, ``stop`` on stdin, final stats), but a subscriber is READY only once its
+subscription has reached the origin of every peer proxy (``zbus._control.wait_for_peers``),
+not only its own host's. Test side: :class:`Host` (one proxy with its keys and addresses),
+:func:`start_hosts`, :func:`wait_meshed`, and :class:`FedAgent`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import zmq
+
+import zbus
+from zbus._control import wait_for_peers
+from zbus._transport import CurveKeys
+
+from .conftest import ProxyProcess
+
+HERE = Path(__file__).resolve()
+BATCH = 256
+
+# -- the child side ---------------------------------------------------------------------------
+
+
+def _consume(args: argparse.Namespace) -> int:
+    key = bytes.fromhex(args.key)
+    stop = threading.Event()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip() == "stop":
+                break
+        stop.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    ctx: zmq.Context[Any] = zmq.Context()
+    collector = ctx.socket(zmq.PUSH)
+    collector.setsockopt(zmq.LINGER, 5000)
+    collector.connect(args.collector)
+    conn = zbus.Connection(args.run_dir, context=ctx)
+    dispatcher = zbus.Dispatcher()
+    for binding in args.bind:
+        exchange, _, pattern = binding.partition("/")
+        dispatcher.bind(exchange, pattern, lambda delivery: None)
+    consumer: zbus.Subscriber | zbus.PoolMember
+    if args.role == "worker":
+        consumer = conn.join_pool(args.pool, dispatcher, key)
+        consumer.ready(timeout=20.0)
+        peers: list[str] = []
+    else:
+        consumer = conn.subscribe(dispatcher, key)
+        consumer.ready(timeout=20.0)
+        peers = wait_for_peers(conn.endpoints, conn.settings, ctx, timeout=20.0)
+    print("READY", " ".join(peers), flush=True)
+    items: list[list[Any]] = []
+
+    def flush() -> None:
+        if items:
+            collector.send(msgpack.packb({"kind": "seen", "name": args.name, "items": items}))
+            items.clear()
+
+    while not stop.is_set():
+        delivery = consumer.receive(timeout=0.05)
+        if delivery is None:
+            flush()
+            continue
+        items.append([delivery.publisher_id, delivery.sequence, delivery.routing_key])
+        if len(items) >= BATCH:
+            flush()
+    flush()
+    collector.send(msgpack.packb({"kind": "stats", "name": args.name,
+                                  "stats": consumer.stats.as_dict()}))
+    consumer.close()
+    conn.close()
+    collector.close()
+    ctx.term()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="federation_agents")
+    parser.add_argument("role", choices=["subscribe", "worker"])
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--name", default="agent")
+    parser.add_argument("--collector", required=True)
+    parser.add_argument("--bind", action="append", default=[])
+    parser.add_argument("--pool")
+    return _consume(parser.parse_args(argv))
+
+
+# -- the test side ----------------------------------------------------------------------------
+
+
+def free_port_pair(host: str) -> int:
+    """A port P on ``host`` with P and P+1 free now (origin and peer control)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind((host, 0))
+            port: int = a.getsockname()[1]
+            if port >= 65534:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind((host, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError(f"no two consecutive free ports on {host}")
+
+
+@dataclass
+class Host:
+    """One host of a test federation: its proxy, address, port and CURVE keys."""
+
+    name: str
+    address: str
+    run_dir: Path
+    keys: CurveKeys
+    port: int = 0
+    key_dir: Path = field(default_factory=Path)
+    proxy: ProxyProcess | None = None
+
+    @property
+    def node(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    def peer_spec(self) -> str:
+        return f"{self.node}={self.keys.public.decode()}"
+
+    def start(self, *extra: str, curve: bool = True) -> Host:
+        if not self.port:
+            self.port = free_port_pair(self.address)
+        if curve and not (self.key_dir / "proxy.secret").exists():
+            self.keys.write(self.key_dir)
+        args = ["--bind", self.node, "--sync-interval", "0.2",
+                "--heartbeat-ivl", "0.5", "--heartbeat-timeout", "2"]
+        args += ["--curve-secret", str(self.key_dir / "proxy.secret")] if curve \
+            else ["--insecure-plain-tcp"]
+        self.proxy = ProxyProcess(self.run_dir, *args, *extra).start()
+        return self
+
+    def stats(self) -> dict[str, Any]:
+        with zbus.Connection(self.run_dir) as conn:
+            return conn.control.request("stats", timeout=5)
+
+    def stop(self, sig: int | None = None) -> None:
+        if self.proxy is not None and self.proxy.proc is not None:
+            self.proxy.stop(*([sig] if sig is not None else []))
+
+
+def make_hosts(tmp: Path, count: int = 3) -> list[Host]:
+    hosts = []
+    for i in range(count):
+        name = "abc"[i]
+        run_dir = tmp / name
+        run_dir.mkdir()
+        key_dir = tmp / f"{name}-keys"
+        hosts.append(Host(name, f"127.0.0.{i + 2}", run_dir, CurveKeys.generate(),
+                          key_dir=key_dir))
+    return hosts
+
+
+def until(done: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(step)  # polling a readiness condition, not waiting in its place
+
+
+def peers_alive(host: Host) -> set[str]:
+    fed = host.stats().get("federation") or {}
+    return {p for p, st in fed.get("peers", {}).items() if st.get("alive")}
+
+
+def wait_meshed(hosts: Sequence[Host], timeout: float = 20.0) -> None:
+    """Every proxy answers hellos from every other one and has a link to its origin."""
+    def meshed() -> bool:
+        for host in hosts:
+            stats = host.stats()
+            want = {h.node for h in hosts if h is not host}
+            alive = {p for p, st in stats["federation"]["peers"].items() if st.get("alive")}
+            links = {d[len("peer-"):] for d in stats["devices"] if d.startswith("peer-")}
+            if not (want <= alive and want <= links):
+                return False
+        return True
+
+    until(meshed, timeout, "the proxies to see each other")
+
+
+def wait_pool_links(hosts: Sequence[Host], pool: str, timeout: float = 20.0) -> None:
+    """Each host with live members of ``pool`` has a link from every host's pool origin."""
+    def linked() -> bool:
+        for host in hosts:
+            stats = host.stats()
+            if not stats["federation"]["members"].get(pool):
+                continue
+            links = {d for d in stats["devices"] if d.startswith(f"pool-{pool}-from-")}
+            want = {f"pool-{pool}-from-local"} | {f"pool-{pool}-from-{h.node}"
+                                                  for h in hosts if h is not host}
+            if not want <= links:
+                return False
+        return True
+
+    until(linked, timeout, f"links of pool {pool}")
+
+
+class FedAgent:
+    """A consumer child process (see the child side above); ``close`` always ends it."""
+
+    def __init__(self, run_dir: Path, role: str, *args: str, name: str) -> None:
+        self.name = name
+        self.log = run_dir / f"agent-{name}.log"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.federation_agents", role, "--run-dir",
+                 str(run_dir), "--name", name, *args],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                env={**os.environ, "PYTHONPATH": str(HERE.parent.parent)},
+            )
+        self.peers: list[str] = []
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline().decode() if ready else ""
+        if not line.startswith("READY"):
+            raise AssertionError(f"agent {self.name} not ready ({line!r}, exit "
+                                 f"{self.proc.poll()}): {self.log.read_text()[-2000:]}")
+        self.peers = line.split()[1:]
+
+    def tell_stop(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write(b"stop\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+
+    def wait(self, timeout: float = 10.0) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.tell_stop()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                stream.close()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    raise SystemExit(main())
