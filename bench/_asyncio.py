@@ -1,0 +1,201 @@
+"""asyncio workers: zbus.asyncio against raw ``zmq.asyncio``, same frames, same proxy.
+
+The fan-out shape only (one subscriber): it measures what the backend adds over the threads
+one, both ways against a raw baseline on the same event-loop machinery.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any, cast
+
+import zmq
+import zmq.asyncio
+
+import zbus
+import zbus.asyncio
+from zbus._names import CONTROL_PREFIX
+from zbus._transport import make_socket
+
+from ._util import MEASURE, WARM, Counter, payload_bytes, report_failure
+from ._zmq import EXCHANGE, IDLE, ROUTING_KEY
+
+__all__ = ["raw_async_consumer", "raw_async_publisher", "zbus_async_consumer",
+           "zbus_async_publisher"]
+
+perf = time.perf_counter
+
+
+async def _wait(event: Any) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.005)
+
+
+async def _send_all(args: dict[str, Any], warm: Any, burst: Any) -> dict[str, Any]:
+    await warm(args["warm"])
+    sent = 0
+    t0 = perf()
+    end = t0 + args["duration"]
+    while perf() < end:
+        await burst(100)
+        sent += 100
+    return {"sent": args["warm"] + sent, "measured_sent": sent,
+            "send_rate": sent / (perf() - t0)}
+
+
+def zbus_async_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
+                         done: Any) -> None:
+    async def main() -> dict[str, Any]:
+        ctx: zmq.Context[Any] = zmq.Context()
+        conn = zbus.asyncio.Connection(args["run_dir"], context=ctx)
+        pub = zbus.asyncio.Publisher(conn.exchange(EXCHANGE),
+                                     zbus.MessageFactory(args["key"], "bench-publisher"))
+        warm = payload_bytes(args["size"], WARM)
+        body = payload_bytes(args["size"], MEASURE)
+        send = pub.send
+
+        async def send_warm(n: int) -> None:
+            for _ in range(n):
+                await send(ROUTING_KEY, warm)
+
+        async def burst(n: int) -> None:
+            for _ in range(n):
+                await send(ROUTING_KEY, body)
+
+        results.put(("ready", index, None))
+        await _wait(go)
+        report = await _send_all(args, send_warm, burst)
+        conn.close()
+        ctx.term()  # flushes the queue: asyncio Connection.close() alone drops its tail
+        return report
+
+    try:
+        results.put(("result", index, asyncio.run(main())))
+        done.set()
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
+
+
+def zbus_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
+                        done: Any) -> None:
+    async def main() -> dict[str, Any]:
+        conn = zbus.asyncio.Connection(args["run_dir"])
+        count = Counter()
+
+        def handler(delivery: zbus.Delivery) -> None:
+            count.hit(delivery.payload[0], perf())
+
+        dispatcher = zbus.Dispatcher()
+        dispatcher.bind(EXCHANGE, ROUTING_KEY, handler)
+        sub = conn.subscribe(dispatcher, args["key"])
+        await sub.ready()
+        results.put(("ready", index, None))
+        process = sub.process
+        stop_at = time.monotonic() + args["timeout"]
+        while True:
+            if await process(IDLE):
+                continue
+            if done.is_set() or time.monotonic() > stop_at:
+                break
+        report = count.as_dict()
+        report["zbus_lost"] = sub.stats.lost
+        sub.close()
+        conn.close()
+        return report
+
+    try:
+        results.put(("result", index, asyncio.run(main())))
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
+
+
+def raw_async_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
+                        done: Any) -> None:
+    async def main() -> dict[str, Any]:
+        settings = zbus.Settings()
+        base: zmq.Context[Any] = zmq.Context()
+        ctx = zmq.asyncio.Context(base)
+        sock = cast(zmq.asyncio.Socket, make_socket(
+            ctx, zmq.PUSH, settings, sndhwm=settings.publish_hwm,
+            connect=zbus.Endpoints(Path(args["run_dir"])).ingress))
+        topic = f"{EXCHANGE}/{ROUTING_KEY}".encode()
+        size, body_len = args["size"], args["body_bytes"]
+        fill = b"x" * (body_len - size)
+        sig = b"s" * args["sig_bytes"]
+        warm = [topic, fill + payload_bytes(size, WARM), sig]
+        frames = [topic, fill + payload_bytes(size, MEASURE), sig]
+        send = sock.send_multipart
+
+        async def send_warm(n: int) -> None:
+            for _ in range(n):
+                await send(warm)
+
+        async def burst(n: int) -> None:
+            for _ in range(n):
+                await send(frames)
+
+        results.put(("ready", index, None))
+        await _wait(go)
+        report = await _send_all(args, send_warm, burst)
+        sock.close(linger=10_000)
+        base.term()
+        return report
+
+    try:
+        results.put(("result", index, asyncio.run(main())))
+        done.set()
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
+
+
+def raw_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
+                       done: Any) -> None:
+    async def main() -> dict[str, Any]:
+        settings = zbus.Settings()
+        endpoints = zbus.Endpoints(Path(args["run_dir"]))
+        ctx = zmq.asyncio.Context()
+        sock = cast(zmq.asyncio.Socket, make_socket(
+            ctx, zmq.SUB, settings, rcvhwm=settings.subscriber_hwm, connect=endpoints.deliver))
+        sock.subscribe(f"{EXCHANGE}/{ROUTING_KEY}".encode())
+        token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
+        sock.subscribe(token)
+        push: zmq.Socket[Any] = zmq.Context.instance().socket(zmq.PUSH)
+        push.connect(endpoints.ingress)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the subscription is live once a probe is back
+            push.send(token)
+            if await sock.poll(20) and (await sock.recv_multipart())[0] == token:
+                break
+        push.close(linger=0)
+        sock.unsubscribe(token)
+        results.put(("ready", index, None))
+        count = Counter()
+        at = -args["size"]
+        recv = sock.recv_multipart
+        stop_at = time.monotonic() + args["timeout"]
+        while True:
+            try:
+                frames = await recv(zmq.NOBLOCK)
+            except zmq.Again:
+                if not await sock.poll(int(IDLE * 1000)) and (
+                    done.is_set() or time.monotonic() > stop_at
+                ):
+                    break
+                continue
+            if frames[0] == token:
+                continue
+            count.hit(frames[1][at], perf())
+        sock.close(linger=0)
+        return count.as_dict()
+
+    try:
+        results.put(("result", index, asyncio.run(main())))
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise

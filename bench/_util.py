@@ -1,0 +1,269 @@
+"""Shared pieces of the bench: payloads, the log-bucket histogram, process orchestration.
+
+Every trial runs its publisher and consumers in separate processes started with the
+``spawn`` method (no fork after a ZeroMQ context exists). The parent only coordinates them
+through a queue and two events; it never touches a message.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import socket
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = [
+    "BenchError",
+    "Counter",
+    "LogHistogram",
+    "Progress",
+    "Trial",
+    "WARM",
+    "MEASURE",
+    "median",
+    "payload_bytes",
+    "reachable",
+    "run_trial",
+]
+
+WARM = 0x57  # b"W": first payload byte of a warm-up message
+MEASURE = 0x4D  # b"M": first payload byte of a measured message
+SPAWN = mp.get_context("spawn")
+
+
+class BenchError(RuntimeError):
+    """A trial could not run (a process failed to start, hung, or crashed)."""
+
+
+def payload_bytes(size: int, marker: int) -> bytes:
+    """``size`` bytes: the marker byte, then filler."""
+    return bytes((marker,)) + b"x" * (size - 1)
+
+
+def median(values: Iterable[float]) -> float:
+    vals = list(values)
+    return statistics.median(vals) if vals else 0.0
+
+
+def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class Counter:
+    """What one consumer saw: warm-up and measured messages, and the measured window."""
+
+    warm: int = 0
+    measured: int = 0
+    first: float = 0.0
+    last: float = 0.0
+
+    def hit(self, marker: int, now: float) -> None:
+        if marker == MEASURE:
+            if not self.measured:
+                self.first = now
+            self.measured += 1
+            self.last = now
+        else:
+            self.warm += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"warm": self.warm, "measured": self.measured, "first": self.first,
+                "last": self.last}
+
+
+class LogHistogram:
+    """An HDR-style histogram of nanosecond values in log buckets (32 per power of two).
+
+    Values below 64 ns are exact; above, each bucket spans at most 1/32 (~3%) of its value.
+    Percentiles report the bucket's highest value, as HdrHistogram does.
+    """
+
+    SUB = 32
+
+    def __init__(self, counts: dict[int, int] | None = None) -> None:
+        self.counts: dict[int, int] = dict(counts or {})
+        self.total = sum(self.counts.values())
+        self.max = max((self.upper(b) for b in self.counts), default=0)
+
+    @classmethod
+    def bucket(cls, value: int) -> int:
+        if value < 2 * cls.SUB:
+            return max(value, 0)
+        shift = value.bit_length() - 6  # keeps 6 significant bits: mantissa in [32, 64)
+        return (shift + 1) * cls.SUB + (value >> shift) - cls.SUB
+
+    @classmethod
+    def upper(cls, bucket: int) -> int:
+        if bucket < 2 * cls.SUB:
+            return bucket
+        shift = bucket // cls.SUB - 1
+        mant = bucket % cls.SUB + cls.SUB
+        return ((mant + 1) << shift) - 1
+
+    def record(self, value: int) -> None:
+        b = self.bucket(value)
+        self.counts[b] = self.counts.get(b, 0) + 1
+        self.total += 1
+
+    def merge(self, other: LogHistogram) -> None:
+        for b, n in other.counts.items():
+            self.counts[b] = self.counts.get(b, 0) + n
+        self.total += other.total
+        self.max = max(self.max, other.max)
+
+    def percentile(self, q: float) -> int:
+        """The value at or below which a share ``q`` (0..100) of the values lie."""
+        if not self.total:
+            return 0
+        rank = max(1, int(self.total * q / 100 + 0.999999))
+        seen = 0
+        for b in sorted(self.counts):
+            seen += self.counts[b]
+            if seen >= rank:
+                return self.upper(b)
+        return self.upper(max(self.counts))
+
+
+@dataclass
+class Trial:
+    """One run of one publisher and its consumers; what each process reported."""
+
+    publisher: dict[str, Any]
+    consumers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def sent(self) -> int:
+        return int(self.publisher["sent"])
+
+    @property
+    def received(self) -> int:
+        return sum(c["warm"] + c["measured"] for c in self.consumers)
+
+    def rate(self) -> float:
+        """Measured messages received per second, over the union of the consumers' windows."""
+        got = [c for c in self.consumers if c["measured"] > 1]
+        if not got:
+            return 0.0
+        window = max(c["last"] for c in got) - min(c["first"] for c in got)
+        return sum(c["measured"] for c in got) / window if window > 0 else 0.0
+
+
+Target = Callable[..., None]
+
+
+def run_trial(
+    publisher: tuple[Target, dict[str, Any]],
+    consumers: list[tuple[Target, dict[str, Any]]],
+    *,
+    timeout: float,
+) -> Trial:
+    """Start consumers and publisher as processes, release the publisher once all are ready.
+
+    A worker is ``target(args, index, results_queue, go_event, done_event)``; it puts
+    ``("ready", index, None)`` once set up and ``("result", index, dict)`` at the end. The
+    publisher is index -1: it waits for ``go``, publishes, reports, then sets ``done``.
+    """
+    results: Any = SPAWN.Queue()
+    go = SPAWN.Event()
+    done = SPAWN.Event()
+    procs: list[Any] = []
+    try:
+        for index, (target, args) in [(-1, publisher), *enumerate(consumers)]:
+            proc = SPAWN.Process(target=target, args=(args, index, results, go, done),
+                                 daemon=True, name=f"bench-{index}")
+            proc.start()
+            procs.append(proc)
+        deadline = time.monotonic() + timeout
+        ready: set[int] = set()
+        reports: dict[int, dict[str, Any]] = {}
+
+        def collect(until: Callable[[], bool], what: str) -> None:
+            while not until():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError(f"timed out waiting for {what}")
+                try:
+                    kind, index, data = results.get(timeout=min(left, 0.5))
+                except queue.Empty:
+                    dead = [p for p in procs if p.exitcode not in (None, 0)]
+                    if dead:
+                        raise BenchError(
+                            f"{dead[0].name} exited with {dead[0].exitcode} waiting for {what}"
+                        ) from None
+                    continue
+                if kind == "ready":
+                    ready.add(index)
+                elif kind == "result":
+                    reports[index] = data
+                else:
+                    raise BenchError(f"worker {index} failed: {data}")
+
+        collect(lambda: len(ready) == len(procs), "the processes to be ready")
+        go.set()
+        collect(lambda: len(reports) == len(procs), "the results")
+        for proc in procs:
+            proc.join(5)
+        return Trial(reports[-1], [reports[i] for i in range(len(consumers))])
+    finally:
+        done.set()
+        for proc in procs:
+            if proc.is_alive():
+                proc.join(1)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(1)
+        results.close()
+
+
+def report_failure(results: Any, index: int, exc: BaseException) -> None:
+    """For a worker's ``except``: tell the parent why, so it raises instead of timing out."""
+    results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+
+
+class Progress:
+    """A one-line progress indicator on stderr (plain lines when stderr is not a tty)."""
+
+    def __init__(self, total: int, *, quiet: bool = False) -> None:
+        self.total = max(total, 1)
+        self.done = 0
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.start = time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        if self.quiet:
+            return
+        width = 24
+        filled = int(width * self.done / self.total)
+        elapsed = time.monotonic() - self.start
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {self.done:3d}/{self.total} {elapsed:5.0f}s  {label}"
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line[:150])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def note(self, text: str) -> None:
+        if self.quiet:
+            return
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K")
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

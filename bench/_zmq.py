@@ -1,0 +1,311 @@
+"""zbus and raw-pyzmq workers (each runs in its own spawned process) and the proxy process.
+
+The raw baseline sends the same three frames zbus sends (the topic, a body as long as zbus's
+envelope, a signature-sized frame) through the same ``zbus_proxy.Proxy`` devices, over
+sockets with the same options (made by the same ``make_socket``), and receives them with
+plain ``recv_multipart``: what is left between the two is zbus's own per-message work.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+import zbus
+from zbus._names import CONTROL_PREFIX
+from zbus._transport import make_socket, wait_for_probe
+
+from ._util import (
+    MEASURE,
+    SPAWN,
+    WARM,
+    BenchError,
+    Counter,
+    LogHistogram,
+    payload_bytes,
+    report_failure,
+)
+
+__all__ = ["ProxyProcess", "frame_sizes"]
+
+EXCHANGE = "bench"
+ROUTING_KEY = "bench.data"
+POOL = "bench"
+IDLE = 0.25  # seconds without a message, once the publisher is done, that end a consumer
+_TS = struct.Struct(">q")
+perf = time.perf_counter
+
+
+def frame_sizes(key: bytes, size: int) -> tuple[int, int]:
+    """(envelope bytes, signature bytes) of a zbus message with a ``size``-byte payload."""
+    frames = zbus.MessageFactory(key, "bench-publisher").frames(
+        EXCHANGE, ROUTING_KEY, payload_bytes(size, MEASURE)
+    )
+    return len(frames[1]), len(frames[2])
+
+
+# -- the proxy --------------------------------------------------------------------------
+
+
+def _proxy_main(run_dir: str, ready: Any, stop: Any) -> None:
+    from zbus_proxy import Proxy
+
+    with Proxy(run_dir):
+        ready.set()
+        stop.wait()
+
+
+class ProxyProcess:
+    """A ``zbus_proxy.Proxy`` in its own process on a fresh, short run directory."""
+
+    def __init__(self) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="zbb-", dir="/tmp")
+        self._ready = SPAWN.Event()
+        self._stop = SPAWN.Event()
+        self._proc = SPAWN.Process(target=_proxy_main, args=(self.run_dir, self._ready,
+                                                             self._stop), daemon=True,
+                                   name="bench-proxy")
+
+    def __enter__(self) -> ProxyProcess:
+        self._proc.start()
+        if not self._ready.wait(20):
+            self.__exit__()
+            raise BenchError("the proxy process did not start within 20s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._proc.join(10)
+        if self._proc.is_alive():
+            self._proc.kill()
+            self._proc.join(2)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+# -- publishers -------------------------------------------------------------------------
+
+
+def _publish_loop(args: dict[str, Any], send_warm: Any, burst: Any, send_one: Any,
+                  send_batch: Any) -> dict[str, Any]:
+    """Warm up, then send as fast as possible for ``duration`` (or paced at ``rate``).
+
+    ``burst(n)`` sends ``n`` measured messages in a tight loop (so the loop's own overhead
+    is the same few bytecodes for zbus and raw), ``send_one()`` one timestamped message.
+    """
+    warm = args["warm"]
+    send_warm(warm)
+    rate = args.get("rate")
+    if rate:
+        time.sleep(0.2)  # let the warm-up burst drain before the paced, timed messages
+    sent = 0
+    t0 = perf()
+    end = t0 + args["duration"]
+    if rate:
+        interval = 1.0 / rate
+        due = t0
+        while due < end:
+            now = perf()
+            if now < due:
+                time.sleep(due - now)  # sleeps at least the timer slack; then catch up
+                continue
+            send_one()
+            sent += 1
+            due += interval
+    else:
+        batch = args.get("batch") or 0
+        if batch:
+            while perf() < end:
+                send_batch()
+                sent += batch
+        else:
+            while perf() < end:
+                burst(100)
+                sent += 100
+    elapsed = perf() - t0
+    return {"sent": warm + sent, "measured_sent": sent, "send_rate": sent / elapsed}
+
+
+def zbus_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
+    try:
+        conn = zbus.Connection(args["run_dir"])
+        factory = zbus.MessageFactory(args["key"], "bench-publisher")
+        pub = zbus.Publisher(conn.exchange(EXCHANGE), factory)
+        warm = payload_bytes(args["size"], WARM)
+        body = payload_bytes(args["size"], MEASURE)
+        batch = [body] * (args.get("batch") or 1)
+        send = pub.send
+
+        def send_warm(n: int) -> None:
+            for _ in range(n):
+                send(ROUTING_KEY, warm)
+
+        def burst(n: int) -> None:
+            for _ in range(n):
+                send(ROUTING_KEY, body)
+
+        results.put(("ready", index, None))
+        go.wait()
+        report = _publish_loop(args, send_warm, burst, lambda: send(ROUTING_KEY, body),
+                               lambda: pub.send_many(ROUTING_KEY, batch))
+        results.put(("result", index, report))
+        done.set()
+        conn.close()
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
+
+
+def raw_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
+    try:
+        endpoints = zbus.Endpoints(Path(args["run_dir"]))
+        settings = zbus.Settings()
+        sock = make_socket(zmq.Context.instance(), zmq.PUSH, settings,
+                           sndhwm=settings.publish_hwm, connect=endpoints.ingress)
+        topic = f"{EXCHANGE}/{ROUTING_KEY}".encode()
+        body_len, sig_len = args["body_bytes"], args["sig_bytes"]
+        sig = b"s" * sig_len
+        size = args["size"]
+        # The payload sits at the end of the body, as it does in zbus's envelope, so a raw
+        # consumer finds the marker at index -size in either.
+        fill = b"x" * (body_len - size)
+        warm = [topic, fill + payload_bytes(size, WARM), sig]
+        frames = [topic, fill + payload_bytes(size, MEASURE), sig]
+        pad = fill[_TS.size:] + payload_bytes(size, MEASURE)
+        send = sock.send_multipart
+        pack, now_ns = _TS.pack, time.time_ns
+
+        def send_warm(n: int) -> None:
+            for _ in range(n):
+                send(warm)
+
+        def burst(n: int) -> None:
+            for _ in range(n):
+                send(frames)
+
+        def one() -> None:  # a latency run: the body carries the send time
+            send([topic, pack(now_ns()) + pad, sig])
+
+        results.put(("ready", index, None))
+        go.wait()
+        report = _publish_loop(args, send_warm, burst, one, None)
+        # A process that exits with messages still queued in libzmq loses them unless its
+        # context is terminated: close with a bounded linger, then term() to flush.
+        sock.close(linger=10_000)
+        zmq.Context.instance().term()
+        results.put(("result", index, report))
+        done.set()
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
+
+
+# -- consumers --------------------------------------------------------------------------
+
+
+def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
+    """A zbus Subscriber (``pool`` unset) or PoolMember counting what its handler gets."""
+    try:
+        conn = zbus.Connection(args["run_dir"])
+        count = Counter()
+        hist = LogHistogram()
+        latency = args.get("rate") is not None
+
+        def handler(delivery: zbus.Delivery) -> None:
+            now = perf()
+            if latency:
+                lag = int((time.time() - delivery.envelope.timestamp) * 1e9)
+                if delivery.payload[0] == MEASURE:
+                    hist.record(lag)
+            count.hit(delivery.payload[0], now)
+
+        dispatcher = zbus.Dispatcher()
+        dispatcher.bind(EXCHANGE, ROUTING_KEY, handler)
+        consumer: zbus.Subscriber | zbus.PoolMember
+        if args.get("pool"):
+            consumer = conn.join_pool(POOL, dispatcher, args["key"])
+        else:
+            consumer = conn.subscribe(dispatcher, args["key"])
+        consumer.ready()
+        results.put(("ready", index, None))
+        process = consumer.process
+        stop_at = time.monotonic() + args["timeout"]
+        while True:
+            if process(IDLE):
+                continue
+            if done.is_set() or time.monotonic() > stop_at:
+                break
+        report = count.as_dict()
+        report["zbus_lost"] = consumer.stats.lost
+        report["rejected"] = sum(consumer.stats.rejected.values())
+        report["hist"] = hist.counts
+        results.put(("result", index, report))
+        consumer.close()
+        conn.close()
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
+
+
+def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
+    """Plain pyzmq: a SUB on the deliver socket, or a PULL on the pool's socket."""
+    try:
+        ctx: zmq.Context[Any] = zmq.Context.instance()
+        settings = zbus.Settings()
+        endpoints = zbus.Endpoints(Path(args["run_dir"]))
+        if args.get("pool"):
+            conn = zbus.Connection(args["run_dir"])
+            conn.declare_pool(POOL, [f"{EXCHANGE}/{ROUTING_KEY}"])
+            conn.close()
+            sock = make_socket(ctx, zmq.PULL, settings, rcvhwm=settings.pool_hwm)
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            sock.connect(endpoints.pool(POOL))
+            if not monitor.poll(10_000):
+                raise BenchError("raw pool member did not connect")
+            sock.disable_monitor()
+            monitor.close(linger=0)
+        else:
+            sock = make_socket(ctx, zmq.SUB, settings, rcvhwm=settings.subscriber_hwm,
+                               connect=endpoints.deliver)
+            sock.subscribe(f"{EXCHANGE}/{ROUTING_KEY}".encode())
+            token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
+            sock.subscribe(token)
+            push = make_socket(ctx, zmq.PUSH, settings, connect=endpoints.ingress)
+            wait_for_probe(sock, push, token, 10.0, lambda frames: None, "raw subscription")
+            push.close(linger=0)
+            sock.unsubscribe(token)
+        results.put(("ready", index, None))
+        count = Counter()
+        hist = LogHistogram()
+        latency = args.get("rate") is not None
+        sock.setsockopt(zmq.RCVTIMEO, int(IDLE * 1000))
+        recv = sock.recv_multipart
+        unpack, now_ns = _TS.unpack_from, time.time_ns
+        at = -args["size"]
+        stop_at = time.monotonic() + args["timeout"]
+        while True:
+            try:
+                frames = recv()
+            except zmq.Again:
+                if done.is_set() or time.monotonic() > stop_at:
+                    break
+                continue
+            now = perf()
+            body = frames[1]
+            marker = body[at]
+            if latency and marker == MEASURE:
+                hist.record(now_ns() - unpack(body)[0])
+            count.hit(marker, now)
+        report = count.as_dict()
+        report["hist"] = hist.counts
+        results.put(("result", index, report))
+        sock.close(linger=0)
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
