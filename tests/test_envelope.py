@@ -15,6 +15,7 @@ from zbus._envelope import (
     Envelope,
     decode_envelope,
     encode_envelope,
+    mac,
     signature_frame,
     verify_frames,
 )
@@ -335,3 +336,14 @@ def test_no_unsigned_garbage_escapes_accept(frames: list[bytes]) -> None:
     assert core.accept(frames) is None
     ignored = len(frames) == 1 and frames[0].startswith(b"\x00")
     assert sum(core.stats.rejected.values()) == (0 if ignored else 1)
+
+
+@given(st.binary(min_size=16, max_size=200), st.binary(max_size=64), st.binary(max_size=300))
+def test_mac_is_standard_hmac_sha256(key: bytes, topic: bytes, envelope: bytes) -> None:
+    """The precomputed-pad HMAC must give exactly the stdlib's bytes, for any key length
+    (keys longer than the 64-byte block are hashed first, per RFC 2104)."""
+    import hmac
+    import struct
+
+    expected = hmac.digest(key, struct.pack(">I", len(topic)) + topic + envelope, "sha256")
+    assert mac(key, topic, envelope) == expected

