@@ -51,6 +51,7 @@ from ._directory import (
     StaticDirectory,
     ZapHandler,
 )
+from ._reliable import DEFAULT_ACK_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DeadLetter, ReliablePool
 
 __all__ = ["Proxy"]
 
@@ -62,6 +63,10 @@ PEER_TIMEOUT = 1.0
 """Seconds a request to a peer's control socket may take before that peer counts as away."""
 PROBE_PREFIX = CONTROL_PREFIX + b"probe/"
 MISSED_HELLOS = 3
+CONTROL_OPS = ("ping", "stats", "pools", "declare_pool", "declare_reliable_pool",
+               "dead_letters", "reflect")
+"""Every op the local control socket serves (named in the unknown-op error)."""
+_RELIABLE_FIELDS = {"op", "name", "bindings", "ack_timeout", "max_attempts"}
 
 
 class Proxy:
@@ -85,6 +90,10 @@ class Proxy:
         self._ctx: zmq.Context[Any] | None = None
         self._devices: dict[str, Device] = {}
         self._pools: dict[str, list[str]] = {}
+        # At-least-once pools: declarations (persisted) and their running components; both
+        # under _pool_lock, which also keeps a name from being a fast and a reliable pool.
+        self._reliable_decls: dict[str, dict[str, Any]] = {}
+        self._reliable: dict[str, ReliablePool] = {}
         self._pool_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._stopping = threading.Event()
@@ -125,8 +134,13 @@ class Proxy:
             if fed is not None:
                 self._start_security(fed)
             self._start_planes()
-            for name, bindings in self._load_pools().items():
+            pools, reliable = self._load_state()
+            for name, bindings in pools.items():
                 self._declare_pool(name, bindings, persist=False)
+            for name, decl in reliable.items():
+                self._declare_reliable(name, decl.get("bindings"), persist=False,
+                                       ack_timeout=decl.get("ack_timeout"),
+                                       max_attempts=decl.get("max_attempts"))
             self._control_thread = threading.Thread(
                 target=self._serve_control, name="zbus-control", daemon=True
             )
@@ -138,8 +152,8 @@ class Proxy:
         except BaseException:
             self.stop()
             raise
-        log.info("zbus-proxy ready on %s (pid %d, %d pools)",
-                 run_dir, os.getpid(), len(self._pools))
+        log.info("zbus-proxy ready on %s (pid %d, %d pools, %d at-least-once pools)",
+                 run_dir, os.getpid(), len(self._pools), len(self._reliable))
         return self
 
     def _start_security(self, fed: FederationConfig) -> None:
@@ -182,6 +196,10 @@ class Proxy:
         for _, link in list(self._links.values()):
             link.stop()
         self._links.clear()
+        # Before the devices: a component's SUB reads from the origin device's PUB.
+        for pool in list(self._reliable.values()):
+            pool.stop()
+        self._reliable.clear()
         for device in reversed(list(self._devices.values())):
             device.stop()
         self._devices.clear()
@@ -287,14 +305,23 @@ class Proxy:
         if created:
             self._wake()
 
-    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> bool:
-        validate_name(name, "pool name")
+    @staticmethod
+    def _check_bindings(bindings: Any) -> tuple[list[TopicPattern], list[str]]:
         if (not isinstance(bindings, list) or not bindings
                 or not all(isinstance(b, str) for b in bindings)):
             raise ConfigError("a pool needs a list of one or more bindings 'exchange/pattern'")
         patterns = [TopicPattern.parse(b) for b in bindings]
-        wanted = sorted(str(p) for p in patterns)
+        return patterns, sorted(str(p) for p in patterns)
+
+    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> bool:
+        validate_name(name, "pool name")
+        patterns, wanted = self._check_bindings(bindings)
         with self._pool_lock:
+            if name in self._reliable_decls:
+                raise ConfigError(
+                    f"{name!r} is an at-least-once pool (declare_reliable_pool): a name is "
+                    f"either a fast pool or an at-least-once pool; use another pool name"
+                )
             known = self._pools.get(name)
             if known is not None:
                 if known != wanted:
@@ -345,6 +372,109 @@ class Proxy:
         log.info("pool %s declared with %s", name, wanted)
         return True
 
+    # -- at-least-once pools -------------------------------------------------------------
+
+    def declare_reliable_pool(self, name: str, bindings: list[str], *,
+                              ack_timeout: float | None = None,
+                              max_attempts: int | None = None) -> bool:
+        """Declare (idempotently) at-least-once pool ``name``: start its component
+        (``_reliable.ReliablePool``) and persist the declaration; True when it was new.
+
+        Options left at None take the defaults on creation and match anything on a
+        re-declaration; other bindings, or an option given with another value, are refused
+        (ConfigError). Returns once the pool's subscription is live at the origin.
+        Local only: the component takes what this host's publishers send (no peer learns
+        of it; docs/RELIABILITY.md)."""
+        return self._declare_reliable(name, bindings, persist=True,
+                                      ack_timeout=ack_timeout, max_attempts=max_attempts)
+
+    def _declare_reliable(self, name: str, bindings: Any, *, persist: bool,
+                          ack_timeout: Any = None, max_attempts: Any = None) -> bool:
+        validate_name(name, "pool name")
+        _, wanted = self._check_bindings(bindings)
+        if ack_timeout is not None and (
+                isinstance(ack_timeout, bool) or not isinstance(ack_timeout, int | float)
+                or not 0 < ack_timeout < float("inf")):
+            raise ConfigError(f"ack_timeout must be a positive number of seconds, "
+                              f"not {ack_timeout!r}")
+        if max_attempts is not None and (
+                isinstance(max_attempts, bool) or not isinstance(max_attempts, int)
+                or max_attempts < 1):
+            raise ConfigError(f"max_attempts must be an integer >= 1, not {max_attempts!r}")
+        with self._pool_lock:
+            if name in self._pools:
+                raise ConfigError(
+                    f"{name!r} is a fast pool (declare_pool): a name is either a fast pool "
+                    f"or an at-least-once pool; use another pool name"
+                )
+            known = self._reliable_decls.get(name)
+            if known is not None:
+                if known["bindings"] != wanted:
+                    raise ConfigError(
+                        f"at-least-once pool {name!r} is declared with bindings "
+                        f"{known['bindings']}, not {wanted}: use another pool name, or stop "
+                        f"the proxy and remove it from {self.state_dir / POOLS_FILE}"
+                    )
+                for option, value in (("ack_timeout", ack_timeout),
+                                      ("max_attempts", max_attempts)):
+                    if value is not None and value != known[option]:
+                        raise ConfigError(
+                            f"at-least-once pool {name!r} is declared with {option}="
+                            f"{known[option]!r}, not {value!r}: leave the option out to "
+                            f"take the pool as it is, or use another pool name"
+                        )
+                return False
+            decl: dict[str, Any] = {
+                "bindings": wanted,
+                "ack_timeout": float(DEFAULT_ACK_TIMEOUT if ack_timeout is None
+                                     else ack_timeout),
+                "max_attempts": DEFAULT_MAX_ATTEMPTS if max_attempts is None else max_attempts,
+            }
+            assert self._ctx is not None
+            pool = ReliablePool(name, wanted, self.endpoints, self.settings, self._ctx,
+                                ack_timeout=decl["ack_timeout"],
+                                max_attempts=decl["max_attempts"])
+            try:
+                pool.start()
+            except BaseException:
+                pool.stop()
+                raise
+            self._reliable[name] = pool
+            self._reliable_decls[name] = decl
+            if persist:
+                self._save_pools()
+        log.info("at-least-once pool %s declared with %s", name, wanted,
+                 extra={"ack_timeout": decl["ack_timeout"],
+                        "max_attempts": decl["max_attempts"]})
+        return True
+
+    @property
+    def reliable_pools(self) -> dict[str, dict[str, Any]]:
+        """The at-least-once pools' declarations: name -> bindings and options."""
+        with self._pool_lock:
+            return {name: dict(decl) for name, decl in self._reliable_decls.items()}
+
+    def _reliable_pool(self, name: Any) -> ReliablePool:
+        validate_name(name, "pool name")
+        with self._pool_lock:
+            pool = self._reliable.get(name)
+            known = sorted(self._reliable)
+        if pool is None:
+            raise ConfigError(f"no at-least-once pool {name!r} (declared: {known or 'none'})")
+        return pool
+
+    def dead_letters(self, name: str) -> list[DeadLetter]:
+        """At-least-once pool ``name``'s dead letters, oldest first."""
+        return self._reliable_pool(name).dead_letters()
+
+    def _dead_letter_page(self, name: Any, start: Any, limit: Any) -> dict[str, Any]:
+        for what, value in (("start", start), ("limit", limit)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"dead_letters: {what} must be an integer >= 0")
+        # Half the largest message a client takes: room for the envelope of the reply.
+        budget = max(self.settings.max_message_bytes // 2, 1)
+        return self._reliable_pool(name).dead_letter_page(start, min(limit, 1000), budget)
+
     def _pool_in(self, name: str) -> str:
         return f"inproc://zbus-pool-{name}-in-{self._tag}"
 
@@ -381,23 +511,34 @@ class Proxy:
             sender.close(linger=0)
             sub.unsubscribe(token)
 
-    def _load_pools(self) -> dict[str, list[str]]:
+    def _load_state(self) -> tuple[dict[str, list[str]], dict[str, dict[str, Any]]]:
+        """The persisted declarations: fast pools, and at-least-once pools (a file written
+        before those existed has no "reliable_pools": none)."""
         path = self.state_dir / POOLS_FILE
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            return {}
+            return {}, {}
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read pool declarations from {path}: {exc}") from None
         pools = data.get("pools") if isinstance(data, dict) else None
         if not isinstance(pools, dict):
             raise ConfigError(f"{path} has no 'pools' map: fix or remove the file")
-        return pools
+        reliable = data.get("reliable_pools", {})
+        if not isinstance(reliable, dict) or not all(
+                isinstance(decl, dict) for decl in reliable.values()):
+            raise ConfigError(f"{path}: 'reliable_pools' must map each pool name to "
+                              f"{{bindings, ack_timeout, max_attempts}}: fix or remove the file")
+        return pools, reliable
 
     def _save_pools(self) -> None:
+        """Write every declaration (caller holds _pool_lock), atomically."""
         path = self.state_dir / POOLS_FILE
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pools": self._pools}, indent=2, sort_keys=True))
+        state: dict[str, Any] = {"pools": self._pools}
+        if self._reliable_decls:  # absent when none: the file stays as older proxies wrote it
+            state["reliable_pools"] = self._reliable_decls
+        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
         os.replace(tmp, path)
 
     @property
@@ -414,6 +555,7 @@ class Proxy:
             "devices": devices,
             "pools": self.pools,
             "pool_startup_drops": self.pool_startup_drops,
+            "reliable_pools": self._reliable_stats(),
         }
         if self.federation is not None and self.me is not None:
             with self._state:
@@ -430,6 +572,12 @@ class Proxy:
                     "directory_failures": getattr(self._directory, "failures", 0),
                 }
         return result
+
+    def _reliable_stats(self) -> dict[str, dict[str, Any]]:
+        with self._pool_lock:
+            running = [(name, self._reliable_decls[name], pool)
+                       for name, pool in self._reliable.items()]
+        return {name: {**decl, **pool.stats()} for name, decl, pool in running}
 
     # -- control socket ------------------------------------------------------------------
 
@@ -474,14 +622,30 @@ class Proxy:
             if op == "stats":
                 return {"ok": True, **self.stats()}
             if op == "pools":
-                return {"ok": True, "pools": self.pools}
+                return {"ok": True, "pools": self.pools, "reliable_pools": self.reliable_pools}
             if op == "declare_pool":
                 self.declare_pool(request.get("name"), request.get("bindings"))  # type: ignore[arg-type]
                 return {"ok": True}
+            if op == "declare_reliable_pool":
+                unknown = sorted(set(request) - _RELIABLE_FIELDS)
+                if unknown:
+                    raise ConfigError(
+                        f"declare_reliable_pool takes name, bindings, ack_timeout and "
+                        f"max_attempts, not {', '.join(map(str, unknown))}"
+                    )
+                created = self.declare_reliable_pool(
+                    request.get("name"), request.get("bindings"),  # type: ignore[arg-type]
+                    ack_timeout=request.get("ack_timeout"),
+                    max_attempts=request.get("max_attempts"),
+                )
+                return {"ok": True, "created": created}
+            if op == "dead_letters":
+                return {"ok": True, **self._dead_letter_page(
+                    request.get("name"), request.get("start", 0), request.get("limit", 100))}
             if op == "reflect":
                 return {"ok": True, "peers": self._reflect(request.get("token"))}
             raise ConfigError(
-                f"unknown control op {op!r} (known: ping, stats, pools, declare_pool, reflect)"
+                f"unknown control op {op!r} (known: {', '.join(CONTROL_OPS)})"
             )
         except (ConfigError, ValueError, TypeError) as exc:
             return {"ok": False, "error": str(exc)}

@@ -26,6 +26,8 @@ Invariants a maintainer must keep:
 * the state lives in this process's memory only: a proxy crash loses what was queued or in
   flight (docs/RELIABILITY.md); members then see a new ``run`` in WELCOME.
 
+The daemon runs one per declared at-least-once pool (``Proxy.declare_reliable_pool``, the
+control op ``declare_reliable_pool``; re-created from ``pools.json`` on start).
 :class:`ReliableCore` is the logic with no sockets and no clock (``now`` is passed in);
 :class:`ReliablePool` is the edge. The proxy never parses a message: it has no keys.
 """
@@ -49,12 +51,18 @@ from zbus._names import CONTROL_PREFIX, minimal_prefixes, validate_name
 from zbus._reliable import reliable_endpoint
 from zbus._transport import make_socket, wait_for_probe
 
-__all__ = ["DeadLetter", "ReliableCore", "ReliablePool"]
+__all__ = ["DEFAULT_ACK_TIMEOUT", "DEFAULT_MAX_ATTEMPTS", "DeadLetter", "ReliableCore",
+           "ReliablePool"]
 
 log = logging.getLogger("zbus.proxy")
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+
+DEFAULT_ACK_TIMEOUT = 30.0
+"""Seconds a member may hold a message without acking it before it is handed out again."""
+DEFAULT_MAX_ATTEMPTS = 5
+"""Deliveries without an ack before a message goes to the dead letters."""
 
 
 @dataclass(slots=True)
@@ -260,8 +268,8 @@ class ReliablePool:
         settings: Settings,
         ctx: zmq.Context[Any],
         *,
-        ack_timeout: float = 30.0,
-        max_attempts: int = 5,
+        ack_timeout: float = DEFAULT_ACK_TIMEOUT,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_pending: int | None = None,
         dead_letter_max: int = 1000,
     ) -> None:
@@ -307,6 +315,41 @@ class ReliablePool:
         """The dead letters held (oldest first); they stay until evicted by newer ones."""
         with self._lock:
             return list(self.core.dead)
+
+    def dead_letter_page(self, start: int = 0, limit: int = 100,
+                         max_bytes: int = 512 * 1024) -> dict[str, Any]:
+        """Dead letters from absolute position ``start`` on (0 is the first ever dead-lettered;
+        evicted ones are skipped), at most ``limit`` of them and about ``max_bytes`` of frames.
+
+        Positions stay valid while newer dead letters evict older ones, so a reader pages with
+        ``next`` and never sees one twice. A dead letter whose frames alone exceed
+        ``max_bytes`` comes back without them (``frames`` empty, ``size`` set), so that one
+        huge message cannot stop the rest from being read.
+        """
+        with self._lock:
+            evicted = self.core.counters["dead_letters_evicted"]
+            begin = max(start - evicted, 0)
+            held = len(self.core.dead)
+            out: list[dict[str, Any]] = []
+            used = 0
+            i = begin
+            while i < held and len(out) < limit:
+                dead = self.core.dead[i]
+                size = sum(len(f) for f in dead.frames)
+                if out and used + size > max_bytes:
+                    break
+                entry: dict[str, Any] = {"position": evicted + i, "attempts": dead.attempts,
+                                         "reason": dead.reason, "size": size}
+                if size > max_bytes:
+                    entry["frames"] = []
+                    entry["truncated"] = True
+                else:
+                    entry["frames"] = list(dead.frames)
+                    used += size
+                out.append(entry)
+                i += 1
+            return {"dead_letters": out, "next": evicted + i, "more": i < held,
+                    "evicted": evicted}
 
     # -- the thread ----------------------------------------------------------------------
 

@@ -1,14 +1,15 @@
-"""At-least-once pools against the fast path, with a member SIGKILLed mid-stream.
+"""At-least-once pools run by the zbus-proxy daemon, against the fast path.
 
-The proxy is a real ``zbus-proxy`` process; the at-least-once component
-(``zbus_proxy._reliable.ReliablePool``) runs in the test process beside it, on the proxy's
-run directory, as the proxy will run it once wired in. Workers are processes that write one
-line per handled message (one ``os.write``, before the ack) to their own file: that file is
-the exact record of what each handler did, even for a SIGKILLed worker.
+The proxy is a real ``zbus-proxy`` process; every at-least-once pool here is declared and
+read back through its control socket (``declare_reliable_pool``, ``stats``,
+``dead_letters``), by members' ``ready()`` or by ``zbus.Connection``. Workers are processes
+that write one line per handled message (one ``os.write``, before the ack) to their own file:
+that file is the exact record of what each handler did, even for a SIGKILLed worker.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 from collections import Counter
@@ -17,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import zmq
-from zbus_proxy._reliable import ReliablePool
 
 import zbus
+from zbus.cli import main as zbus_main
 
 from .agents import Agent
 from .conftest import ProxyProcess, Spawn, spawner
@@ -29,10 +29,23 @@ from .reliability_agents import RAgent
 BINDING = "notifications/compute.#"
 KEY = "compute.instance.create.end"
 COUNT = 3000
+# Short heartbeats at the proxy: the component forgets a silent member after 1 s.
+FAST_HEARTBEATS = ("--heartbeat-ivl", "0.2", "--heartbeat-timeout", "1.0")
+
 
 @pytest.fixture
 def spawn(run_dir: Path, key: bytes, agents: list[Agent]) -> Spawn:
     return spawner(RAgent, run_dir, key, agents)
+
+
+@pytest.fixture
+def rproxy(run_dir: Path) -> Iterator[ProxyProcess]:
+    """A zbus-proxy subprocess with short heartbeats (member timeout 1 s)."""
+    proxy = ProxyProcess(run_dir, *FAST_HEARTBEATS).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
 
 
 def lines(path: Path) -> list[tuple[str, int, str]]:
@@ -50,28 +63,25 @@ def wait_for(done: Callable[[], bool], timeout: float, what: str) -> None:
     while not done():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)  # polling files another process writes: no event to wait on
+        time.sleep(0.02)  # polling files / counters of another process: no event to wait on
 
 
-def publish(run_dir: Path, key: bytes, first: int, count: int,
-            factory: zbus.MessageFactory) -> None:
+def publish(run_dir: Path, first: int, count: int,
+            factory: zbus.MessageFactory) -> list[list[bytes]]:
+    sent = []
     with zbus.Connection(run_dir, settings=zbus.Settings(send_timeout=10)) as conn:
         for n in range(first, first + count):
-            conn.send_frames(factory.frames("notifications", KEY, {"n": n}))
+            frames = factory.frames("notifications", KEY, {"n": n})
+            conn.send_frames(frames)
+            sent.append(frames)
+    return sent
 
 
-@pytest.fixture
-def reliable_pool(proxy_process: ProxyProcess, run_dir: Path) -> Iterator[ReliablePool]:
-    ctx: zmq.Context[Any] = zmq.Context()
-    settings = zbus.Settings(heartbeat_ivl=0.2, heartbeat_timeout=1.0)
-    pool = ReliablePool("billing", [BINDING], zbus.Endpoints(run_dir), settings, ctx,
-                        ack_timeout=30.0)
-    pool.start()
-    try:
-        yield pool
-    finally:
-        pool.stop()
-        ctx.term()
+def pool_stats(run_dir: Path, name: str = "billing") -> dict[str, Any]:
+    """The daemon's counters of at-least-once pool ``name`` (control socket ``stats``)."""
+    with zbus.Connection(run_dir) as conn:
+        stats: dict[str, Any] = conn.proxy_stats()["reliable_pools"][name]
+    return stats
 
 
 def workers(spawn: Spawn, run_dir: Path, mode: str, *extra: str) -> list[tuple[Agent, Path]]:
@@ -82,25 +92,26 @@ def workers(spawn: Spawn, run_dir: Path, mode: str, *extra: str) -> list[tuple[A
                       "--out", str(path), "--delay", "0.002", "--heartbeat", "0.2", *extra)
         out.append((agent, path))
     for agent, _ in out:
-        agent.wait_ready()
+        agent.wait_ready()  # ready(): the pool is declared (by either) and took this member
     return out
 
 
 def test_at_least_once_pool_survives_a_sigkilled_member(
-    reliable_pool: ReliablePool, run_dir: Path, key: bytes, spawn: Spawn
+    rproxy: ProxyProcess, run_dir: Path, key: bytes, spawn: Spawn
 ) -> None:
     """Every message is handled at least once by the pool; the duplicates are exactly the
     messages the dead member handled but had not acked, and each is found by message id."""
     (a, a_out), (b, b_out) = workers(spawn, run_dir, "reliable", "--window", "20")
+    assert pool_stats(run_dir)["bindings"] == [BINDING]
     factory = zbus.MessageFactory(key, "pub1")
-    publish(run_dir, key, 0, COUNT, factory)
+    publish(run_dir, 0, COUNT, factory)
     wait_for(lambda: len(lines(a_out)) >= 300, 30, "worker A to get going")
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(10)
     killed = time.monotonic()
-    wait_for(lambda: reliable_pool.stats()["members_lost"] == 1, 10, "the pool to notice")
+    wait_for(lambda: pool_stats(run_dir)["members_lost"] == 1, 10, "the pool to notice")
     noticed = time.monotonic() - killed
-    wait_for(lambda: reliable_pool.stats()["acked"] == COUNT, 60, "every message acked")
+    wait_for(lambda: pool_stats(run_dir)["acked"] == COUNT, 60, "every message acked")
     b.tell_stop()
     assert b.wait(15) == 0
 
@@ -109,9 +120,13 @@ def test_at_least_once_pool_survives_a_sigkilled_member(
     assert {seq for _, seq, _ in handled} == set(range(1, COUNT + 1))  # at least once
     assert len(by_id) == COUNT
     dups = sum(n - 1 for n in by_id.values())
-    stats = reliable_pool.stats()
+    wait_for(lambda: pool_stats(run_dir)["members"] == {}, 5, "B's BYE")
+    stats = pool_stats(run_dir)
+    # The books: everything accepted was acked, nothing overflowed or died, nothing is left.
     assert stats["accepted"] == COUNT and stats["overflow"] == 0
-    assert stats["queued"] == 0 and stats["in_flight"] == 0 and stats["dead_lettered"] == 0
+    assert stats["acked"] == COUNT and stats["dead_lettered"] == 0
+    assert stats["queued"] == 0 and stats["in_flight"] == 0
+    assert stats["members_lost"] == 1 and stats["unknown_acks"] == 0
     # Each delivery is acked once or died with A and went out again: no third fate.
     assert stats["delivered"] == COUNT + stats["redelivered"]
     # A had at most its window in flight; of those, the ones it had written are duplicates.
@@ -132,13 +147,13 @@ def test_fast_pool_loss_on_a_sigkilled_member_is_counted(
     (a, a_out), (b, b_out) = workers(spawn, run_dir, "fast")
     factory = zbus.MessageFactory(key, "pub1")
     half = COUNT // 2
-    publish(run_dir, key, 0, half, factory)
+    publish(run_dir, 0, half, factory)
     wait_for(lambda: len(lines(a_out)) >= 300, 30, "worker A to get going")
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(10)
     # With A gone (its ipc connection closed), everything from now on goes to B.
     before = lines(a_out)
-    publish(run_dir, key, half, COUNT - half, factory)
+    publish(run_dir, half, COUNT - half, factory)
     wait_for(lambda: any(seq == COUNT for _, seq, _ in lines(b_out)), 60, "the last message")
     b.tell_stop()
     assert b.wait(15) == 0
@@ -156,11 +171,11 @@ def test_fast_pool_loss_on_a_sigkilled_member_is_counted(
           f"lost {lost} (counted by publisher sequence) | dups 0 | recovery -")
 
 
-def test_at_least_once_poison_message_is_dead_lettered(
-    reliable_pool: ReliablePool, run_dir: Path, key: bytes
+def test_poison_message_is_dead_lettered_and_read_back(
+    proxy_process: ProxyProcess, run_dir: Path, key: bytes
 ) -> None:
     """A handler that always raises: NACKed, retried max_attempts times, then dead-lettered
-    and readable back; the other messages are unaffected."""
+    and readable back through the control socket, byte for byte; the others are unaffected."""
     seen: Counter[int] = Counter()
 
     def handler(delivery: zbus.Delivery) -> None:
@@ -171,59 +186,77 @@ def test_at_least_once_poison_message_is_dead_lettered(
     dispatcher = zbus.Dispatcher()
     dispatcher.bind("notifications", "compute.#", handler)
     conn = zbus.Connection(run_dir)
-    member = conn.join_reliable_pool("billing", dispatcher, key)
-    member.ready()
-    factory = zbus.MessageFactory(key, "pub1")
-    publish(run_dir, key, 0, 10, factory)
-    deadline = time.monotonic() + 20
-    while reliable_pool.stats()["dead_lettered"] < 1 or reliable_pool.stats()["acked"] < 9:
-        assert time.monotonic() < deadline, reliable_pool.stats()
-        member.process(0.05)
-    assert member.drain(5) == 0
-    conn.close()
-    dead = reliable_pool.dead_letters()
-    assert len(dead) == 1 and dead[0].attempts == reliable_pool.core.max_attempts
-    assert dead[0].reason == "nack"
-    assert seen[3] == reliable_pool.core.max_attempts
-    assert all(seen[n] == 1 for n in range(10) if n != 3)
-    assert member.reliable.nacked == reliable_pool.core.max_attempts
-    assert member.reliable.acked == 9
-    stats = reliable_pool.stats()
-    assert stats["acked"] == 9 and stats["in_flight"] == 0 and stats["queued"] == 0
+    try:
+        assert conn.declare_reliable_pool("billing", [BINDING], max_attempts=3) is True
+        member = conn.join_reliable_pool("billing", dispatcher, key)
+        member.ready()  # re-declares with its bindings only: takes the pool as it is
+        sent = publish(run_dir, 0, 10, zbus.MessageFactory(key, "pub1"))
+        deadline = time.monotonic() + 20
+        while True:
+            stats = pool_stats(run_dir)
+            if stats["dead_lettered"] >= 1 and stats["acked"] >= 9:
+                break
+            assert time.monotonic() < deadline, stats
+            member.process(0.05)
+        assert member.drain(5) == 0
+        dead = conn.dead_letters("billing")
+        assert conn.dead_letters("billing") == dead  # reading does not consume them
+    finally:
+        conn.close()
+    assert len(dead) == 1
+    assert dead[0]["frames"] == sent[3]  # exactly the published frames
+    assert dead[0]["attempts"] == 3 and dead[0]["reason"] == "nack"
+    assert seen[3] == 3 and all(seen[n] == 1 for n in range(10) if n != 3)
+    assert member.reliable.nacked == 3 and member.reliable.acked == 9
+    # The raw control op, as another language's client would use it.
+    with zbus.Connection(run_dir) as other:
+        reply = other.control.request("dead_letters", name="billing")
+    assert reply["dead_letters"] == dead and reply["more"] is False and reply["next"] == 1
+    # The dead letter is a message like any other: it verifies and decodes.
+    core = zbus.ConsumerCore(dispatcher, key, track_sequences=False)
+    delivery = core.accept(dead[0]["frames"])
+    assert delivery is not None and delivery.payload == {"n": 3}
+    stats = pool_stats(run_dir)
+    assert stats["max_attempts"] == 3 and stats["dead_letters"] == 1
+    assert stats["accepted"] == 10 == stats["acked"] + stats["dead_lettered"]
+    assert stats["in_flight"] == 0 and stats["queued"] == 0
 
 
 def test_reliable_member_drain_hands_back_nothing(
-    reliable_pool: ReliablePool, run_dir: Path, key: bytes
+    proxy_process: ProxyProcess, run_dir: Path, key: bytes
 ) -> None:
     """drain() with messages in flight: all handled and acked, none left at the pool."""
     handled: list[int] = []
     dispatcher = zbus.Dispatcher()
     dispatcher.bind("notifications", "compute.#", lambda d: handled.append(d.payload["n"]))
     conn = zbus.Connection(run_dir)
-    member = conn.join_reliable_pool("billing", dispatcher, key, window=50)
-    member.ready()
-    publish(run_dir, key, 0, 200, zbus.MessageFactory(key, "pub1"))
-    for _ in range(20):
-        assert member.process(5)
-    # The pool has our 20 acks and has refilled the window: 50 are on their way to us.
-    wait_for(lambda: reliable_pool.stats()["acked"] == 20
-             and reliable_pool.stats()["in_flight"] == 50, 10, "a refilled window")
-    drained = member.drain(10)
-    conn.close()
+    try:
+        member = conn.join_reliable_pool("billing", dispatcher, key, window=50)
+        member.ready()  # declares the pool (nobody else did)
+        publish(run_dir, 0, 200, zbus.MessageFactory(key, "pub1"))
+        for _ in range(20):
+            assert member.process(5)
+        # The pool has our 20 acks and has refilled the window: 50 are on their way to us.
+        wait_for(lambda: (s := pool_stats(run_dir))["acked"] == 20 and s["in_flight"] == 50,
+                 10, "a refilled window")
+        drained = member.drain(10)
+    finally:
+        conn.close()
     assert drained == 50  # exactly the window that was in flight, no more
-    wait_for(lambda: reliable_pool.stats()["members"] == {}, 5, "BYE")
-    stats = reliable_pool.stats()
+    wait_for(lambda: pool_stats(run_dir)["members"] == {}, 5, "BYE")
+    stats = pool_stats(run_dir)
     assert stats["acked"] == 70 and stats["in_flight"] == 0 and stats["queued"] == 130
+    assert stats["accepted"] == 200 and stats["redelivered"] == 0
     assert handled == list(range(70))
 
 
-def test_member_rejoins_after_the_pool_restarts(
+def test_member_rejoins_after_the_proxy_restarts(
     proxy_process: ProxyProcess, run_dir: Path, key: bytes
 ) -> None:
-    """The component restarts (a proxy restart loses its memory): the member is told WHO,
+    """The proxy is SIGKILLed and restarted: the pool comes back from pools.json before
+    anyone declares it again and holds what is published meanwhile; the member is told WHO,
     says HELLO again, counts the restart, and keeps consuming without being restarted."""
     settings = zbus.Settings(heartbeat_ivl=0.2, heartbeat_timeout=1.0)
-    ctx: zmq.Context[Any] = zmq.Context()
     got: list[int] = []
     dispatcher = zbus.Dispatcher()
     dispatcher.bind("notifications", "compute.#", lambda d: got.append(d.payload["n"]))
@@ -231,22 +264,119 @@ def test_member_rejoins_after_the_pool_restarts(
     member = conn.join_reliable_pool("billing", dispatcher, key)
     factory = zbus.MessageFactory(key, "pub1")
     try:
+        member.ready()
         for round_ in range(2):
-            pool = ReliablePool("billing", [BINDING], zbus.Endpoints(run_dir), settings, ctx)
-            pool.start()
-            try:
-                if round_ == 0:
-                    member.ready()
-                publish(run_dir, key, 100 * round_, 100, factory)
-                deadline = time.monotonic() + 20
-                while pool.stats()["acked"] < 100:
-                    assert time.monotonic() < deadline, pool.stats()
-                    member.process(0.05)
-            finally:
-                pool.stop()
+            if round_ == 1:
+                first_run = pool_stats(run_dir)["run"]
+                proxy_process.stop(signal.SIGKILL)
+                proxy_process.start()
+                saved = json.loads((run_dir / "pools.json").read_text())
+                assert saved["reliable_pools"]["billing"]["bindings"] == [BINDING]
+                stats = pool_stats(run_dir)  # nobody has declared it to this proxy
+                assert stats["run"] != first_run and stats["members"] == {}
+                assert stats["accepted"] == 0
+            publish(run_dir, 100 * round_, 100, factory)
+            deadline = time.monotonic() + 20
+            while pool_stats(run_dir)["acked"] < 100:
+                assert time.monotonic() < deadline, pool_stats(run_dir)
+                member.process(0.05)
         assert got == list(range(200))
         assert member.reliable.pool_restarts == 1
+        stats = pool_stats(run_dir)
+        assert stats["accepted"] == stats["acked"] == 100 and stats["redelivered"] == 0
     finally:
         member.close()
         conn.close()
-        ctx.term()
+
+
+def test_declarations_are_checked(proxy_process: ProxyProcess, run_dir: Path) -> None:
+    """Idempotent; other bindings, another option value, a fast pool's name, unknown
+    fields and unknown pools are refused with a message that says why."""
+    with zbus.Connection(run_dir) as conn:
+        assert conn.declare_reliable_pool("billing", [BINDING], ack_timeout=2.5) is True
+        assert conn.declare_reliable_pool("billing", [BINDING]) is False
+        assert conn.declare_reliable_pool("billing", [BINDING], ack_timeout=2.5) is False
+        refusals = [
+            (lambda: conn.declare_reliable_pool("billing", ["notifications/network.#"]),
+             "declared with bindings"),
+            (lambda: conn.declare_reliable_pool("billing", [BINDING], ack_timeout=3),
+             "ack_timeout=2.5, not 3"),
+            (lambda: conn.declare_reliable_pool("other", [BINDING], max_attempts=0),
+             "max_attempts must be"),
+            (lambda: conn.declare_reliable_pool("other", [BINDING], colour="red"),
+             "not colour"),
+            (lambda: conn.declare_pool("billing", [BINDING]), "is an at-least-once pool"),
+            (lambda: conn.dead_letters("nope"), "no at-least-once pool 'nope'"),
+        ]
+        conn.declare_pool("fast", [BINDING])
+        refusals.append((lambda: conn.declare_reliable_pool("fast", [BINDING]),
+                         "is a fast pool"))
+        for call, why in refusals:
+            with pytest.raises(zbus.ProxyError, match=why):
+                call()
+        with pytest.raises(zbus.ProxyError) as exc:
+            conn.control.request("no-such-op")
+        for op in ("ping", "stats", "pools", "declare_pool", "declare_reliable_pool",
+                   "dead_letters", "reflect"):
+            assert op in str(exc.value)
+        # The control socket keeps serving after bad requests, and the state is unchanged.
+        reply = conn.control.request("pools")
+    assert reply["pools"] == {"fast": [BINDING]}
+    assert reply["reliable_pools"] == {
+        "billing": {"bindings": [BINDING], "ack_timeout": 2.5, "max_attempts": 5}}
+
+
+def test_zbus_stats_shows_reliable_pools(
+    proxy_process: ProxyProcess, run_dir: Path, key: bytes,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with zbus.Connection(run_dir) as conn:
+        conn.declare_reliable_pool("billing", [BINDING], max_attempts=2)
+    publish(run_dir, 0, 7, zbus.MessageFactory(key, "pub1"))
+    wait_for(lambda: pool_stats(run_dir)["queued"] == 7, 5, "the pool to take them")
+    assert zbus_main(["stats", "--run-dir", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    assert "at-least-once pools: 1" in table
+    header = next(line for line in table.splitlines() if "DEAD-LETTERED" in line).split()
+    row = next(line for line in table.splitlines() if line.split()[:1] == ["billing"]).split()
+    assert header[:2] == ["POOL", "MEMBERS"]
+    cells = dict(zip(["POOL", "MEMBERS", "IN_FLIGHT", "QUEUED", "ACCEPTED", "ACKED",
+                      "REDELIVERED", "DEAD-LETTERED", "OVERFLOW"], row, strict=True))
+    assert cells == {"POOL": "billing", "MEMBERS": "0", "IN_FLIGHT": "0", "QUEUED": "7",
+                     "ACCEPTED": "7", "ACKED": "0", "REDELIVERED": "0",
+                     "DEAD-LETTERED": "0", "OVERFLOW": "0"}
+    assert "max_attempts 2" in table
+    assert zbus_main(["stats", "--json", "--run-dir", str(run_dir)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    billing = data["reliable_pools"]["billing"]
+    assert billing["queued"] == 7 and billing["members"] == {} and billing["dead_lettered"] == 0
+    assert billing["bindings"] == [BINDING] and billing["max_attempts"] == 2
+
+
+def test_dead_letter_pages_skip_nothing(proxy_process: ProxyProcess, run_dir: Path,
+                                        key: bytes) -> None:
+    """Many dead letters come back in pages (positions stay valid), none twice, in order."""
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind("notifications", "compute.#", lambda d: None)
+    conn = zbus.Connection(run_dir)
+    try:
+        conn.declare_reliable_pool("billing", [BINDING], max_attempts=1)
+        member = conn.join_reliable_pool("billing", dispatcher, key, window=50)
+        member.ready()
+        sent = publish(run_dir, 0, 150, zbus.MessageFactory(key, "pub1"))
+        nacked = 0
+        while nacked < 150:
+            delivery = member.receive(5)
+            assert delivery is not None
+            member.nack(delivery)
+            nacked += 1
+        wait_for(lambda: pool_stats(run_dir)["dead_lettered"] == 150, 10, "150 dead letters")
+        first = conn.control.request("dead_letters", name="billing", limit=100)
+        assert len(first["dead_letters"]) == 100 and first["more"] and first["next"] == 100
+        dead = conn.dead_letters("billing")
+        member.close()
+    finally:
+        conn.close()
+    assert [d["frames"] for d in dead] == sent
+    assert [d["position"] for d in dead] == list(range(150))
+    assert {d["reason"] for d in dead} == {"nack"} and {d["attempts"] for d in dead} == {1}

@@ -154,16 +154,25 @@ class ReliableMember(_Consumer):
     def _hello(self) -> None:
         self._send(b"HELLO", _U32.pack(self.window))
 
+    @property
+    def bindings(self) -> list[str]:
+        return sorted(str(p) for p in self.core.dispatcher.patterns)
+
     def ready(self, timeout: float = 10.0) -> None:
-        """Return once the pool's component has welcomed this member. Raises Timeout."""
+        """Declare the pool (idempotent, with this member's bindings and the pool's options
+        as they are), then return once its component has welcomed this member.
+
+        Raises Timeout, or ProxyError when the proxy refuses the declaration (the name is
+        taken by a fast pool, or declared with other bindings)."""
         deadline = time.monotonic() + timeout
+        self.connection.declare_reliable_pool(self.pool, self.bindings, timeout)
         self._hello()
         while self._run is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise Timeout(
                     f"the at-least-once pool {self.pool!r} did not answer within {timeout:g}s: "
-                    "is its component running in zbus-proxy?"
+                    "is zbus-proxy running?"
                 )
             if self._sock.poll(int(min(left, 0.2) * 1000) + 1):
                 self._handle_control(self._sock.recv_multipart())

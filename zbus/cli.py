@@ -346,7 +346,45 @@ def format_stats(stats: dict[str, Any], previous: dict[str, Any] | None = None,
     drops = stats.get("pool_startup_drops")
     if drops:
         lines.append(f"pool start-up drops: {drops}")
+    lines.extend(_format_reliable(stats.get("reliable_pools") or {}))
     return "\n".join(lines)
+
+
+_RELIABLE_COLUMNS = (
+    ("IN FLIGHT", "in_flight"),
+    ("QUEUED", "queued"),
+    ("ACCEPTED", "accepted"),
+    ("ACKED", "acked"),
+    ("REDELIVERED", "redelivered"),
+    ("DEAD-LETTERED", "dead_lettered"),
+    ("OVERFLOW", "overflow"),
+)
+
+
+def _format_reliable(pools: dict[str, dict[str, Any]]) -> list[str]:
+    """The at-least-once pools: one row each, then their bindings and options."""
+    lines = [f"at-least-once pools: {len(pools)}"]
+    if not pools:
+        return lines
+    header = ["POOL", "MEMBERS"] + [c for c, _ in _RELIABLE_COLUMNS]
+    rows = [header]
+    for name in sorted(pools):
+        p = pools[name]
+        members = p.get("members")
+        rows.append([name, str(len(members) if isinstance(members, dict) else "-")]
+                    + [str(p.get(field, "-")) for _, field in _RELIABLE_COLUMNS])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    for row in rows:
+        lines.append("  " + "  ".join(
+            cell.ljust(w) if i == 0 else cell.rjust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ))
+    for name in sorted(pools):
+        p = pools[name]
+        lines.append(f"  {name}: {', '.join(p.get('bindings') or [])} (ack_timeout "
+                     f"{p.get('ack_timeout')}s, max_attempts {p.get('max_attempts')}, "
+                     f"dead letters held {p.get('dead_letters', 0)})")
+    return lines
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
