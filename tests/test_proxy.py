@@ -231,3 +231,26 @@ def test_in_process_proxy_serves_a_fanout(run_dir: Path, key: bytes) -> None:
         for agent in agents:
             agent.close()
         collector.close()
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_send_frames_delivers_any_frame_count_intact(run_dir: Path, count: int) -> None:
+    """The fast send path must keep multipart messages whole, whatever their length."""
+    with Proxy(run_dir):
+        conn = zbus.Connection(run_dir)
+        ctx = zmq.Context()
+        sub = ctx.socket(zmq.SUB)
+        sub.connect(conn.endpoints.deliver)
+        sub.subscribe(b"ex/")
+        frames = [b"ex/k"] + [bytes([i]) * (i + 1) for i in range(1, count)]
+        try:
+            # resend until the subscription is live (the first copy to arrive is checked)
+            deadline = time.monotonic() + 10
+            while not sub.poll(50):
+                conn.send_frames(frames)
+                assert time.monotonic() < deadline
+            assert sub.recv_multipart() == frames
+        finally:
+            sub.close(linger=0)
+            ctx.term()
+            conn.close()
