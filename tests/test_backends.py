@@ -630,3 +630,38 @@ def test_eventlet_publisher_to_asyncio_subscriber_to_threads_pool(
         member.close()
         threads_conn.close()
     assert not failure, failure
+
+
+def test_asyncio_aclose_flushes_before_the_process_exits(
+    proxy_process: Any, run_dir: Path, key: bytes
+) -> None:
+    """A publisher process that sends and exits right after ``await conn.aclose()`` loses
+    nothing, even when it exits without tearing its ZeroMQ context down (``os._exit``, as
+    multiprocessing's forked children do): without the flush, the queue dies with it."""
+    count = 5000
+    conn = zbus.Connection(run_dir)
+    dispatcher = zbus.Dispatcher()
+    got: list[int] = []
+    dispatcher.bind("ex", "#", lambda d: got.append(d.sequence))
+    sub = conn.subscribe(dispatcher, key)
+    sub.ready()
+    code = f"""
+import asyncio, os, zbus, zbus.asyncio
+async def main():
+    conn = zbus.asyncio.Connection({str(run_dir)!r})
+    pub = zbus.asyncio.Publisher(conn.exchange("ex"), zbus.MessageFactory({key!r}, "tail"))
+    for i in range({count}):
+        await pub.send("k", i)
+    await conn.aclose()
+asyncio.run(main())
+os._exit(0)
+"""
+    try:
+        result = _python(code)
+        assert result.returncode == 0, result.stderr
+        sub.run(max_messages=count, idle_timeout=10)
+        assert got == list(range(1, count + 1))
+        assert sub.stats.lost == 0
+    finally:
+        sub.close()
+        conn.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import logging
 import os
 from collections import deque
 from pathlib import Path
@@ -51,6 +52,8 @@ from ._transport import context as _process_context
 from ._transport import make_socket
 
 __all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
+
+log = logging.getLogger("zbus")
 
 
 class Connection:
@@ -135,6 +138,46 @@ class Connection:
     async def proxy_stats(self, timeout: float = 5.0) -> dict[str, Any]:
         return await self.request("stats", timeout)
 
+    async def flush(self, timeout: float = 10.0) -> None:
+        """Return once everything sent on this Connection has passed through the proxy (as
+        :meth:`zbus.Connection.flush`: a probe behind the queue, back through the proxy)."""
+        if self._push is None:
+            return
+        token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
+        sub = self.socket(zmq.SUB, connect=self.endpoints.deliver)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        interval = 0.005
+        try:
+            sub.subscribe(token)
+            while True:
+                with contextlib.suppress(zmq.Again):
+                    await self._push.send(token, zmq.NOBLOCK)
+                until = loop.time() + interval
+                while (left := until - loop.time()) > 0 and await sub.poll(int(left * 1000) + 1):
+                    if (await sub.recv_multipart())[0] == token:
+                        return
+                if loop.time() > deadline:
+                    raise Timeout(f"flush: the proxy took nothing within {timeout:g}s")
+                interval = min(interval * 2, 0.2)
+        finally:
+            sub.close(linger=0)
+
+    async def aclose(self) -> None:
+        """Flush for up to ``settings.linger`` seconds, then close; what is still queued is
+        dropped with a warning. (``close()`` closes at once: a process that exits right
+        after it loses what libzmq had not yet sent.)"""
+        if self._push is not None and not self._closed and self.settings.linger > 0:
+            try:
+                await self.flush(self.settings.linger)
+            except Timeout:
+                log.warning(
+                    "zbus: closing a Connection to %s with messages the proxy did not take "
+                    "within linger=%gs: they are dropped",
+                    self.endpoints.run_dir, self.settings.linger,
+                )
+        self.close()
+
     def close(self) -> None:
         self._closed = True
         if self._push is not None:
@@ -145,7 +188,7 @@ class Connection:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.close()
+        await self.aclose()
 
 
 class Exchange:
