@@ -19,7 +19,30 @@ from ._names import CONTROL_PREFIX
 from ._settings import Endpoints, Settings
 from ._transport import make_socket
 
-__all__ = ["ControlClient", "wait_for_peers"]
+__all__ = ["ControlClient", "decode_reply", "encode_request", "no_answer", "wait_for_peers"]
+
+
+def encode_request(op: str, **fields: Any) -> bytes:
+    return bytes(msgpack.packb({"op": op, **fields}))
+
+
+def decode_reply(op: str, raw: bytes) -> dict[str, Any]:
+    """The reply's map; ProxyError when the proxy refused ``op`` or answered garbage."""
+    try:
+        reply = msgpack.unpackb(raw, raw=False)
+    except Exception as exc:  # msgpack raises several types
+        raise ProxyError(f"zbus-proxy answered {op!r} with invalid msgpack: {exc}") from None
+    if not isinstance(reply, dict) or not reply.get("ok"):
+        error = reply.get("error") if isinstance(reply, dict) else repr(reply)
+        raise ProxyError(f"zbus-proxy refused {op!r}: {error}")
+    return reply
+
+
+def no_answer(endpoints: Endpoints, op: str, timeout: float) -> Timeout:
+    return Timeout(
+        f"zbus-proxy did not answer {op!r} within {timeout:g}s on {endpoints.control}: is it "
+        f"running with --run-dir {endpoints.run_dir}?"
+    )
 
 
 class ControlClient:
@@ -33,20 +56,12 @@ class ControlClient:
     def request(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
         sock = make_socket(self.ctx, zmq.REQ, self.settings, connect=self.endpoints.control)
         try:
-            sock.send(msgpack.packb({"op": op, **fields}))
+            sock.send(encode_request(op, **fields))
             if not sock.poll(int(timeout * 1000)):
-                raise Timeout(
-                    f"zbus-proxy did not answer {op!r} within {timeout:g}s on "
-                    f"{self.endpoints.control}: is it running with "
-                    f"--run-dir {self.endpoints.run_dir}?"
-                )
-            reply = msgpack.unpackb(sock.recv(), raw=False)
+                raise no_answer(self.endpoints, op, timeout)
+            return decode_reply(op, sock.recv())
         finally:
             sock.close(linger=0)
-        if not isinstance(reply, dict) or not reply.get("ok"):
-            error = reply.get("error") if isinstance(reply, dict) else repr(reply)
-            raise ProxyError(f"zbus-proxy refused {op!r}: {error}")
-        return reply
 
 
 def wait_for_peers(

@@ -37,13 +37,12 @@ from collections import deque
 from pathlib import Path
 from typing import Any, cast
 
-import msgpack
 import zmq
 import zmq.asyncio
 
-from ._control import wait_for_peers
+from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
-from ._errors import ConfigError, ProxyError, Timeout, TransportError
+from ._errors import ConfigError, Timeout, TransportError
 from ._keys import KeyRing
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
@@ -118,17 +117,12 @@ class Connection:
         """One control request (see :mod:`zbus._control`) on a fresh asyncio REQ socket."""
         sock = self.socket(zmq.REQ, connect=self.endpoints.control)
         try:
-            await sock.send(msgpack.packb({"op": op, **fields}))
+            await sock.send(encode_request(op, **fields))
             if not await sock.poll(int(timeout * 1000)):
-                raise Timeout(f"zbus-proxy did not answer {op!r} within {timeout:g}s on "
-                              f"{self.endpoints.control}: is it running?")
-            reply = msgpack.unpackb(await sock.recv(), raw=False)
+                raise no_answer(self.endpoints, op, timeout)
+            return decode_reply(op, await sock.recv())
         finally:
             sock.close(linger=0)
-        if not isinstance(reply, dict) or not reply.get("ok"):
-            error = reply.get("error") if isinstance(reply, dict) else repr(reply)
-            raise ProxyError(f"zbus-proxy refused {op!r}: {error}")
-        return reply
 
     async def declare_pool(self, pool: str, bindings: list[str], timeout: float = 5.0) -> None:
         """As :meth:`zbus.Connection.declare_pool`, awaited."""
