@@ -52,6 +52,18 @@ class SocketSpec:
 Prepare = Callable[[zmq.Socket[Any], zmq.Socket[Any]], None]
 
 
+def start_thread(thread: threading.Thread, ready: threading.Event,
+                 error: Callable[[], BaseException | None], what: str, timeout: float) -> None:
+    """Start ``thread`` and wait for it to set ``ready``; raise what it failed with (it sets
+    its error before ``ready``), or TransportError if it never got ready."""
+    thread.start()
+    if not ready.wait(timeout):
+        raise TransportError(f"{what} did not start within {timeout:g}s")
+    failure = error()
+    if failure is not None:
+        raise failure
+
+
 class Device:
     """Frontend -> backend through ``zmq.proxy_steerable`` in a daemon thread."""
 
@@ -77,11 +89,8 @@ class Device:
         self._thread = threading.Thread(target=self._run, name=f"zbus-{name}", daemon=True)
 
     def start(self, timeout: float = 10.0) -> None:
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TransportError(f"device {self.name} did not start within {timeout:g}s")
-        if self._error is not None:
-            raise self._error
+        start_thread(self._thread, self._ready, lambda: self._error, f"device {self.name}",
+                     timeout)
 
     def _run(self) -> None:
         socks: list[zmq.Socket[Any]] = []

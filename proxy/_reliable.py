@@ -46,10 +46,12 @@ from typing import Any
 
 import zmq
 
-from zbus import ConfigError, Endpoints, Settings, TopicPattern, TransportError
+from zbus import ConfigError, Endpoints, Settings, TopicPattern
 from zbus._names import CONTROL_PREFIX, minimal_prefixes, validate_name
 from zbus._reliable import reliable_endpoint
 from zbus._transport import make_socket, wait_for_probe
+
+from ._device import start_thread
 
 __all__ = ["DEFAULT_ACK_TIMEOUT", "DEFAULT_MAX_ATTEMPTS", "DeadLetter", "ReliableCore",
            "ReliablePool"]
@@ -157,28 +159,26 @@ class ReliableCore:
     def seen(self, member: bytes, now: float) -> None:
         self._members[member].last_seen = now
 
-    def ack(self, member: bytes, ids: list[int], now: float) -> None:
+    def _settle(self, member: bytes, ids: list[int], now: float) -> Iterator[int]:
+        """The ids of ``ids`` that ``member`` really holds, taken off its in-flight list."""
         state = self._members[member]
         state.last_seen = now
         for i in ids:
             held = self._inflight.get(i)
             if held is None or held[1] != member:
-                # Acked after its ack timeout (it went to someone else) or after a restart.
+                # Settled after its ack timeout (it went to someone else) or after a restart.
                 self.counters["unknown_acks"] += 1
                 continue
-            del self._inflight[i]
             del state.inflight[i]
+            yield i
+
+    def ack(self, member: bytes, ids: list[int], now: float) -> None:
+        for i in self._settle(member, ids, now):
+            del self._inflight[i]
             self.counters["acked"] += 1
 
     def nack(self, member: bytes, ids: list[int], now: float) -> None:
-        state = self._members[member]
-        state.last_seen = now
-        for i in ids:
-            held = self._inflight.get(i)
-            if held is None or held[1] != member:
-                self.counters["unknown_acks"] += 1
-                continue
-            del state.inflight[i]
+        for i in self._settle(member, ids, now):
             self.counters["nacked"] += 1
             self._retry(i, "nack")
 
@@ -295,11 +295,8 @@ class ReliablePool:
 
     def start(self, timeout: float = 10.0) -> ReliablePool:
         """Start the thread; returns once the pool's subscription is live at the origin."""
-        self._thread.start()
-        if not self._ready.wait(timeout):
-            raise TransportError(f"reliable pool {self.name} did not start in {timeout:g}s")
-        if self._error is not None:
-            raise self._error
+        start_thread(self._thread, self._ready, lambda: self._error,
+                     f"reliable pool {self.name}", timeout)
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
