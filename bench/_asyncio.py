@@ -20,30 +20,22 @@ import zbus.asyncio
 from zbus._names import CONTROL_PREFIX
 from zbus._transport import make_socket
 
-from ._util import MEASURE, WARM, Counter, payload_bytes, report_failure
+from ._util import (
+    MEASURE,
+    WARM,
+    Counter,
+    StopWhen,
+    payload_bytes,
+    publish_loop_async,
+    reporting_failure,
+    wait_async,
+)
 from ._zmq import EXCHANGE, IDLE, ROUTING_KEY
 
 __all__ = ["raw_async_consumer", "raw_async_publisher", "zbus_async_consumer",
            "zbus_async_publisher"]
 
 perf = time.perf_counter
-
-
-async def _wait(event: Any) -> None:
-    while not event.is_set():
-        await asyncio.sleep(0.005)
-
-
-async def _send_all(args: dict[str, Any], warm: Any, burst: Any) -> dict[str, Any]:
-    await warm(args["warm"])
-    sent = 0
-    t0 = perf()
-    end = t0 + args["duration"]
-    while perf() < end:
-        await burst(100)
-        sent += 100
-    return {"sent": args["warm"] + sent, "measured_sent": sent,
-            "send_rate": sent / (perf() - t0)}
 
 
 def zbus_async_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
@@ -66,18 +58,15 @@ def zbus_async_publisher(args: dict[str, Any], index: int, results: Any, go: Any
                 await send(ROUTING_KEY, body)
 
         results.put(("ready", index, None))
-        await _wait(go)
-        report = await _send_all(args, send_warm, burst)
+        await wait_async(go)
+        report = await publish_loop_async(args, send_warm, burst)
         conn.close()
         ctx.term()  # flushes the queue: asyncio Connection.close() alone drops its tail
         return report
 
-    try:
+    with reporting_failure(results, index):
         results.put(("result", index, asyncio.run(main())))
         done.set()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 def zbus_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
@@ -95,11 +84,11 @@ def zbus_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
         await sub.ready()
         results.put(("ready", index, None))
         process = sub.process
-        stop_at = time.monotonic() + args["timeout"]
+        stop = StopWhen(done, args["timeout"])
         while True:
             if await process(IDLE):
                 continue
-            if done.is_set() or time.monotonic() > stop_at:
+            if stop():
                 break
         report = count.as_dict()
         report["zbus_lost"] = sub.stats.lost
@@ -107,11 +96,8 @@ def zbus_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
         conn.close()
         return report
 
-    try:
+    with reporting_failure(results, index):
         results.put(("result", index, asyncio.run(main())))
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 def raw_async_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
@@ -140,18 +126,15 @@ def raw_async_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
                 await send(frames)
 
         results.put(("ready", index, None))
-        await _wait(go)
-        report = await _send_all(args, send_warm, burst)
+        await wait_async(go)
+        report = await publish_loop_async(args, send_warm, burst)
         sock.close(linger=10_000)
         base.term()
         return report
 
-    try:
+    with reporting_failure(results, index):
         results.put(("result", index, asyncio.run(main())))
         done.set()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 def raw_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
@@ -178,14 +161,12 @@ def raw_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
         count = Counter()
         at = -args["size"]
         recv = sock.recv_multipart
-        stop_at = time.monotonic() + args["timeout"]
+        stop = StopWhen(done, args["timeout"])
         while True:
             try:
                 frames = await recv(zmq.NOBLOCK)
             except zmq.Again:
-                if not await sock.poll(int(IDLE * 1000)) and (
-                    done.is_set() or time.monotonic() > stop_at
-                ):
+                if not await sock.poll(int(IDLE * 1000)) and stop():
                     break
                 continue
             if frames[0] == token:
@@ -194,8 +175,5 @@ def raw_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
         sock.close(linger=0)
         return count.as_dict()
 
-    try:
+    with reporting_failure(results, index):
         results.put(("result", index, asyncio.run(main())))
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise

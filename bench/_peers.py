@@ -13,7 +13,18 @@ import asyncio
 import time
 from typing import Any
 
-from ._util import MEASURE, WARM, Counter, payload_bytes, reachable, report_failure
+from ._util import (
+    MEASURE,
+    WARM,
+    Counter,
+    StopWhen,
+    payload_bytes,
+    publish_loop,
+    publish_loop_async,
+    reachable,
+    reporting_failure,
+    wait_async,
+)
 
 __all__ = ["PEERS", "available", "nats_consumer", "nats_publisher", "rabbit_consumer",
            "rabbit_publisher"]
@@ -48,17 +59,17 @@ def available() -> dict[str, str | None]:
 def _send_loop(args: dict[str, Any], send: Any) -> dict[str, Any]:
     warm = payload_bytes(args["size"], WARM)
     body = payload_bytes(args["size"], MEASURE)
-    for _ in range(args["warm"]):
-        send(warm)
-    sent = 0
-    t0 = perf()
-    end = t0 + args["duration"]
-    while perf() < end:
-        for _ in range(100):
+
+    def send_warm(n: int) -> None:
+        for _ in range(n):
+            send(warm)
+
+    def burst(n: int) -> None:
+        for _ in range(n):
             send(body)
-        sent += 100
-    return {"sent": args["warm"] + sent, "measured_sent": sent,
-            "send_rate": sent / (perf() - t0)}
+
+    # Unpaced and one message a send, whatever the scenario asks of zbus.
+    return publish_loop({**args, "rate": None, "batch": 0}, send_warm, burst)
 
 
 # -- RabbitMQ (pika) --------------------------------------------------------------------
@@ -79,7 +90,7 @@ def _rabbit_channel() -> tuple[Any, Any]:
 
 def rabbit_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
                      done: Any) -> None:
-    try:
+    with reporting_failure(results, index):
         conn, channel = _rabbit_channel()
         publish = channel.basic_publish
         results.put(("ready", index, None))
@@ -88,14 +99,11 @@ def rabbit_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
         conn.close()  # flushes what pika still buffers
         results.put(("result", index, report))
         done.set()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 def rabbit_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
                     done: Any) -> None:
-    try:
+    with reporting_failure(results, index):
         conn, channel = _rabbit_channel()
         if args.get("pool"):
             queue = channel.queue_declare(POOL_QUEUE, auto_delete=True).method.queue
@@ -111,18 +119,14 @@ def rabbit_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
 
         channel.basic_consume(queue, on_message, auto_ack=True)
         results.put(("ready", index, None))
-        stop_at = time.monotonic() + args["timeout"]
+        stop = StopWhen(done, args["timeout"])
         while True:
-            before = count.warm + count.measured
+            before = count.total
             conn.process_data_events(time_limit=IDLE)
-            idle = count.warm + count.measured == before
-            if (idle and done.is_set()) or time.monotonic() > stop_at:
+            if stop(idle=count.total == before):
                 break
         results.put(("result", index, count.as_dict()))
         conn.close()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 # -- NATS (nats-py) ---------------------------------------------------------------------
@@ -135,34 +139,27 @@ def nats_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
 
         nc = await nats.connect(f"nats://{HOST}:{NATS_PORT}")
         results.put(("ready", index, None))
-        while not go.is_set():
-            await asyncio.sleep(0.005)
+        await wait_async(go)
         warm = payload_bytes(args["size"], WARM)
         body = payload_bytes(args["size"], MEASURE)
         publish = nc.publish
-        for _ in range(args["warm"]):
-            await publish(ROUTING_KEY, warm)
-        sent = 0
-        t0 = perf()
-        end = t0 + args["duration"]
-        while perf() < end:
-            for _ in range(100):
-                await publish(ROUTING_KEY, body)
-            sent += 100
-            await asyncio.sleep(0)  # let the client's flusher task write
-        await nc.flush()
-        elapsed = perf() - t0
-        await nc.close()
-        return {"sent": args["warm"] + sent, "measured_sent": sent,
-                "send_rate": sent / elapsed}
 
-    try:
-        report = asyncio.run(main())
-        results.put(("result", index, report))
+        async def send_warm(n: int) -> None:
+            for _ in range(n):
+                await publish(ROUTING_KEY, warm)
+
+        async def burst(n: int) -> None:
+            for _ in range(n):
+                await publish(ROUTING_KEY, body)
+            await asyncio.sleep(0)  # let the client's flusher task write
+
+        report = await publish_loop_async(args, send_warm, burst, nc.flush)
+        await nc.close()
+        return report
+
+    with reporting_failure(results, index):
+        results.put(("result", index, asyncio.run(main())))
         done.set()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 def nats_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
@@ -185,20 +182,16 @@ def nats_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
                            cb=on_message)
         await nc.flush()  # the server has the subscription
         results.put(("ready", index, None))
-        stop_at = time.monotonic() + args["timeout"]
+        stop = StopWhen(done, args["timeout"])
         while True:
-            before = count.warm + count.measured
+            before = count.total
             await asyncio.sleep(IDLE)
-            idle = count.warm + count.measured == before
-            if (idle and done.is_set()) or time.monotonic() > stop_at:
+            if stop(idle=count.total == before):
                 break
         await nc.close()
         report = count.as_dict()
         report["errors"] = sorted(set(errors))
         return report
 
-    try:
+    with reporting_failure(results, index):
         results.put(("result", index, asyncio.run(main())))
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise

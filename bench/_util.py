@@ -7,13 +7,15 @@ through a queue and two events; it never touches a message.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing as mp
 import queue
 import socket
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,18 +24,24 @@ __all__ = [
     "Counter",
     "LogHistogram",
     "Progress",
+    "StopWhen",
     "Trial",
     "WARM",
     "MEASURE",
     "median",
     "payload_bytes",
+    "publish_loop",
+    "publish_loop_async",
     "reachable",
+    "reporting_failure",
     "run_trial",
+    "wait_async",
 ]
 
 WARM = 0x57  # b"W": first payload byte of a warm-up message
 MEASURE = 0x4D  # b"M": first payload byte of a measured message
 SPAWN = mp.get_context("spawn")
+perf = time.perf_counter
 
 
 class BenchError(RuntimeError):
@@ -76,9 +84,95 @@ class Counter:
         else:
             self.warm += 1
 
+    @property
+    def total(self) -> int:
+        return self.warm + self.measured
+
     def as_dict(self) -> dict[str, Any]:
         return {"warm": self.warm, "measured": self.measured, "first": self.first,
                 "last": self.last}
+
+
+class StopWhen:
+    """When a consumer ends: once the publisher is ``done`` (and the consumer idle), or once
+    ``timeout`` seconds from now have passed whatever happens."""
+
+    def __init__(self, done: Any, timeout: float) -> None:
+        self.done = done
+        self.stop_at = time.monotonic() + timeout
+
+    def __call__(self, idle: bool = True) -> bool:
+        return (idle and self.done.is_set()) or time.monotonic() > self.stop_at
+
+
+def _send_report(warm: int, sent: int, elapsed: float) -> dict[str, Any]:
+    return {"sent": warm + sent, "measured_sent": sent, "send_rate": sent / elapsed}
+
+
+def publish_loop(args: dict[str, Any], send_warm: Callable[[int], None],
+                 burst: Callable[[int], None], send_one: Any = None,
+                 send_batch: Any = None) -> dict[str, Any]:
+    """Warm up, then send as fast as possible for ``duration`` (or paced at ``rate``).
+
+    ``burst(n)`` sends ``n`` measured messages in a tight loop (so the loop's own overhead
+    is the same few bytecodes for zbus and raw), ``send_one()`` one timestamped message
+    (``rate`` runs), ``send_batch()`` one batch of ``batch`` messages (``batch`` runs).
+    """
+    warm = args["warm"]
+    send_warm(warm)
+    rate = args.get("rate")
+    if rate:
+        time.sleep(0.2)  # let the warm-up burst drain before the paced, timed messages
+    sent = 0
+    t0 = perf()
+    end = t0 + args["duration"]
+    if rate:
+        interval = 1.0 / rate
+        due = t0
+        while due < end:
+            now = perf()
+            if now < due:
+                time.sleep(due - now)  # sleeps at least the timer slack; then catch up
+                continue
+            send_one()
+            sent += 1
+            due += interval
+    else:
+        batch = args.get("batch") or 0
+        if batch:
+            while perf() < end:
+                send_batch()
+                sent += batch
+        else:
+            while perf() < end:
+                burst(100)
+                sent += 100
+    return _send_report(warm, sent, perf() - t0)
+
+
+async def publish_loop_async(
+    args: dict[str, Any], send_warm: Callable[[int], Awaitable[None]],
+    burst: Callable[[int], Awaitable[None]],
+    flush: Callable[[], Awaitable[None]] | None = None,
+) -> dict[str, Any]:
+    """:func:`publish_loop` for an event loop, bursts of 100 only; ``flush()``, if given,
+    is awaited before the clock stops."""
+    await send_warm(args["warm"])
+    sent = 0
+    t0 = perf()
+    end = t0 + args["duration"]
+    while perf() < end:
+        await burst(100)
+        sent += 100
+    if flush is not None:
+        await flush()
+    return _send_report(args["warm"], sent, perf() - t0)
+
+
+async def wait_async(event: Any) -> None:
+    """Wait for a multiprocessing ``event`` without blocking the event loop."""
+    while not event.is_set():
+        await asyncio.sleep(0.005)
 
 
 class LogHistogram:
@@ -228,6 +322,16 @@ def run_trial(
 def report_failure(results: Any, index: int, exc: BaseException) -> None:
     """For a worker's ``except``: tell the parent why, so it raises instead of timing out."""
     results.put(("error", index, f"{type(exc).__name__}: {exc}"))
+
+
+@contextmanager
+def reporting_failure(results: Any, index: int) -> Iterator[None]:
+    """A worker's body: whatever it raises is reported to the parent (then raised on)."""
+    try:
+        yield
+    except BaseException as exc:
+        report_failure(results, index, exc)
+        raise
 
 
 class Progress:

@@ -29,8 +29,10 @@ from ._util import (
     BenchError,
     Counter,
     LogHistogram,
+    StopWhen,
     payload_bytes,
-    report_failure,
+    publish_loop,
+    reporting_failure,
 )
 
 __all__ = ["ProxyProcess", "frame_sizes"]
@@ -92,48 +94,8 @@ class ProxyProcess:
 # -- publishers -------------------------------------------------------------------------
 
 
-def _publish_loop(args: dict[str, Any], send_warm: Any, burst: Any, send_one: Any,
-                  send_batch: Any) -> dict[str, Any]:
-    """Warm up, then send as fast as possible for ``duration`` (or paced at ``rate``).
-
-    ``burst(n)`` sends ``n`` measured messages in a tight loop (so the loop's own overhead
-    is the same few bytecodes for zbus and raw), ``send_one()`` one timestamped message.
-    """
-    warm = args["warm"]
-    send_warm(warm)
-    rate = args.get("rate")
-    if rate:
-        time.sleep(0.2)  # let the warm-up burst drain before the paced, timed messages
-    sent = 0
-    t0 = perf()
-    end = t0 + args["duration"]
-    if rate:
-        interval = 1.0 / rate
-        due = t0
-        while due < end:
-            now = perf()
-            if now < due:
-                time.sleep(due - now)  # sleeps at least the timer slack; then catch up
-                continue
-            send_one()
-            sent += 1
-            due += interval
-    else:
-        batch = args.get("batch") or 0
-        if batch:
-            while perf() < end:
-                send_batch()
-                sent += batch
-        else:
-            while perf() < end:
-                burst(100)
-                sent += 100
-    elapsed = perf() - t0
-    return {"sent": warm + sent, "measured_sent": sent, "send_rate": sent / elapsed}
-
-
 def zbus_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
-    try:
+    with reporting_failure(results, index):
         conn = zbus.Connection(args["run_dir"])
         factory = zbus.MessageFactory(args["key"], "bench-publisher")
         pub = zbus.Publisher(conn.exchange(EXCHANGE), factory)
@@ -152,18 +114,15 @@ def zbus_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done
 
         results.put(("ready", index, None))
         go.wait()
-        report = _publish_loop(args, send_warm, burst, lambda: send(ROUTING_KEY, body),
-                               lambda: pub.send_many(ROUTING_KEY, batch))
+        report = publish_loop(args, send_warm, burst, lambda: send(ROUTING_KEY, body),
+                              lambda: pub.send_many(ROUTING_KEY, batch))
         results.put(("result", index, report))
         done.set()
         conn.close()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 def raw_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
-    try:
+    with reporting_failure(results, index):
         endpoints = zbus.Endpoints(Path(args["run_dir"]))
         settings = zbus.Settings()
         sock = make_socket(zmq.Context.instance(), zmq.PUSH, settings,
@@ -194,16 +153,13 @@ def raw_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done:
 
         results.put(("ready", index, None))
         go.wait()
-        report = _publish_loop(args, send_warm, burst, one, None)
+        report = publish_loop(args, send_warm, burst, one, None)
         # A process that exits with messages still queued in libzmq loses them unless its
         # context is terminated: close with a bounded linger, then term() to flush.
         sock.close(linger=10_000)
         zmq.Context.instance().term()
         results.put(("result", index, report))
         done.set()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 # -- consumers --------------------------------------------------------------------------
@@ -211,7 +167,7 @@ def raw_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done:
 
 def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
     """A zbus Subscriber (``pool`` unset) or PoolMember counting what its handler gets."""
-    try:
+    with reporting_failure(results, index):
         conn = zbus.Connection(args["run_dir"])
         count = Counter()
         hist = LogHistogram()
@@ -235,11 +191,11 @@ def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done:
         consumer.ready()
         results.put(("ready", index, None))
         process = consumer.process
-        stop_at = time.monotonic() + args["timeout"]
+        stop = StopWhen(done, args["timeout"])
         while True:
             if process(IDLE):
                 continue
-            if done.is_set() or time.monotonic() > stop_at:
+            if stop():
                 break
         report = count.as_dict()
         report["zbus_lost"] = consumer.stats.lost
@@ -248,14 +204,11 @@ def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done:
         results.put(("result", index, report))
         consumer.close()
         conn.close()
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise
 
 
 def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
     """Plain pyzmq: a SUB on the deliver socket, or a PULL on the pool's socket."""
-    try:
+    with reporting_failure(results, index):
         ctx: zmq.Context[Any] = zmq.Context.instance()
         settings = zbus.Settings()
         endpoints = zbus.Endpoints(Path(args["run_dir"]))
@@ -288,12 +241,12 @@ def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: 
         recv = sock.recv_multipart
         unpack, now_ns = _TS.unpack_from, time.time_ns
         at = -args["size"]
-        stop_at = time.monotonic() + args["timeout"]
+        stop = StopWhen(done, args["timeout"])
         while True:
             try:
                 frames = recv()
             except zmq.Again:
-                if done.is_set() or time.monotonic() > stop_at:
+                if stop():
                     break
                 continue
             now = perf()
@@ -306,6 +259,3 @@ def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: 
         report["hist"] = hist.counts
         results.put(("result", index, report))
         sock.close(linger=0)
-    except BaseException as exc:
-        report_failure(results, index, exc)
-        raise

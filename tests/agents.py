@@ -21,6 +21,10 @@ Protocol with the test (kept tiny so that it cannot be the thing under test):
 
 The agents own every socket they make, from their main thread; the stdin reader thread only
 sets an Event.
+
+tests/reliability_agents.py and tests/federation_agents.py build their roles from the pieces
+here: :func:`agent_parser`, :func:`_watch_stdin`, :func:`_dispatcher`, :class:`ConsumerChild`
+(with its :class:`Forwarder`) and :func:`send_retrying`, and :class:`Agent` for the test side.
 """
 
 from __future__ import annotations
@@ -63,67 +67,121 @@ def _watch_stdin(stop: threading.Event) -> None:
     threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
-def _dispatcher(bindings: Sequence[str]) -> zbus.Dispatcher:
+def _dispatcher(bindings: Sequence[str],
+                handler: Callable[[zbus.Delivery], None] = lambda delivery: None,
+                ) -> zbus.Dispatcher:
     dispatcher = zbus.Dispatcher()
     for binding in bindings:
         exchange, _, pattern = binding.partition("/")
-        dispatcher.bind(exchange, pattern, lambda delivery: None)
+        dispatcher.bind(exchange, pattern, handler)
     return dispatcher
 
 
+class Forwarder:
+    """The child's PUSH socket to the test's collector, with the batch not yet sent."""
+
+    def __init__(self, ctx: zmq.Context[Any], endpoint: str, name: str) -> None:
+        self.name = name
+        self.sock = ctx.socket(zmq.PUSH)
+        # Bounded linger, long enough for the final stats message to reach the test.
+        self.sock.setsockopt(zmq.LINGER, 5000)
+        self.sock.connect(endpoint)
+        self.items: list[list[Any]] = []
+
+    def add(self, delivery: zbus.Delivery) -> None:
+        self.items.append([delivery.publisher_id, delivery.sequence, delivery.routing_key])
+        if len(self.items) >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.items:
+            self.sock.send(msgpack.packb({"kind": "seen", "name": self.name,
+                                          "items": self.items}))
+            self.items.clear()
+
+    def send_stats(self, stats: dict[str, Any], **extra: Any) -> None:
+        self.sock.send(msgpack.packb({"kind": "stats", "name": self.name, "stats": stats,
+                                      **extra}))
+
+
+class ConsumerChild:
+    """A consumer role's plumbing: the stdin stop watch, a context, the forwarder to the
+    collector and a connection on it; :meth:`forward` is the receive loop, :meth:`finish`
+    the final stats and the teardown."""
+
+    def __init__(self, args: argparse.Namespace, settings: zbus.Settings | None = None) -> None:
+        self.key = bytes.fromhex(args.key)
+        self.stop = threading.Event()
+        _watch_stdin(self.stop)
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.forwarder = Forwarder(self.ctx, args.collector, args.name)
+        self.conn = zbus.Connection(args.run_dir, settings=settings, context=self.ctx)
+
+    def forward(
+        self, consumer: zbus.Subscriber | zbus.PoolMember, *, count_only: bool = False,
+        expect: int = 0, each_poll: Callable[[], None] | None = None,
+    ) -> tuple[float, float]:
+        """Receive until ``stop`` (or the ``expect``-th delivery), forwarding each delivery
+        unless ``count_only``; ``each_poll`` runs after every receive. Returns the times of
+        the first and the last delivery (0.0 if none came)."""
+        first = last = 0.0
+        got = 0
+        while not self.stop.is_set():
+            delivery = consumer.receive(timeout=0.05)
+            if each_poll is not None:
+                each_poll()
+            if delivery is None:
+                self.forwarder.flush()
+                continue
+            last = time.perf_counter()
+            if not first:
+                first = last
+            got += 1
+            if got == expect:
+                self.stop.set()  # throughput runs: stop after the last expected message
+            if not count_only:
+                self.forwarder.add(delivery)
+        self.forwarder.flush()
+        return first, last
+
+    def finish(self, consumer: zbus.Subscriber | zbus.PoolMember, stats: dict[str, Any],
+               **extra: Any) -> int:
+        """Send the final ``stats`` and close everything; the role's exit status."""
+        self.forwarder.send_stats(stats, **extra)
+        consumer.close()
+        self.conn.close()
+        self.forwarder.sock.close()
+        self.ctx.term()
+        return 0
+
+
+def send_retrying(conn: zbus.Connection, frames: list[bytes],
+                  give_up: Callable[[], bool]) -> int:
+    """Send ``frames``, resending the same signed frames on each zbus.Timeout (the proxy is
+    away, e.g. a restart test: the publisher itself loses nothing, so every gap the consumers
+    count is the proxy's) until sent or ``give_up()``; returns the number of timeouts."""
+    timeouts = 0
+    while True:
+        try:
+            conn.send_frames(frames)
+            return timeouts
+        except zbus.Timeout:
+            timeouts += 1
+            if give_up():
+                return timeouts
+
+
 def _consume(args: argparse.Namespace) -> int:
-    key = bytes.fromhex(args.key)
-    settings = zbus.Settings()
-    stop = threading.Event()
-    _watch_stdin(stop)
-    ctx = zmq.Context()
-    collector = ctx.socket(zmq.PUSH)
-    # Bounded linger, long enough for the final stats message to reach the test.
-    collector.setsockopt(zmq.LINGER, 5000)
-    collector.connect(args.collector)
-    conn = zbus.Connection(args.run_dir, settings=settings, context=ctx)
+    child = ConsumerChild(args, zbus.Settings())
     consumer: zbus.Subscriber | zbus.PoolMember
     if args.role == "worker":
-        consumer = conn.join_pool(args.pool, _dispatcher(args.bind), key)
+        consumer = child.conn.join_pool(args.pool, _dispatcher(args.bind), child.key)
     else:
-        consumer = conn.subscribe(_dispatcher(args.bind), key)
+        consumer = child.conn.subscribe(_dispatcher(args.bind), child.key)
     consumer.ready(timeout=20.0)
     print(READY, flush=True)
-
-    items: list[list[Any]] = []
-    first = last = 0.0
-    got = 0
-
-    def flush() -> None:
-        if items:
-            collector.send(msgpack.packb({"kind": "seen", "name": args.name, "items": items}))
-            items.clear()
-
-    while not stop.is_set():
-        delivery = consumer.receive(timeout=0.05)
-        if delivery is None:
-            flush()
-            continue
-        last = time.perf_counter()
-        if not first:
-            first = last
-        got += 1
-        if got == args.expect:
-            stop.set()  # throughput runs: stop after the last expected message
-        if not args.count_only:
-            items.append([delivery.publisher_id, delivery.sequence, delivery.routing_key])
-            if len(items) >= BATCH:
-                flush()
-    flush()
-    collector.send(msgpack.packb({
-        "kind": "stats", "name": args.name, "stats": consumer.stats.as_dict(),
-        "first": first, "last": last,
-    }))
-    consumer.close()
-    conn.close()
-    collector.close()
-    ctx.term()
-    return 0
+    first, last = child.forward(consumer, count_only=args.count_only, expect=args.expect)
+    return child.finish(consumer, consumer.stats.as_dict(), first=first, last=last)
 
 
 def _publish(args: argparse.Namespace) -> int:
@@ -139,17 +197,8 @@ def _publish(args: argparse.Namespace) -> int:
         sent = 0
         while (sent < args.count if not args.until_stop else not stop.is_set()):
             frames = factory.frames(args.exchange, args.routing_key, {"n": sent})
-            while True:
-                try:
-                    conn.send_frames(frames)
-                    break
-                except zbus.Timeout:
-                    # The proxy is away (restart test): resend the same signed frames, so the
-                    # publisher itself loses nothing and every gap the consumers count is the
-                    # proxy's.
-                    timeouts += 1
-                    if stop.is_set() and args.until_stop:
-                        break
+            timeouts += send_retrying(conn, frames,
+                                      lambda: stop.is_set() and args.until_stop)
             sent += 1
             if args.interval:
                 time.sleep(args.interval)  # pacing, not synchronisation
@@ -160,14 +209,22 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="agents")
-    parser.add_argument("role", choices=["subscribe", "worker", "publish"])
+def agent_parser(prog: str, roles: list[str], *,
+                 collector_required: bool = False) -> argparse.ArgumentParser:
+    """The options every agent program takes; each adds those of its own roles."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("role", choices=roles)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--key", required=True, help="signing key, hex")
     parser.add_argument("--name", default="agent")
-    parser.add_argument("--collector", help="endpoint of the test's PULL socket")
+    parser.add_argument("--collector", required=collector_required,
+                        help="endpoint of the test's PULL socket")
     parser.add_argument("--bind", action="append", default=[], help="exchange/pattern")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = agent_parser("agents", ["subscribe", "worker", "publish"])
     parser.add_argument("--pool")
     parser.add_argument("--count-only", action="store_true",
                         help="forward nothing, only the final stats (throughput runs)")
@@ -190,18 +247,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 class Agent:
-    """One agent child process. ``close`` always ends it (stop, then kill)."""
+    """One agent child process. ``close`` always ends it (stop, then kill).
+
+    A subclass runs the roles of another program by overriding :attr:`program` (the
+    arguments to the interpreter before the role) and, if it needs one, :meth:`env`.
+    """
+
+    program: tuple[str, ...] = (str(AGENTS),)
 
     def __init__(self, run_dir: Path, role: str, *args: str, name: str = "agent") -> None:
         self.name = name
         self.log = run_dir / f"agent-{name}.log"
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, str(AGENTS), role, "--run-dir", str(run_dir), "--name", name,
+                [sys.executable, *self.program, role, "--run-dir", str(run_dir), "--name", name,
                  *args],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=self.env(),
             )
         self.lines: list[str] = []
+
+    def env(self) -> dict[str, str] | None:
+        """The child's environment (None: this process's)."""
+        return None
 
     def readline(self, timeout: float) -> str:
         """The next stdout line; raises if none comes within ``timeout`` or the agent died."""

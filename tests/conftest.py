@@ -10,7 +10,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,14 +21,22 @@ import zbus
 from .agents import Agent, Collector
 
 
-@pytest.fixture
-def run_dir() -> Iterator[Path]:
-    """A fresh, short directory (ipc socket paths must stay under 107 bytes)."""
-    path = Path(tempfile.mkdtemp(prefix="zb-", dir="/tmp"))
+@contextmanager
+def short_tmp_dir(prefix: str) -> Iterator[Path]:
+    """A fresh, short directory under /tmp (ipc socket paths must stay under 107 bytes),
+    removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def run_dir() -> Iterator[Path]:
+    """A fresh, short directory (ipc socket paths must stay under 107 bytes)."""
+    with short_tmp_dir("zb-") as path:
+        yield path
 
 
 @pytest.fixture
@@ -96,6 +106,18 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def collect_deliveries(consumer: Any, count: int, timeout: float) -> list[zbus.Delivery]:
+    """Exactly ``count`` deliveries from ``consumer``, or fewer if ``timeout`` passes first."""
+    got: list[zbus.Delivery] = []
+    deadline = time.monotonic() + timeout
+    while len(got) < count and (left := deadline - time.monotonic()) > 0:
+        delivery = consumer.receive(timeout=left)
+        if delivery is None:
+            break
+        got.append(delivery)
+    return got
 
 
 Spawn = Callable[..., Agent]

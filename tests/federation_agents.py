@@ -12,95 +12,46 @@ from __future__ import annotations
 
 import argparse
 import os
-import select
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
-import zmq
-
 import zbus
 from zbus._control import wait_for_peers
 from zbus._transport import CurveKeys
 
+from .agents import READY, Agent, ConsumerChild, _dispatcher, agent_parser
 from .conftest import ProxyProcess
 
 HERE = Path(__file__).resolve()
-BATCH = 256
 
 # -- the child side ---------------------------------------------------------------------------
 
 
 def _consume(args: argparse.Namespace) -> int:
-    key = bytes.fromhex(args.key)
-    stop = threading.Event()
-
-    def read() -> None:
-        for line in sys.stdin:
-            if line.strip() == "stop":
-                break
-        stop.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    ctx: zmq.Context[Any] = zmq.Context()
-    collector = ctx.socket(zmq.PUSH)
-    collector.setsockopt(zmq.LINGER, 5000)
-    collector.connect(args.collector)
-    conn = zbus.Connection(args.run_dir, context=ctx)
-    dispatcher = zbus.Dispatcher()
-    for binding in args.bind:
-        exchange, _, pattern = binding.partition("/")
-        dispatcher.bind(exchange, pattern, lambda delivery: None)
+    child = ConsumerChild(args)
+    dispatcher = _dispatcher(args.bind)
     consumer: zbus.Subscriber | zbus.PoolMember
     if args.role == "worker":
-        consumer = conn.join_pool(args.pool, dispatcher, key)
+        consumer = child.conn.join_pool(args.pool, dispatcher, child.key)
         consumer.ready(timeout=20.0)
         peers: list[str] = []
     else:
-        consumer = conn.subscribe(dispatcher, key)
+        consumer = child.conn.subscribe(dispatcher, child.key)
         consumer.ready(timeout=20.0)
-        peers = wait_for_peers(conn.endpoints, conn.settings, ctx, timeout=20.0)
-    print("READY", " ".join(peers), flush=True)
-    items: list[list[Any]] = []
-
-    def flush() -> None:
-        if items:
-            collector.send(msgpack.packb({"kind": "seen", "name": args.name, "items": items}))
-            items.clear()
-
-    while not stop.is_set():
-        delivery = consumer.receive(timeout=0.05)
-        if delivery is None:
-            flush()
-            continue
-        items.append([delivery.publisher_id, delivery.sequence, delivery.routing_key])
-        if len(items) >= BATCH:
-            flush()
-    flush()
-    collector.send(msgpack.packb({"kind": "stats", "name": args.name,
-                                  "stats": consumer.stats.as_dict()}))
-    consumer.close()
-    conn.close()
-    collector.close()
-    ctx.term()
-    return 0
+        peers = wait_for_peers(child.conn.endpoints, child.conn.settings, child.ctx,
+                               timeout=20.0)
+    print(READY, " ".join(peers), flush=True)
+    child.forward(consumer)
+    return child.finish(consumer, consumer.stats.as_dict())
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="federation_agents")
-    parser.add_argument("role", choices=["subscribe", "worker"])
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--key", required=True)
-    parser.add_argument("--name", default="agent")
-    parser.add_argument("--collector", required=True)
-    parser.add_argument("--bind", action="append", default=[])
+    parser = agent_parser("federation_agents", ["subscribe", "worker"],
+                          collector_required=True)
     parser.add_argument("--pool")
     return _consume(parser.parse_args(argv))
 
@@ -222,52 +173,25 @@ def wait_pool_links(hosts: Sequence[Host], pool: str, timeout: float = 20.0) -> 
     until(linked, timeout, f"links of pool {pool}")
 
 
-class FedAgent:
+class FedAgent(Agent):
     """A consumer child process (see the child side above); ``close`` always ends it."""
 
+    program = ("-m", "tests.federation_agents")
+
     def __init__(self, run_dir: Path, role: str, *args: str, name: str) -> None:
-        self.name = name
-        self.log = run_dir / f"agent-{name}.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tests.federation_agents", role, "--run-dir",
-                 str(run_dir), "--name", name, *args],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-                env={**os.environ, "PYTHONPATH": str(HERE.parent.parent)},
-            )
+        super().__init__(run_dir, role, *args, name=name)
         self.peers: list[str] = []
 
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PYTHONPATH": str(HERE.parent.parent)}
+
     def wait_ready(self, timeout: float = 30.0) -> None:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        line = self.proc.stdout.readline().decode() if ready else ""
-        if not line.startswith("READY"):
+        """Wait for ``READY [peer ...]``; :attr:`peers` is the peers it names."""
+        line = self.readline(timeout)
+        if not line.startswith(READY):
             raise AssertionError(f"agent {self.name} not ready ({line!r}, exit "
                                  f"{self.proc.poll()}): {self.log.read_text()[-2000:]}")
         self.peers = line.split()[1:]
-
-    def tell_stop(self) -> None:
-        if self.proc.poll() is None and self.proc.stdin is not None:
-            try:
-                self.proc.stdin.write(b"stop\n")
-                self.proc.stdin.flush()
-            except BrokenPipeError:
-                pass
-
-    def wait(self, timeout: float = 10.0) -> int:
-        return self.proc.wait(timeout)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.tell_stop()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for stream in (self.proc.stdin, self.proc.stdout):
-            if stream is not None:
-                stream.close()
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -28,16 +27,22 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import zmq
 
 if __name__ == "__main__":  # run as a script: make the tests package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import zbus
-from tests.agents import READY, Agent, _dispatcher, _watch_stdin
+from tests.agents import (
+    READY,
+    Agent,
+    ConsumerChild,
+    _dispatcher,
+    _watch_stdin,
+    agent_parser,
+    send_retrying,
+)
 
 SCRIPT = Path(__file__).resolve()
-BATCH = 256
 
 
 def _bindings(args: argparse.Namespace) -> list[str]:
@@ -45,45 +50,20 @@ def _bindings(args: argparse.Namespace) -> list[str]:
 
 
 def _subscribe(args: argparse.Namespace) -> int:
-    key = bytes.fromhex(args.key)
-    stop = threading.Event()
-    _watch_stdin(stop)
-    ctx = zmq.Context()
-    collector = ctx.socket(zmq.PUSH)
-    collector.setsockopt(zmq.LINGER, 5000)
-    collector.connect(args.collector)
-    conn = zbus.Connection(args.run_dir, context=ctx)
-    sub = conn.subscribe(_dispatcher(_bindings(args)), key)
+    child = ConsumerChild(args)
+    sub = child.conn.subscribe(_dispatcher(_bindings(args)), child.key)
     sub.ready(timeout=30.0)
     print(READY, flush=True)
-    items: list[list[Any]] = []
     resubscribed = 0
 
-    def flush() -> None:
-        if items:
-            collector.send(msgpack.packb({"kind": "seen", "name": args.name, "items": items}))
-            items.clear()
-
-    while not stop.is_set():
-        delivery = sub.receive(timeout=0.05)
+    def report_resubscribed() -> None:
+        nonlocal resubscribed
         if sub.link.resubscribed != resubscribed:
             resubscribed = sub.link.resubscribed
             print(f"RESUBSCRIBED {resubscribed} {sub.link.last_outage:.6f}", flush=True)
-        if delivery is None:
-            flush()
-            continue
-        if not args.count_only:
-            items.append([delivery.publisher_id, delivery.sequence, delivery.routing_key])
-            if len(items) >= BATCH:
-                flush()
-    flush()
-    collector.send(msgpack.packb({"kind": "stats", "name": args.name,
-                                  "stats": sub.counters()}))
-    sub.close()
-    conn.close()
-    collector.close()
-    ctx.term()
-    return 0
+
+    child.forward(sub, count_only=args.count_only, each_poll=report_resubscribed)
+    return child.finish(sub, sub.counters())
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -98,10 +78,7 @@ def _worker(args: argparse.Namespace) -> int:
         if args.delay:
             time.sleep(args.delay)  # a slow handler: keeps messages in flight at the member
 
-    dispatcher = zbus.Dispatcher()
-    for binding in args.bind:
-        exchange, _, pattern = binding.partition("/")
-        dispatcher.bind(exchange, pattern, handle)
+    dispatcher = _dispatcher(args.bind, handle)
     settings = zbus.Settings()
     if args.heartbeat:
         settings = zbus.Settings(heartbeat_ivl=args.heartbeat,
@@ -145,14 +122,7 @@ def _publish(args: argparse.Namespace) -> int:
             if args.cycle_keys:
                 routing_key = f"k{sent % args.cycle_keys:04d}.x"
             frames = factory.frames(args.exchange, routing_key, {"n": sent})
-            while True:
-                try:
-                    conn.send_frames(frames)
-                    break
-                except zbus.Timeout:
-                    timeouts += 1  # the proxy is away: resend the same frames
-                    if stop.is_set():
-                        break
+            timeouts += send_retrying(conn, frames, stop.is_set)
             sent += 1
         if args.final:
             # One message on a key every consumer has: it closes every gap before it.
@@ -164,13 +134,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="reliability_agents")
-    parser.add_argument("role", choices=["subscribe", "worker", "publish"])
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--key", required=True)
-    parser.add_argument("--name", default="agent")
-    parser.add_argument("--collector")
-    parser.add_argument("--bind", action="append", default=[])
+    parser = agent_parser("reliability_agents", ["subscribe", "worker", "publish"])
     parser.add_argument("--bind-count", type=int, default=0)
     parser.add_argument("--count-only", action="store_true")
     parser.add_argument("--pool")
@@ -196,16 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 class RAgent(Agent):
     """An :class:`tests.agents.Agent` running a role of this module."""
 
-    def __init__(self, run_dir: Path, role: str, *args: str, name: str = "agent") -> None:
-        self.name = name
-        self.log = run_dir / f"agent-{name}.log"
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, str(SCRIPT), role, "--run-dir", str(run_dir), "--name", name,
-                 *args],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
-            )
-        self.lines: list[str] = []
+    program = (str(SCRIPT),)
 
 
 def rss_bytes(pid: int) -> int:

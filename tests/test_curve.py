@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import zbus
 from zbus._transport import CurveKeys
 
 from .agents import Collector
+from .conftest import short_tmp_dir
 from .federation_agents import FedAgent, make_hosts, until, wait_meshed
 
 PROXY = [sys.executable, "-m", "zbus_proxy"]
@@ -30,11 +29,8 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="zc-", dir="/tmp"))
-    try:
+    with short_tmp_dir("zc-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_keygen_writes_a_private_secret_and_never_overwrites(tmp: Path) -> None:
@@ -153,7 +149,7 @@ def test_only_allow_listed_keys_can_connect_or_read(tmp: Path, key: bytes) -> No
 
         collector.until(lambda: sum(1 for *_, k in collector.seen["sub-c"]
                                     if k.endswith("create.end")) >= 100, 20, "C's copy")
-        collector.stop_all(subs)  # type: ignore[arg-type]
+        collector.stop_all(subs)
         assert collector.seen["sub-b"] == []  # B never read a byte of A's stream
         zap = a.stats()["federation"]["zap"]
         assert zap["denied"] >= 3 and zap["accepted"] >= 2, zap

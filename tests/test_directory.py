@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from .agents import Agent, Collector
+from .conftest import short_tmp_dir
 from .federation_agents import FedAgent, Host, make_hosts, until, wait_meshed
 
 BINDING = "notifications/compute.#"
@@ -70,11 +70,8 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def tmp() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="zd-", dir="/tmp"))
-    try:
+    with short_tmp_dir("zd-") as path:
         yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_late_join_and_sigkill_with_a_redis_directory(
@@ -140,7 +137,7 @@ def test_late_join_and_sigkill_with_a_redis_directory(
         assert done[0] == "DONE", done
         sent = int(done[2])
         collector.until(lambda: last("sub-b") >= sent, 20, "the last message at b")
-        collector.stop_all([sub_b])  # type: ignore[list-item]
+        collector.stop_all([sub_b])
         seqs = collector.sequences("sub-b")
         # Ready before the first message, so B has it all, once, in order, the kill or not.
         assert seqs == list(range(1, sent + 1)), (len(seqs), sent)

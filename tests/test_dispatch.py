@@ -19,6 +19,13 @@ def factory(publisher: str = "svc") -> zbus.MessageFactory:
     return zbus.MessageFactory(KEY, publisher)
 
 
+def one_binding_core(exchange: str, pattern: str, **bind: Any) -> zbus.ConsumerCore:
+    """A consumer core whose dispatcher has one binding, with a handler that does nothing."""
+    d = Dispatcher()
+    d.bind(exchange, pattern, lambda dl: None, **bind)
+    return zbus.ConsumerCore(d, KEY)
+
+
 @dataclass(eq=False)
 class InstanceCreated(zbus.Message):
     message_type = "compute.instance.create.end"
@@ -208,9 +215,7 @@ def test_registered_class_is_decoded() -> None:
 
 
 def test_older_version_is_passed_to_from_payload_for_upgrade() -> None:
-    d = Dispatcher()
-    d.bind("notifications", "#", lambda dl: None, message_class=InstanceCreated)
-    core = zbus.ConsumerCore(d, KEY)
+    core = one_binding_core("notifications", "#", message_class=InstanceCreated)
     frames = factory().frames(
         "notifications", "compute.instance.create.end", {"id": "i-9"},
         message_type="compute.instance.create.end", version=1,
@@ -221,9 +226,7 @@ def test_older_version_is_passed_to_from_payload_for_upgrade() -> None:
 
 
 def test_newer_version_than_the_registered_class_is_rejected() -> None:
-    d = Dispatcher()
-    d.bind("notifications", "#", lambda dl: None, message_class=InstanceCreated)
-    core = zbus.ConsumerCore(d, KEY)
+    core = one_binding_core("notifications", "#", message_class=InstanceCreated)
     f = factory()
     frames = f.frames(
         "notifications", "compute.instance.create.end", {"instance_id": "x"},
@@ -252,9 +255,7 @@ def test_version_of_an_unbound_type_does_not_matter() -> None:
 
 @pytest.mark.parametrize("payload", [["a", "list"], {"unexpected": 1}, {"id": "v1 field in v2"}])
 def test_from_payload_failure_is_counted_as_bad_payload(payload: Any) -> None:
-    d = Dispatcher()
-    d.bind("notifications", "#", lambda dl: None, message_class=InstanceCreated)
-    core = zbus.ConsumerCore(d, KEY)
+    core = one_binding_core("notifications", "#", message_class=InstanceCreated)
     frames = factory().frames(
         "notifications", "compute.instance.create.end", payload,
         message_type="compute.instance.create.end", version=2,
@@ -264,9 +265,7 @@ def test_from_payload_failure_is_counted_as_bad_payload(payload: Any) -> None:
 
 
 def test_rejections_warn_once_per_reason_then_debug(caplog: pytest.LogCaptureFixture) -> None:
-    d = Dispatcher()
-    d.bind("ex", "#", lambda dl: None)
-    core = zbus.ConsumerCore(d, KEY)
+    core = one_binding_core("ex", "#")
     with caplog.at_level(logging.DEBUG, logger="zbus"):
         for _ in range(3):
             core.accept([b"ex/a"])
@@ -285,9 +284,7 @@ def test_rejections_warn_once_per_reason_then_debug(caplog: pytest.LogCaptureFix
 
 
 def test_consumer_counts_lost_and_reordered() -> None:
-    d = Dispatcher()
-    d.bind("ex", "#", lambda dl: None)
-    core = zbus.ConsumerCore(d, KEY)
+    core = one_binding_core("ex", "#")
     f = factory()
     frames = [f.frames("ex", "k", n) for n in range(10)]
     order = [0, 1, 2, 5, 3, 6, 9]  # 4, 7, 8 never come; 3 comes late
@@ -299,9 +296,7 @@ def test_consumer_counts_lost_and_reordered() -> None:
 
 
 def test_consumer_rejects_replays_and_keeps_serving() -> None:
-    d = Dispatcher()
-    d.bind("ex", "#", lambda dl: None)
-    core = zbus.ConsumerCore(d, KEY)
+    core = one_binding_core("ex", "#")
     f = factory()
     frames = [f.frames("ex", "k", n) for n in range(3)]
     for fr in frames:
@@ -339,9 +334,7 @@ def test_pool_members_do_not_count_gaps() -> None:
 
 
 def test_stats_as_dict() -> None:
-    d = Dispatcher()
-    d.bind("ex", "a", lambda dl: None)
-    core = zbus.ConsumerCore(d, KEY)
+    core = one_binding_core("ex", "a")
     core.accept(factory().frames("ex", "b", 1))
     core.accept([b"x"])
     assert core.stats.as_dict() == {

@@ -154,7 +154,7 @@ def test_three_hosts_fanout_and_pool_exactly_once(world: World) -> None:
         lambda: all(len(world.collector.seen[n]) >= total for n in sub_names)
         and sum(len(world.collector.seen[n]) for n in w_names) >= total,
         60, "every delivery")
-    world.collector.stop_all(subs + workers)  # type: ignore[arg-type]
+    world.collector.stop_all(subs + workers)
     report(world, "three hosts", sub_names + w_names)
 
     for name in sub_names:
@@ -198,7 +198,7 @@ def test_peer_graph_with_a_cycle_has_no_duplicates(world: World, shape: str) -> 
     names = [s.name for s in subs]
     world.collector.until(lambda: all(len(world.collector.seen[n]) >= 3 * count
                                       for n in names), 60, "every delivery")
-    world.collector.stop_all(subs)  # type: ignore[arg-type]
+    world.collector.stop_all(subs)
     line = report(world, f"cycle {shape}", names)
     assert all(d == 0 for d in line["duplicates"].values()), line
     for name in names:
@@ -278,7 +278,7 @@ def test_last_member_leaving_stops_the_hosts_share(world: World) -> None:
     for w in (wa, wb):
         w.wait_ready()
     wait_pool_links(world.hosts, POOL)
-    world.collector.stop_all([wb])  # type: ignore[list-item]
+    world.collector.stop_all([wb])
 
     def unlinked() -> bool:
         return not [d for d in b.stats()["devices"] if d.startswith(f"pool-{POOL}-from-")]
@@ -288,7 +288,7 @@ def test_last_member_leaving_stops_the_hosts_share(world: World) -> None:
     pubs = [f"pub-{h.name}" for h in world.hosts]
     world.collector.until(lambda: len(world.collector.seen["w-a"]) >= 3 * count, 30,
                           "A's member to get everything")
-    world.collector.stop_all([wa])  # type: ignore[list-item]
+    world.collector.stop_all([wa])
     assert world.collector.multiset(["w-a"]) == Counter(
         (p, s) for p in pubs for s in range(1, count + 1))
     report(world, "last member leaves", ["w-a", "w-b"])

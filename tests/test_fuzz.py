@@ -37,7 +37,7 @@ import zbus
 from zbus._envelope import signature_frame
 from zbus._names import validate_routing_key
 
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, collect_deliveries
 
 KEY = bytes(range(32))
 RING = zbus.KeyRing({"k1": KEY})
@@ -237,14 +237,7 @@ def dispatcher() -> zbus.Dispatcher:
 
 
 def collect(consumer: Any, count: int, timeout: float = 30.0) -> list[zbus.Delivery]:
-    got: list[zbus.Delivery] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and (left := deadline - time.monotonic()) > 0:
-        delivery = consumer.receive(timeout=left)
-        if delivery is None:
-            break
-        got.append(delivery)
-    return got
+    return collect_deliveries(consumer, count, timeout)
 
 
 def raw(conn: zbus.Connection, kind: int, endpoint: str) -> zmq.Socket[Any]:
@@ -268,6 +261,15 @@ def legit_stream(conn: zbus.Connection, count: int, publisher: str = "fuzz.legit
 
 def check_legit(got: list[zbus.Delivery], count: int, publisher: str = "fuzz.legit") -> None:
     assert [(d.publisher_id, d.payload["n"]) for d in got] == [(publisher, n) for n in range(count)]
+
+
+def assert_legit_traffic_flows(conn: zbus.Connection, count: int) -> None:
+    """A fresh subscriber gets a legit stream of ``count`` messages, whole and in order."""
+    sub = conn.subscribe(dispatcher(), RING)
+    sub.ready(timeout=10)
+    legit_stream(conn, count)
+    check_legit(collect(sub, count), count)
+    sub.close()
 
 
 def test_ingress_barrage_reaches_subscriber_and_pool_and_legit_traffic_flows(
@@ -369,11 +371,7 @@ def test_long_subscriptions_cannot_crash_the_proxy(
         zmtp_send(run_dir / name, b"SUB", b"\x01" + b"a" * 300_000, timeout=1)
         zmtp_send(run_dir / name, b"XSUB", b"\x01" + PREFIX + b"b" * 300_000, timeout=1)
         assert_proxy_serves(proxy_process, conn)
-    sub = conn.subscribe(dispatcher(), RING)
-    sub.ready(timeout=10)
-    legit_stream(conn, 100)
-    check_legit(collect(sub, 100), 100)
-    sub.close()
+    assert_legit_traffic_flows(conn, 100)
 
 
 LIMIT = 64 * 1024
@@ -494,11 +492,7 @@ def test_control_socket_barrage(proxy_process: ProxyProcess, conn: zbus.Connecti
         dealer.close(linger=0)
     assert replies["refused"] > 0
     assert_proxy_serves(proxy_process, conn)
-    sub = conn.subscribe(dispatcher(), RING)
-    sub.ready(timeout=10)
-    legit_stream(conn, 100)
-    check_legit(collect(sub, 100), 100)
-    sub.close()
+    assert_legit_traffic_flows(conn, 100)
 
 
 subscription_frames = st.lists(

@@ -54,6 +54,21 @@ def publish(spawn: Spawn, count: int, publisher_id: str = "pub1") -> Agent:
     return agent
 
 
+def deliver_all(collector: Collector, subs: list[Agent], pool: list[Agent], count: int,
+                what: str) -> tuple[list[str], list[str]]:
+    """Wait until each of ``subs`` got ``count`` and the ``pool`` members ``count`` between
+    them, then stop them all; the names of the subscribers and of the members."""
+    sub_names = [a.name for a in subs]
+    pool_names = [a.name for a in pool]
+    collector.until(
+        lambda: all(len(collector.seen[n]) >= count for n in sub_names)
+        and sum(len(collector.seen[n]) for n in pool_names) >= count,
+        60, what,
+    )
+    collector.stop_all(subs + pool)
+    return sub_names, pool_names
+
+
 def assert_in_order(collector: Collector, name: str, count: int, publisher: str) -> None:
     """``name`` got sequences 1..count of ``publisher``, each once, strictly in order."""
     seqs = [seq for pub, seq, _ in collector.seen[name] if pub == publisher]
@@ -84,14 +99,7 @@ def test_fanout_and_pool_get_every_message(
     pool = workers(spawn, "billing", 3)
     publish(spawn, count)
 
-    sub_names = [a.name for a in subs]
-    pool_names = [a.name for a in pool]
-    collector.until(
-        lambda: all(len(collector.seen[n]) >= count for n in sub_names)
-        and sum(len(collector.seen[n]) for n in pool_names) >= count,
-        60, "all deliveries",
-    )
-    collector.stop_all(subs + pool)
+    sub_names, pool_names = deliver_all(collector, subs, pool, count, "all deliveries")
     for name in sub_names:
         assert_in_order(collector, name, count, "pub1")
         stats = collector.stats[name]["stats"]
@@ -175,14 +183,7 @@ def test_forged_messages_are_counted_and_dropped(
             conn.send_frames(legit)  # the stream ends with a legit message: see below
     # Everything travels one path in order, so once the last legit message is in, every
     # forgery before it has been judged.
-    sub_names = [a.name for a in subs]
-    pool_names = [a.name for a in pool]
-    collector.until(
-        lambda: all(len(collector.seen[n]) >= count for n in sub_names)
-        and sum(len(collector.seen[n]) for n in pool_names) >= count,
-        60, "all legit deliveries",
-    )
-    collector.stop_all(subs + pool)
+    sub_names, pool_names = deliver_all(collector, subs, pool, count, "all legit deliveries")
     forged = sum(expected.values())
     three_frame = forged - expected["frame_count"]
     for name in sub_names:

@@ -25,7 +25,7 @@ import zbus
 from zbus._envelope import verify_frames
 from zbus._keys import KeyNotAllowedError, format_key_file
 
-from .conftest import ProxyProcess
+from .conftest import ProxyProcess, collect_deliveries
 
 K_OLD = bytes(range(32))
 K_NEW = bytes(range(100, 132))
@@ -172,15 +172,7 @@ def subscriber(
 
 
 def collect(sub: zbus.Subscriber, count: int, timeout: float = 20.0) -> list[zbus.Delivery]:
-    """Exactly ``count`` deliveries, or fewer if ``timeout`` passes first."""
-    got: list[zbus.Delivery] = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count and (left := deadline - time.monotonic()) > 0:
-        delivery = sub.receive(timeout=left)
-        if delivery is None:
-            break
-        got.append(delivery)
-    return got
+    return collect_deliveries(sub, count, timeout)
 
 
 def send(conn: zbus.Connection, factory: zbus.MessageFactory, n: int,
