@@ -22,6 +22,7 @@ from typing import Any
 
 from zbus import ConfigError, TransportError, ZbusError
 from zbus._transport import CurveKeys
+from zbus.metrics import MetricsServer, family
 
 from ._config import SCHEMA, ProxyConfig, load_config, setup_logging
 from ._proxy import Proxy
@@ -63,74 +64,26 @@ _FLAG_KEYS = {
 
 def render_metrics(stats: dict[str, Any]) -> str:
     """The proxy's counters (the control socket's ``stats``) in Prometheus text format 0.0.4."""
-    out = [
-        "# HELP zbus_proxy_up 1 while the proxy serves.",
-        "# TYPE zbus_proxy_up gauge",
-        "zbus_proxy_up 1",
-    ]
+    out = family("zbus_proxy_up", "gauge", "1 while the proxy serves.", [({}, 1)])
     devices: dict[str, dict[str, int]] = stats.get("devices") or {}
     for unit in ("frames", "bytes"):
-        name = f"zbus_proxy_device_{unit}_total"
-        out.append(f"# HELP {name} {unit.capitalize()} through a proxy device's forwarding loop "
-                   "(a message is 3 frames).")
-        out.append(f"# TYPE {name} counter")
+        samples = []
         for device in sorted(devices):
             for counter, value in sorted(devices[device].items()):
                 side, _, rest = counter.partition("_")
                 kind, _, direction = rest.partition("_")
                 if kind == unit:
-                    out.append(f'{name}{{device="{device}",side="{side}",'
-                               f'direction="{direction}"}} {value}')
-    pools: dict[str, list[str]] = stats.get("pools") or {}
-    out += ["# HELP zbus_proxy_pools Declared worker pools.", "# TYPE zbus_proxy_pools gauge",
-            f"zbus_proxy_pools {len(pools)}",
-            "# HELP zbus_proxy_pool_startup_drops_total Messages dropped while pools started.",
-            "# TYPE zbus_proxy_pool_startup_drops_total counter",
-            f"zbus_proxy_pool_startup_drops_total {stats.get('pool_startup_drops', 0)}"]
+                    samples.append(({"device": device, "side": side, "direction": direction},
+                                    value))
+        out += family(f"zbus_proxy_device_{unit}_total", "counter",
+                      f"{unit.capitalize()} through a proxy device's forwarding loop "
+                      "(a message is 3 frames).", samples)
+    out += family("zbus_proxy_pools", "gauge", "Declared worker pools.",
+                  [({}, len(stats.get("pools") or {}))])
+    out += family("zbus_proxy_pool_startup_drops_total", "counter",
+                  "Messages dropped while pools started.",
+                  [({}, stats.get("pool_startup_drops", 0))])
     return "\n".join(out) + "\n"
-
-
-class MetricsServer:
-    """``GET /metrics`` on ``host:port`` in a daemon thread, rendered from ``proxy.stats()``.
-
-    Standard library only: the text format is small, so the daemon needs no extra package.
-    Port 0 picks a free port (see ``.port``).
-    """
-
-    def __init__(self, proxy: Proxy, host: str, port: int) -> None:
-        import http.server
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404, "try /metrics")
-                    return
-                body = render_metrics(proxy.stats()).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                log.debug("metrics request: " + format, *args)
-
-        try:
-            self._server = http.server.ThreadingHTTPServer((host, port), Handler)
-        except OSError as exc:
-            raise TransportError(
-                f"cannot serve metrics on {host}:{port}: {exc}; choose another metrics.port"
-            ) from None
-        self._server.daemon_threads = True
-        self.port: int = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever,
-                                        name="zbus-metrics", daemon=True)
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,7 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "pools": sorted(proxy.pools),
         })
         if config.metrics_port:
-            metrics = MetricsServer(proxy, config.metrics_host, config.metrics_port)
+            metrics = MetricsServer(lambda: render_metrics(proxy.stats()), config.metrics_host,
+                                    config.metrics_port)
             log.info("metrics endpoint listening", extra={
                 "url": f"http://{config.metrics_host}:{metrics.port}/metrics"})
         while not stop.wait(1.0):
