@@ -64,9 +64,13 @@ PEER_TIMEOUT = 1.0
 PROBE_PREFIX = CONTROL_PREFIX + b"probe/"
 MISSED_HELLOS = 3
 CONTROL_OPS = ("ping", "stats", "pools", "declare_pool", "declare_reliable_pool",
-               "dead_letters", "reflect")
+               "dead_letters", "reflect", "pool_receipts")
 """Every op the local control socket serves (named in the unknown-op error)."""
 _RELIABLE_FIELDS = {"op", "name", "bindings", "ack_timeout", "max_attempts"}
+MAX_REPORTERS = 10_000
+"""Member ids whose receipts one fast pool keeps (a member's final report frees its slot);
+reports from further ids are refused and counted, so ``unaccounted`` can only over-state."""
+FRAMES_PER_MESSAGE = 3
 
 
 class Proxy:
@@ -115,6 +119,14 @@ class Proxy:
         self._peer_state: dict[str, dict[str, Any]] = {}
         self._pool_endpoints: dict[str, str] = {}
         self._members: dict[str, int] = {}
+        # Fast-pool receipts (docs/RELIABILITY.md): pool -> member id -> the cumulative count
+        # of its last report; what members that said goodbye reported; disconnects seen by
+        # the members' PUSH monitor; refused reports. Under _state.
+        self._receipts: dict[str, dict[str, int]] = {}
+        self._receipts_closed: dict[str, int] = {}
+        self._members_closed: dict[str, int] = {}
+        self._members_lost: dict[str, int] = {}
+        self._receipts_refused: dict[str, int] = {}
         self._links: dict[str, tuple[tuple[Any, ...], Device]] = {}
         self._retired: dict[str, dict[str, int]] = {}
         self._monitor_inbox: queue.SimpleQueue[tuple[str, zmq.Socket[Any]]] = queue.SimpleQueue()
@@ -334,10 +346,12 @@ class Proxy:
             ep, s, fed = self.endpoints, self.settings, self.federation
             pool_origin: tuple[str, ...] = (ep.pool_origin(name),)
             if fed is None:
+                # The PUSH binds in _watch_members, after its member monitor is connected.
                 self._add_device(
                     f"pool-{name}-deliver",
                     SocketSpec(zmq.PULL, connect=(ep.pool_origin(name),), rcvhwm=s.pool_hwm),
-                    SocketSpec(zmq.PUSH, bind=ep.pool(name), sndhwm=s.pool_hwm),
+                    SocketSpec(zmq.PUSH, sndhwm=s.pool_hwm),
+                    prepare=lambda pull, push: self._watch_members(name, push),
                 )
             else:
                 # The PUSH binds in _watch_members, after its member monitor is connected.
@@ -361,11 +375,11 @@ class Proxy:
                 # Undo the half-made pool, or a retry would find its socket address taken.
                 self._devices.pop(f"pool-{name}-deliver").stop()
                 raise
-            if fed is not None:
-                with self._state:
+            with self._state:
+                if fed is not None:
                     self._pool_endpoints[name] = \
                         self._devices[f"pool-{name}-origin"].last_endpoints[1]
-                    self._members.setdefault(name, 0)
+                self._members.setdefault(name, 0)
             self._pools[name] = wanted
             if persist:
                 self._save_pools()
@@ -480,7 +494,8 @@ class Proxy:
 
     def _watch_members(self, name: str, push: zmq.Socket[Any]) -> None:
         """In the pool's deliver device thread: count members with a socket monitor on the
-        members' PUSH, connected before the PUSH binds so that no member goes uncounted."""
+        members' PUSH, connected before the PUSH binds so that no member goes uncounted.
+        Its events are read by the manager thread (federation) or the control thread."""
         assert self._ctx is not None
         endpoint = f"inproc://zbus-members-{name}-{self._tag}"
         push.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -554,6 +569,7 @@ class Proxy:
             "run_dir": str(self.endpoints.run_dir),
             "devices": devices,
             "pools": self.pools,
+            "fast_pools": self._fast_pool_stats(devices),
             "pool_startup_drops": self.pool_startup_drops,
             "reliable_pools": self._reliable_stats(),
         }
@@ -573,6 +589,60 @@ class Proxy:
                 }
         return result
 
+    def _fast_pool_stats(self, devices: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+        """Per fast pool, the receipts accounting (docs/RELIABILITY.md, "Fast pools: the
+        receipts"): ``unaccounted = handed_out - reported``, from counters only (the device
+        loop's STATISTICS and the members' reports; no Python on the message path)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.pools:
+            frames = devices.get(f"pool-{name}-deliver", {}).get("backend_frames_out")
+            with self._state:
+                live = self._receipts.get(name, {})
+                reported = self._receipts_closed.get(name, 0) + sum(live.values())
+                entry: dict[str, Any] = {
+                    "members": self._members.get(name, 0),
+                    "members_lost": self._members_lost.get(name, 0),
+                    "members_closed": self._members_closed.get(name, 0),
+                    "reporting": len(live),
+                    "refused_reports": self._receipts_refused.get(name, 0),
+                    "reported": reported,
+                }
+            if frames is None:  # the device did not answer: no number rather than a wrong one
+                entry.update(handed_out=None, unaccounted=None)
+            else:
+                handed_out = frames // FRAMES_PER_MESSAGE
+                entry.update(handed_out=handed_out, unaccounted=handed_out - reported)
+            out[name] = entry
+        return out
+
+    def _pool_receipts(self, request: dict[str, Any]) -> None:
+        """A fast-pool member's report: the cumulative count of messages it read from the
+        pool socket (``received``), under its random ``member`` id; ``final`` when it closes."""
+        pool, member = request.get("pool"), request.get("member")
+        received, final = request.get("received"), request.get("final", False)
+        if not isinstance(member, str) or not 0 < len(member) <= 64:
+            raise ConfigError("pool_receipts: member must be a string of 1 to 64 characters")
+        if isinstance(received, bool) or not isinstance(received, int) or received < 0:
+            raise ConfigError("pool_receipts: received must be an integer >= 0")
+        if not isinstance(final, bool):
+            raise ConfigError("pool_receipts: final must be true or false")
+        if pool not in self.pools:
+            raise ConfigError(f"pool_receipts: no fast pool {pool!r}")
+        with self._state:
+            live = self._receipts.setdefault(pool, {})
+            if member not in live and len(live) >= MAX_REPORTERS:
+                self._receipts_refused[pool] = self._receipts_refused.get(pool, 0) + 1
+                raise ConfigError(f"pool_receipts: pool {pool!r} already tracks "
+                                  f"{MAX_REPORTERS} members")
+            # Cumulative and sent in order on one socket: never let a late one go backwards.
+            count = max(received, live.get(member, 0))
+            if final:
+                live.pop(member, None)
+                self._receipts_closed[pool] = self._receipts_closed.get(pool, 0) + count
+                self._members_closed[pool] = self._members_closed.get(pool, 0) + 1
+            else:
+                live[member] = count
+
     def _reliable_stats(self) -> dict[str, dict[str, Any]]:
         with self._pool_lock:
             running = [(name, self._reliable_decls[name], pool)
@@ -584,10 +654,30 @@ class Proxy:
     def _serve_control(self) -> None:
         assert self._ctx is not None
         sock = make_socket(self._ctx, zmq.REP, self.settings, bind=self.endpoints.control)
+        # Without federation there is no manager thread: the pools' member monitors are read
+        # here (with federation the manager reads them, and reconciles links on each event).
+        monitors: dict[zmq.Socket[Any], str] = {}
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
         self._control_ready.set()
         try:
             while not self._stopping.is_set():
-                if not sock.poll(100):
+                if self.federation is None:
+                    while True:
+                        try:
+                            name, reader = self._monitor_inbox.get_nowait()
+                        except queue.Empty:
+                            break
+                        monitors[reader] = name
+                        poller.register(reader, zmq.POLLIN)
+                ready = dict(poller.poll(100))
+                for reader, name in monitors.items():
+                    while reader in ready:
+                        try:
+                            self._member_event(name, reader.recv_multipart(zmq.NOBLOCK))
+                        except zmq.Again:
+                            break
+                if sock not in ready:
                     continue
                 try:
                     # All frames: REP refuses to reply (EFSM) until the whole request is read,
@@ -603,6 +693,8 @@ class Proxy:
                     # Peer gone mid-request (REP drops the reply itself): keep serving.
                     log.debug("control socket error", exc_info=True)
         finally:
+            for reader in monitors:
+                reader.close(linger=0)
             sock.close(linger=0)
 
     def _handle(self, raw: bytes) -> dict[str, Any]:
@@ -644,6 +736,9 @@ class Proxy:
                     request.get("name"), request.get("start", 0), request.get("limit", 100))}
             if op == "reflect":
                 return {"ok": True, "peers": self._reflect(request.get("token"))}
+            if op == "pool_receipts":
+                self._pool_receipts(request)
+                return {"ok": True}
             raise ConfigError(
                 f"unknown control op {op!r} (known: {', '.join(CONTROL_OPS)})"
             )
@@ -869,6 +964,7 @@ class Proxy:
                 count += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 count = max(0, count - 1)
+                self._members_lost[pool] = self._members_lost.get(pool, 0) + 1
             self._members[pool] = count
         log.debug("pool members", extra={"pool": pool, "members": count})
 

@@ -77,6 +77,45 @@ def publish(run_dir: Path, first: int, count: int,
     return sent
 
 
+# A fast-pool member that handles --hold messages, has the proxy take its receipts
+# (report_receipts), prints HELD, then holds what it prefetched until it is killed.
+HELD_WORKER = r"""
+import os, sys, time
+import zbus
+from argparse import ArgumentParser
+parser = ArgumentParser()
+for option in ("role", "--run-dir", "--name", "--key", "--bind", "--out", "--hold"):
+    parser.add_argument(option)
+args = parser.parse_args()
+fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+def handle(delivery):
+    os.write(fd, f"{delivery.publisher_id} {delivery.sequence} "
+                 f"{delivery.envelope.message_id.hex()}\n".encode())
+    time.sleep(0.002)
+dispatcher = zbus.Dispatcher()
+exchange, _, pattern = args.bind.partition("/")
+dispatcher.bind(exchange, pattern, handle)
+conn = zbus.Connection(args.run_dir)
+member = conn.join_pool("billing", dispatcher, bytes.fromhex(args.key))
+member.ready(timeout=20.0)
+print("READY", flush=True)
+handled = member.run(max_messages=int(args.hold), idle_timeout=30.0)
+print(f"HELD {handled} {member.receipts} {member.report_receipts(timeout=10.0)}", flush=True)
+sys.stdin.read()
+"""
+
+
+class HeldWorker(Agent):
+    program = ("-c", HELD_WORKER)
+
+
+def fast_pool_stats(run_dir: Path, name: str = "billing") -> dict[str, Any]:
+    """The daemon's receipts accounting of fast pool ``name`` (control socket ``stats``)."""
+    with zbus.Connection(run_dir) as conn:
+        stats: dict[str, Any] = conn.proxy_stats()["fast_pools"][name]
+    return stats
+
+
 def pool_stats(run_dir: Path, name: str = "billing") -> dict[str, Any]:
     """The daemon's counters of at-least-once pool ``name`` (control socket ``stats``)."""
     with zbus.Connection(run_dir) as conn:
@@ -140,15 +179,29 @@ def test_at_least_once_pool_survives_a_sigkilled_member(
 
 
 def test_fast_pool_loss_on_a_sigkilled_member_is_counted(
-    proxy_process: ProxyProcess, run_dir: Path, key: bytes, spawn: Spawn
+    proxy_process: ProxyProcess, run_dir: Path, key: bytes, spawn: Spawn, agents: list[Agent]
 ) -> None:
     """The same fault on the PUSH/PULL fast path: what the dead member had prefetched is
-    lost. The publisher's sequence numbers count it: sent - handled, exactly."""
-    (a, a_out), (b, b_out) = workers(spawn, run_dir, "fast")
+    lost. The publisher's sequence numbers count it (sent - handled, exactly), and so does
+    the proxy: ``unaccounted`` (handed out to members - receipts they reported) is the same
+    number once the pool is quiet and every member has reported.
+
+    A handles 300 messages, has the proxy take its receipts, then holds its prefetch until
+    the SIGKILL: so its last report is current when it dies. A member killed between two
+    reports also counts what it read after its last one (docs/RELIABILITY.md)."""
+    a = spawner(HeldWorker, run_dir, key, agents)(
+        "worker", "wA", "--bind", BINDING, "--out", str(run_dir / "wA.out"), "--hold", "300")
+    a_out = run_dir / "wA.out"
+    b_out = run_dir / "wB.out"
+    b = spawn("worker", "wB", "--pool", "billing", "--mode", "fast", "--bind", BINDING,
+              "--out", str(b_out), "--delay", "0.002", "--heartbeat", "0.2")
+    a.wait_ready()
+    b.wait_ready()
     factory = zbus.MessageFactory(key, "pub1")
     half = COUNT // 2
     publish(run_dir, 0, half, factory)
-    wait_for(lambda: len(lines(a_out)) >= 300, 30, "worker A to get going")
+    assert a.readline(60) == "HELD 300 300 True"  # handled, read, taken by the proxy
+    assert len(lines(a_out)) == 300
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(10)
     # With A gone (its ipc connection closed), everything from now on goes to B.
@@ -156,7 +209,7 @@ def test_fast_pool_loss_on_a_sigkilled_member_is_counted(
     publish(run_dir, half, COUNT - half, factory)
     wait_for(lambda: any(seq == COUNT for _, seq, _ in lines(b_out)), 60, "the last message")
     b.tell_stop()
-    assert b.wait(15) == 0
+    assert b.wait(15) == 0  # its close() reported its final receipts, and waited for them
     assert lines(a_out) == before
 
     handled = lines(a_out) + lines(b_out)
@@ -167,8 +220,20 @@ def test_fast_pool_loss_on_a_sigkilled_member_is_counted(
     assert lost == len(missing) > 0, "nothing was lost: A had prefetched nothing"
     # What is lost is what A had received and not handled: all from the first half.
     assert max(missing) <= half
+
+    # zbus's own count. Ready when: both members' disconnects were seen (the pool has no
+    # member left, so it is quiet: nothing more is handed out) and B's final report is in.
+    wait_for(lambda: (lambda f: f["members"] == 0 and f["members_closed"] == 1)(
+        fast_pool_stats(run_dir)), 10, "the proxy to see both members gone")
+    fast = fast_pool_stats(run_dir)
+    assert fast["handed_out"] == COUNT  # every message went to a member's pipe
+    assert fast["reported"] == len(handled)  # every receipt of A's (300) and B's
+    assert fast["unaccounted"] == lost  # the loss, counted by the proxy
+    assert fast["members_lost"] == 2 and fast["reporting"] == 1  # A's last report stays
+    assert fast["refused_reports"] == 0
     print(f"\nFAULT | fast pool member SIGKILL | sent {COUNT} | delivered {len(seqs)} | "
-          f"lost {lost} (counted by publisher sequence) | dups 0 | recovery -")
+          f"lost {lost} (publisher sequence; proxy unaccounted {fast['unaccounted']}) | "
+          f"dups 0 | recovery -")
 
 
 def test_poison_message_is_dead_lettered_and_read_back(
@@ -317,7 +382,7 @@ def test_declarations_are_checked(proxy_process: ProxyProcess, run_dir: Path) ->
         with pytest.raises(zbus.ProxyError) as exc:
             conn.control.request("no-such-op")
         for op in ("ping", "stats", "pools", "declare_pool", "declare_reliable_pool",
-                   "dead_letters", "reflect"):
+                   "dead_letters", "reflect", "pool_receipts"):
             assert op in str(exc.value)
         # The control socket keeps serving after bad requests, and the state is unchanged.
         reply = conn.control.request("pools")
@@ -351,6 +416,40 @@ def test_zbus_stats_shows_reliable_pools(
     billing = data["reliable_pools"]["billing"]
     assert billing["queued"] == 7 and billing["members"] == {} and billing["dead_lettered"] == 0
     assert billing["bindings"] == [BINDING] and billing["max_attempts"] == 2
+
+
+def test_fast_pool_receipts_balance_after_a_drain(
+    proxy_process: ProxyProcess, run_dir: Path, key: bytes,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A member that drains reports its final receipts: the books balance at the proxy
+    (unaccounted 0), ``zbus stats`` shows them, and malformed reports are refused."""
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind("notifications", "compute.#", lambda d: None)
+    with zbus.Connection(run_dir) as conn:
+        member = conn.join_pool("fast", dispatcher, key)
+        member.ready()
+        publish(run_dir, 0, 20, zbus.MessageFactory(key, "pub1"))
+        assert member.run(max_messages=20, idle_timeout=10) == 20
+        assert member.drain(5) == 0 and member.receipts == 20
+        wait_for(lambda: fast_pool_stats(run_dir, "fast")["members"] == 0, 5, "the disconnect")
+        assert fast_pool_stats(run_dir, "fast") == {
+            "members": 0, "members_lost": 1, "members_closed": 1, "reporting": 0,
+            "refused_reports": 0, "reported": 20, "handed_out": 20, "unaccounted": 0}
+        for fields, why in (({"pool": "nope", "member": "m", "received": 1}, "no fast pool"),
+                            ({"pool": "fast", "member": "", "received": 1}, "member must"),
+                            ({"pool": "fast", "member": "m", "received": -1}, "received must"),
+                            ({"pool": "fast", "member": "m", "received": 1, "final": 1},
+                             "final must")):
+            with pytest.raises(zbus.ProxyError, match=why):
+                conn.control.request("pool_receipts", **fields)
+    assert zbus_main(["stats", "--run-dir", str(run_dir)]) == 0
+    table = capsys.readouterr().out
+    header = next(line for line in table.splitlines() if "UNACCOUNTED" in line).split()
+    row = next(line for line in table.splitlines() if line.split()[:1] == ["fast"]).split()
+    assert dict(zip(header, row, strict=True)) == {
+        "POOL": "fast", "MEMBERS": "0", "HANDED-OUT": "20", "REPORTED": "20",
+        "UNACCOUNTED": "0", "MEMBERS-LOST": "1"}
 
 
 def test_dead_letter_pages_skip_nothing(proxy_process: ProxyProcess, run_dir: Path,

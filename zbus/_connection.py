@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from ._control import ControlClient, wait_for_peers
+from ._control import ControlClient, encode_request, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
@@ -55,6 +55,10 @@ _LINK_CHECK_EVERY = 256
 # caller asked to wait forever.
 _MAX_WAIT = 0.25
 _SNDMORE = int(zmq.SNDMORE)
+# A fast-pool member reports its receipts to the proxy at most this often (seconds), or
+# after this many messages, whichever comes first (docs/RELIABILITY.md).
+RECEIPTS_INTERVAL = 0.5
+RECEIPTS_EVERY = 1000
 
 
 _FIRST = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -640,7 +644,13 @@ class Subscriber(_Consumer):
 
 
 class PoolMember(_Consumer):
-    """A member of a worker pool: each matching message goes to exactly one live member."""
+    """A member of a worker pool: each matching message goes to exactly one live member.
+
+    It reports how many messages it read from the pool (its receipts) to its proxy, which
+    counts what it handed to members that never reported it (``zbus stats``: ``fast_pools``;
+    docs/RELIABILITY.md). Reports are fire-and-forget, at most every ``RECEIPTS_INTERVAL``
+    seconds or ``RECEIPTS_EVERY`` messages, from the receive loop; a final one on close.
+    """
 
     def __init__(self, connection: Connection, pool: str, dispatcher: Dispatcher,
                  keys: bytes | KeyRing) -> None:
@@ -655,6 +665,20 @@ class PoolMember(_Consumer):
         self._connected = False
         self.abandoned = 0
         """Messages this member had received but dropped unhandled at drain()'s deadline."""
+        self.member_id = os.urandom(8).hex()
+        """The random id this member's receipts are reported under."""
+        self._dropped = 0  # 3-frame messages read by drain() and abandoned (receipts too)
+        self._reporter: zmq.Socket[Any] | None = None  # DEALER on the proxy's control socket
+        self._unanswered = 0  # reports whose reply has not been read yet
+        self._sent = 0  # receipts in the last report tried
+        self._reported = 0  # receipts in the last report queued
+        self._reported_at = time.monotonic()
+
+    @property
+    def receipts(self) -> int:
+        """Every 3-frame message this member read from the pool socket: accepted, rejected,
+        or abandoned by drain() (what the proxy's ``reported`` sums)."""
+        return self.core.stats.received + self._dropped
 
     @property
     def bindings(self) -> list[str]:
@@ -673,6 +697,69 @@ class PoolMember(_Consumer):
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
 
+    def receive(self, timeout: float | None = None) -> Delivery | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            now = time.monotonic()
+            wait = None if deadline is None else max(0.0, deadline - now)
+            received = self.core.stats.received + self._dropped
+            if received != self._reported:
+                due = self._reported_at + RECEIPTS_INTERVAL - now
+                if due <= 0 or received - self._sent >= RECEIPTS_EVERY:
+                    self._report(received, now)
+                elif wait is None or due < wait:
+                    wait = due  # wake up to report even when no message comes
+            delivery = super().receive(wait)
+            if delivery is not None:
+                return delivery
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _report(self, received: int, now: float, final: bool = False) -> bool:
+        """Queue one receipts report without waiting (False when the proxy is not taking
+        them: the next report carries the same cumulative count)."""
+        sock = self._reporter
+        if sock is None:
+            conn = self.connection
+            # REP at the other end: a DEALER speaks to it with an empty delimiter frame,
+            # and never has to wait for a reply before the next request.
+            sock = self._reporter = make_socket(conn.ctx, zmq.DEALER, conn.settings,
+                                                sndhwm=8, connect=conn.endpoints.control)
+        self._read_replies()
+        self._sent = received
+        self._reported_at = now
+        request = encode_request("pool_receipts", pool=self.pool, member=self.member_id,
+                                 received=received, final=final)
+        try:
+            sock.send_multipart([b"", request], _NOBLOCK)
+        except zmq.Again:
+            return False
+        self._unanswered += 1
+        self._reported = received
+        return True
+
+    def _read_replies(self, timeout: float = 0.0) -> bool:
+        """Read the replies that came back (waiting up to ``timeout`` s for the last one);
+        True when every report queued so far was answered."""
+        sock = self._reporter
+        deadline = time.monotonic() + timeout
+        while sock is not None and self._unanswered:
+            try:
+                sock.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                    return False
+                continue
+            self._unanswered -= 1
+        return True
+
+    def report_receipts(self, timeout: float = 1.0) -> bool:
+        """Report this member's receipts now and wait up to ``timeout`` s for the proxy to
+        take them; True when it did (the receive loop reports by itself: this is for a
+        caller that needs the proxy's count current, e.g. before a planned stop)."""
+        return self._report(self.receipts, time.monotonic()) and self._read_replies(timeout)
+
     def drain(self, timeout: float = 10.0, *, quiet: float = 0.05) -> int:
         """Handle what this member has prefetched until the pool is quiet for ``quiet``
         seconds (or ``timeout`` passes), then close; returns how many were handled.
@@ -682,6 +769,7 @@ class PoolMember(_Consumer):
         discards a closed pipe; a disconnected PULL drops its prefetch the same way). Such
         messages are counted in :attr:`abandoned` when they were already in this process;
         for a drain that loses nothing, use an at-least-once pool (``zbus.ReliableMember``).
+        What never reached this process shows at the proxy as ``unaccounted``.
         """
         deadline = time.monotonic() + timeout
         handled = 0
@@ -694,11 +782,11 @@ class PoolMember(_Consumer):
             for _ in range(len(self._pending) + self.connection.settings.pool_hwm):
                 if not (self._pending or self._sock.poll(0)):
                     break
-                if self._pending:
-                    self._pending.popleft()
-                else:
-                    self._sock.recv_multipart()
+                frames = (self._pending.popleft() if self._pending
+                          else self._sock.recv_multipart())
                 self.abandoned += 1
+                if len(frames) == 3:
+                    self._dropped += 1
         finally:
             self.close()
         return handled
@@ -709,4 +797,15 @@ class PoolMember(_Consumer):
     def close(self) -> None:
         if not self._monitor.closed:
             self._monitor.close(linger=0)
-        super().close()
+        if not self._sock.closed:
+            super().close()  # first: nothing more arrives, so the final count is final
+            received = self.receipts
+            if received or self._reporter is not None:
+                # Waited for (briefly): the shared context is rarely terminated, so a
+                # report still queued when the process exits would die with it.
+                wait = min(self.connection.settings.linger, 1.0)
+                if self._report(received, time.monotonic(), final=True):
+                    self._read_replies(wait)
+        if self._reporter is not None:
+            self._reporter.close(linger=0)
+            self._reporter = None

@@ -343,11 +343,40 @@ def format_stats(stats: dict[str, Any], previous: dict[str, Any] | None = None,
     lines.append(f"pools: {len(pools)}")
     for name in sorted(pools):
         lines.append(f"  {name}: {', '.join(pools[name])}")
+    lines.extend(_format_fast(stats.get("fast_pools") or {}))
     drops = stats.get("pool_startup_drops")
     if drops:
         lines.append(f"pool start-up drops: {drops}")
     lines.extend(_format_reliable(stats.get("reliable_pools") or {}))
     return "\n".join(lines)
+
+
+_FAST_COLUMNS = (
+    ("MEMBERS", "members"),
+    ("HANDED-OUT", "handed_out"),
+    ("REPORTED", "reported"),
+    ("UNACCOUNTED", "unaccounted"),
+    ("MEMBERS-LOST", "members_lost"),
+)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
+                             for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+            for row in rows]
+
+
+def _format_fast(pools: dict[str, dict[str, Any]]) -> list[str]:
+    """The fast pools' receipts accounting (docs/RELIABILITY.md): one row each."""
+    if not pools:
+        return []
+    rows = [[name] + ["-" if pools[name].get(field) is None else str(pools[name][field])
+                      for _, field in _FAST_COLUMNS] for name in sorted(pools)]
+    return [*_table(["POOL"] + [c for c, _ in _FAST_COLUMNS], rows),
+            "  UNACCOUNTED: handed to members and not reported received by them: lost with "
+            "dead members once the pool is quiet and live members have reported"]
 
 
 _RELIABLE_COLUMNS = (
