@@ -360,3 +360,25 @@ def test_keygen_curve_writes_a_private_pair_and_never_overwrites(tmp_path: Path)
     assert keys.public.decode() in public.read_text()
     again = zbus_cmd("keygen", "--curve", str(tmp_path / "curve"))
     assert again.returncode == 1 and "never overwrites" in again.stderr
+
+
+def test_stats_table_shows_peers_and_their_liveness() -> None:
+    from zbus.cli import format_stats
+
+    now = time.time()
+    text = format_stats({
+        "pid": 1, "run_dir": "/run/zbus", "devices": {}, "pools": {},
+        "federation": {"node": "a", "origin": "tcp://127.0.0.2:7737", "peers": {
+            "b": {"origin": "tcp://127.0.0.3:7737", "alive": True, "missed": 0,
+                  "last_hello": now - 1.0},
+            "c": {"origin": "tcp://127.0.0.4:7737", "alive": False, "missed": 3,
+                  "last_hello": now - 9.0},
+            "d": {"alive": None, "refused": True},
+        }},
+    })
+    lines = text.splitlines()
+    assert "node a (origin tcp://127.0.0.2:7737): 3 peer(s)" in lines
+    row = {line.split()[0]: line.split() for line in lines if line.strip()[:1] in "bcd"}
+    assert row["b"][1:4] == ["tcp://127.0.0.3:7737", "alive", "0"]
+    assert row["c"][1:4] == ["tcp://127.0.0.4:7737", "away", "3"]
+    assert row["d"][1:3] == ["-", "refused"]

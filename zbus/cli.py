@@ -348,7 +348,29 @@ def format_stats(stats: dict[str, Any], previous: dict[str, Any] | None = None,
     if drops:
         lines.append(f"pool start-up drops: {drops}")
     lines.extend(_format_reliable(stats.get("reliable_pools") or {}))
+    lines.extend(_format_peers(stats.get("federation")))
     return "\n".join(lines)
+
+
+def _format_peers(federation: dict[str, Any] | None) -> list[str]:
+    """This proxy's peers and their liveness (absent on a proxy that does not federate)."""
+    if not federation:
+        return []
+    peers: dict[str, dict[str, Any]] = federation.get("peers") or {}
+    lines = [f"node {federation.get('node')} (origin {federation.get('origin')}): "
+             f"{len(peers)} peer(s)"]
+    if not peers:
+        return lines
+    now = time.time()
+    rows = []
+    for pid in sorted(peers):
+        peer = peers[pid]
+        state = ("refused" if peer.get("refused") else
+                 "alive" if peer.get("alive") else "away")
+        last = peer.get("last_hello")
+        rows.append([pid, str(peer.get("origin", "-")), state, str(peer.get("missed", 0)),
+                     "-" if last is None else f"{now - last:.1f}s ago"])
+    return lines + _table(["PEER", "ORIGIN", "STATE", "MISSED HELLOS", "LAST HELLO"], rows)
 
 
 _FAST_COLUMNS = (
