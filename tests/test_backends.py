@@ -665,3 +665,33 @@ os._exit(0)
     finally:
         sub.close()
         conn.close()
+
+
+def test_asyncio_pool_member_reports_its_receipts(
+    proxy_process: Any, run_dir: Path, key: bytes
+) -> None:
+    """An asyncio fast-pool member's reads are reported to the proxy like a threads
+    member's, so the pool's books balance (nothing shows as lost with a dead member)."""
+    count = 300
+
+    async def main() -> dict[str, Any]:
+        conn = zbus.asyncio.Connection(run_dir)
+        dispatcher = zbus.Dispatcher()
+        got: list[int] = []
+        dispatcher.bind("ex", "#", lambda d: got.append(d.sequence))
+        member = conn.join_pool("areceipts", dispatcher, key)
+        await member.ready()
+        pub = zbus.asyncio.Publisher(conn.exchange("ex"), zbus.MessageFactory(key, "p"))
+        for i in range(count):
+            await pub.send("k", i)
+        await member.run(max_messages=count, idle_timeout=10)
+        assert len(got) == count
+        await member.aclose()
+        stats = await conn.proxy_stats()
+        await conn.aclose()
+        return dict(stats["fast_pools"]["areceipts"])
+
+    pool = _run(main())
+    assert pool["handed_out"] == count
+    assert pool["reported"] == count
+    assert pool["unaccounted"] == 0

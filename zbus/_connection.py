@@ -643,6 +643,82 @@ class Subscriber(_Consumer):
         super().close()
 
 
+class ReceiptsReporter:
+    """A fast-pool member's receipts reports to its proxy (docs/RELIABILITY.md), shared by
+    the backends: fire-and-forget sends on a DEALER that only ever uses NOBLOCK (so an
+    asyncio member can call it too), at most every ``RECEIPTS_INTERVAL`` seconds or
+    ``RECEIPTS_EVERY`` messages; the caller decides when to wait for the replies."""
+
+    def __init__(self, pool: str, endpoints: Endpoints, settings: Settings,
+                 ctx: zmq.Context[Any]) -> None:
+        self.pool = pool
+        self.member_id = os.urandom(8).hex()
+        self._endpoints = endpoints
+        self._settings = settings
+        self._ctx = ctx
+        self._sock: zmq.Socket[Any] | None = None  # DEALER on the proxy's control socket
+        self._unanswered = 0  # reports whose reply has not been read yet
+        self._sent = 0  # receipts in the last report tried
+        self._reported = 0  # receipts in the last report queued
+        self._reported_at = time.monotonic()
+
+    @property
+    def started(self) -> bool:
+        return self._sock is not None
+
+    def due_in(self, received: int, now: float) -> float | None:
+        """Seconds until a report of ``received`` is due (0: now), or None if none is."""
+        if received == self._reported:
+            return None
+        if received - self._sent >= RECEIPTS_EVERY:
+            return 0.0
+        return max(0.0, self._reported_at + RECEIPTS_INTERVAL - now)
+
+    def report(self, received: int, now: float, final: bool = False) -> bool:
+        """Queue one report without waiting (False when the proxy is not taking them: the
+        next report carries the same cumulative count)."""
+        sock = self._sock
+        if sock is None:
+            # REP at the other end: a DEALER speaks to it with an empty delimiter frame,
+            # and never has to wait for a reply before the next request.
+            sock = self._sock = make_socket(self._ctx, zmq.DEALER, self._settings, sndhwm=8,
+                                            connect=self._endpoints.control)
+        self.read_replies()
+        self._sent = received
+        self._reported_at = now
+        request = encode_request("pool_receipts", pool=self.pool, member=self.member_id,
+                                 received=received, final=final)
+        try:
+            sock.send_multipart([b"", request], _NOBLOCK)
+        except zmq.Again:
+            return False
+        self._unanswered += 1
+        self._reported = received
+        return True
+
+    def read_replies(self, timeout: float = 0.0) -> bool:
+        """Read the replies that came back (waiting up to ``timeout`` s for the last one);
+        True when every report queued so far was answered."""
+        sock = self._sock
+        deadline = time.monotonic() + timeout
+        while sock is not None and self._unanswered:
+            try:
+                sock.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                    return False
+                continue
+            self._unanswered -= 1
+        return True
+
+    def close(self, linger: float = 0.0) -> None:
+        """Close the DEALER; ``linger`` lets libzmq send a report still queued."""
+        if self._sock is not None:
+            self._sock.close(linger=int(linger * 1000))
+            self._sock = None
+
+
 class PoolMember(_Consumer):
     """A member of a worker pool: each matching message goes to exactly one live member.
 
@@ -665,14 +741,11 @@ class PoolMember(_Consumer):
         self._connected = False
         self.abandoned = 0
         """Messages this member had received but dropped unhandled at drain()'s deadline."""
-        self.member_id = os.urandom(8).hex()
+        self._receipts = ReceiptsReporter(self.pool, connection.endpoints, settings,
+                                          connection.ctx)
+        self.member_id = self._receipts.member_id
         """The random id this member's receipts are reported under."""
         self._dropped = 0  # 3-frame messages read by drain() and abandoned (receipts too)
-        self._reporter: zmq.Socket[Any] | None = None  # DEALER on the proxy's control socket
-        self._unanswered = 0  # reports whose reply has not been read yet
-        self._sent = 0  # receipts in the last report tried
-        self._reported = 0  # receipts in the last report queued
-        self._reported_at = time.monotonic()
 
     @property
     def receipts(self) -> int:
@@ -702,63 +775,24 @@ class PoolMember(_Consumer):
         while True:
             now = time.monotonic()
             wait = None if deadline is None else max(0.0, deadline - now)
-            received = self.core.stats.received + self._dropped
-            if received != self._reported:
-                due = self._reported_at + RECEIPTS_INTERVAL - now
-                if due <= 0 or received - self._sent >= RECEIPTS_EVERY:
-                    self._report(received, now)
-                elif wait is None or due < wait:
-                    wait = due  # wake up to report even when no message comes
+            received = self.receipts
+            due = self._receipts.due_in(received, now)
+            if due == 0:
+                self._receipts.report(received, now)
+            elif due is not None and (wait is None or due < wait):
+                wait = due  # wake up to report even when no message comes
             delivery = super().receive(wait)
             if delivery is not None:
                 return delivery
             if deadline is not None and time.monotonic() >= deadline:
                 return None
 
-    def _report(self, received: int, now: float, final: bool = False) -> bool:
-        """Queue one receipts report without waiting (False when the proxy is not taking
-        them: the next report carries the same cumulative count)."""
-        sock = self._reporter
-        if sock is None:
-            conn = self.connection
-            # REP at the other end: a DEALER speaks to it with an empty delimiter frame,
-            # and never has to wait for a reply before the next request.
-            sock = self._reporter = make_socket(conn.ctx, zmq.DEALER, conn.settings,
-                                                sndhwm=8, connect=conn.endpoints.control)
-        self._read_replies()
-        self._sent = received
-        self._reported_at = now
-        request = encode_request("pool_receipts", pool=self.pool, member=self.member_id,
-                                 received=received, final=final)
-        try:
-            sock.send_multipart([b"", request], _NOBLOCK)
-        except zmq.Again:
-            return False
-        self._unanswered += 1
-        self._reported = received
-        return True
-
-    def _read_replies(self, timeout: float = 0.0) -> bool:
-        """Read the replies that came back (waiting up to ``timeout`` s for the last one);
-        True when every report queued so far was answered."""
-        sock = self._reporter
-        deadline = time.monotonic() + timeout
-        while sock is not None and self._unanswered:
-            try:
-                sock.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                left = deadline - time.monotonic()
-                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
-                    return False
-                continue
-            self._unanswered -= 1
-        return True
-
     def report_receipts(self, timeout: float = 1.0) -> bool:
         """Report this member's receipts now and wait up to ``timeout`` s for the proxy to
         take them; True when it did (the receive loop reports by itself: this is for a
         caller that needs the proxy's count current, e.g. before a planned stop)."""
-        return self._report(self.receipts, time.monotonic()) and self._read_replies(timeout)
+        return (self._receipts.report(self.receipts, time.monotonic())
+                and self._receipts.read_replies(timeout))
 
     def drain(self, timeout: float = 10.0, *, quiet: float = 0.05) -> int:
         """Handle what this member has prefetched until the pool is quiet for ``quiet``
@@ -800,12 +834,10 @@ class PoolMember(_Consumer):
         if not self._sock.closed:
             super().close()  # first: nothing more arrives, so the final count is final
             received = self.receipts
-            if received or self._reporter is not None:
+            if received or self._receipts.started:
                 # Waited for (briefly): the shared context is rarely terminated, so a
                 # report still queued when the process exits would die with it.
                 wait = min(self.connection.settings.linger, 1.0)
-                if self._report(received, time.monotonic(), final=True):
-                    self._read_replies(wait)
-        if self._reporter is not None:
-            self._reporter.close(linger=0)
-            self._reporter = None
+                if self._receipts.report(received, time.monotonic(), final=True):
+                    self._receipts.read_replies(wait)
+        self._receipts.close()

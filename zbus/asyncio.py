@@ -33,6 +33,7 @@ import contextlib
 import inspect
 import logging
 import os
+import time
 from collections import deque
 from pathlib import Path
 from typing import Any, cast
@@ -40,6 +41,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
+from ._connection import ReceiptsReporter
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError
@@ -457,7 +459,11 @@ class Subscriber(_Consumer):
 
 
 class PoolMember(_Consumer):
-    """A member of a worker pool: each matching message goes to exactly one live member."""
+    """A member of a worker pool: each matching message goes to exactly one live member.
+
+    Like :class:`zbus.PoolMember`, it reports its receipts to the proxy (fast-pool loss
+    accounting, docs/RELIABILITY.md); ``aclose()`` waits briefly for the final report.
+    """
 
     def __init__(self, connection: Connection, pool: str, dispatcher: Dispatcher,
                  keys: bytes | KeyRing) -> None:
@@ -467,6 +473,11 @@ class PoolMember(_Consumer):
         self._sock = connection.socket(zmq.PULL, rcvhwm=self._hwm)
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._sock.connect(connection.endpoints.pool(self.pool))
+        # A plain socket used only with NOBLOCK: reporting never waits on the event loop.
+        self._receipts = ReceiptsReporter(self.pool, connection.endpoints, connection.settings,
+                                          _process_context())
+        self.member_id = self._receipts.member_id
+        self._awaited_close = False
 
     @property
     def bindings(self) -> list[str]:
@@ -485,7 +496,42 @@ class PoolMember(_Consumer):
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
 
+    async def receive(self, timeout: float | None = None) -> Delivery | None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while not (self._stopping or self._sock.closed):
+            wait = None if deadline is None else max(0.0, deadline - loop.time())
+            received = self.core.stats.received
+            due = self._receipts.due_in(received, time.monotonic())
+            if due == 0:
+                self._receipts.report(received, time.monotonic())
+            elif due is not None and (wait is None or due < wait):
+                wait = due  # wake up to report even when no message comes
+            delivery = await super().receive(wait)
+            if delivery is not None:
+                return delivery
+            if deadline is not None and loop.time() >= deadline:
+                break
+        return None
+
+    async def aclose(self, *, drain: bool = True) -> int:
+        self._awaited_close = True  # close() leaves the final report's reply to us
+        drained = await super().aclose(drain=drain)
+        if self._receipts.started:
+            wait = min(self.connection.settings.linger, 1.0)
+            await asyncio.to_thread(self._receipts.read_replies, wait)
+        self._receipts.close()
+        return drained
+
     def close(self) -> None:
         if not self._monitor.closed:
             self._monitor.close(linger=0)
-        super().close()
+        if not self._sock.closed:
+            super().close()  # first: nothing more arrives, so the final count is final
+            received = self.core.stats.received
+            if received or self._receipts.started:
+                self._receipts.report(received, time.monotonic(), final=True)
+        if not self._awaited_close:
+            # close() never blocks the loop: libzmq sends the final report in the background
+            # for up to linger (aclose() waits for the proxy's reply instead).
+            self._receipts.close(linger=min(self.connection.settings.linger, 1.0))
