@@ -76,7 +76,7 @@ def _send_loop(args: dict[str, Any], send: Any) -> dict[str, Any]:
 
 
 def _rabbit_channel() -> tuple[Any, Any]:
-    import pika
+    import pika  # type: ignore[import-untyped,unused-ignore]
 
     params = pika.ConnectionParameters(
         HOST, RABBIT_PORT, credentials=pika.PlainCredentials("guest", "guest"),

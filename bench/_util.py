@@ -116,7 +116,8 @@ def publish_loop(args: dict[str, Any], send_warm: Callable[[int], None],
 
     ``burst(n)`` sends ``n`` measured messages in a tight loop (so the loop's own overhead
     is the same few bytecodes for zbus and raw), ``send_one()`` one timestamped message
-    (``rate`` runs), ``send_batch()`` one batch of ``batch`` messages (``batch`` runs).
+    (``rate`` runs), ``send_batch()`` one batch of ``batch`` messages (``batch`` runs). With
+    ``count`` set, exactly ``count`` measured messages go out (rounded up to 100) instead.
     """
     warm = args["warm"]
     send_warm(warm)
@@ -139,7 +140,12 @@ def publish_loop(args: dict[str, Any], send_warm: Callable[[int], None],
             due += interval
     else:
         batch = args.get("batch") or 0
-        if batch:
+        count = args.get("count") or 0
+        if count:  # a fixed number of messages (bursts of 100), whatever the duration
+            while sent < count:
+                burst(100)
+                sent += 100
+        elif batch:
             while perf() < end:
                 send_batch()
                 sent += batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import struct
 import tempfile
 import time
@@ -19,8 +20,9 @@ from typing import Any
 import zmq
 
 import zbus
+from zbus._control import wait_for_peers
 from zbus._names import CONTROL_PREFIX
-from zbus._transport import make_socket, wait_for_probe
+from zbus._transport import CurveKeys, make_socket, wait_for_probe
 
 from ._util import (
     MEASURE,
@@ -35,7 +37,7 @@ from ._util import (
     reporting_failure,
 )
 
-__all__ = ["ProxyProcess", "frame_sizes"]
+__all__ = ["FederationProcess", "ProxyProcess", "frame_sizes"]
 
 EXCHANGE = "bench"
 ROUTING_KEY = "bench.data"
@@ -57,7 +59,7 @@ def frame_sizes(key: bytes, size: int) -> tuple[int, int]:
 
 
 def _proxy_main(run_dir: str, ready: Any, stop: Any) -> None:
-    from zbus_proxy import Proxy
+    from zbus_proxy import Proxy  # type: ignore[import-not-found,unused-ignore]
 
     with Proxy(run_dir):
         ready.set()
@@ -91,6 +93,103 @@ class ProxyProcess:
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
+def _federated_proxy_main(run_dir: str, host: str, port: int, keys: tuple[bytes, bytes],
+                          peer: tuple[str, int, bytes], ready: Any, stop: Any) -> None:
+    from zbus_proxy import Proxy  # type: ignore[import-not-found,unused-ignore]
+    from zbus_proxy._directory import (  # type: ignore[import-not-found,unused-ignore]
+        FederationConfig,
+        PeerInfo,
+    )
+
+    fed = FederationConfig(host=host, port=port, peers=(PeerInfo.at(*peer),),
+                           curve=CurveKeys(*keys), sync_interval=0.2)
+    with Proxy(run_dir, federation=fed):
+        ready.set()
+        stop.wait()
+
+
+def _free_port_pair(host: str) -> int:
+    """A port P on ``host`` with P and P+1 free now (a proxy's origin and peer control)."""
+    for _ in range(50):
+        with socket.socket() as a:
+            a.bind((host, 0))
+            port: int = a.getsockname()[1]
+            if port >= 65534:
+                continue
+            with socket.socket() as b:
+                try:
+                    b.bind((host, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise BenchError(f"no two consecutive free ports on {host}")
+
+
+class FederationProcess:
+    """Two federated ``zbus_proxy.Proxy`` processes, "hosts" A and B on loopback addresses
+    (127.0.0.2 and 127.0.0.3), CURVE on the tcp link between them, as in production.
+
+    ``run_dir`` is host A's (publishers), ``run_dir_b`` host B's (cross-host consumers).
+    """
+
+    HOSTS = ("127.0.0.2", "127.0.0.3")
+
+    def __init__(self) -> None:
+        self.run_dir = tempfile.mkdtemp(prefix="zbb-a-", dir="/tmp")
+        self.run_dir_b = tempfile.mkdtemp(prefix="zbb-b-", dir="/tmp")
+        self._stop = SPAWN.Event()
+        self._ready = [SPAWN.Event(), SPAWN.Event()]
+        ports = [_free_port_pair(h) for h in self.HOSTS]
+        keys = [CurveKeys.generate(), CurveKeys.generate()]
+        self.nodes = [f"{h}:{p}" for h, p in zip(self.HOSTS, ports, strict=True)]
+        self._procs = []
+        for i, run_dir in enumerate((self.run_dir, self.run_dir_b)):
+            j = 1 - i
+            self._procs.append(SPAWN.Process(
+                target=_federated_proxy_main,
+                args=(run_dir, self.HOSTS[i], ports[i], (keys[i].public, keys[i].secret),
+                      (self.HOSTS[j], ports[j], keys[j].public), self._ready[i], self._stop),
+                daemon=True, name=f"bench-proxy-{'ab'[i]}"))
+
+    def _meshed(self) -> bool:
+        for run_dir, other in ((self.run_dir, self.nodes[1]), (self.run_dir_b, self.nodes[0])):
+            with zbus.Connection(run_dir) as conn:
+                stats = conn.control.request("stats", timeout=5)
+            peers = (stats.get("federation") or {}).get("peers", {})
+            if not peers.get(other, {}).get("alive") or f"peer-{other}" not in stats["devices"]:
+                return False
+        return True
+
+    def __enter__(self) -> FederationProcess:
+        for proc in self._procs:
+            proc.start()
+        try:
+            for ready in self._ready:
+                if not ready.wait(20):
+                    raise BenchError("a federated proxy process did not start within 20s")
+            deadline = time.monotonic() + 30
+            while not self._meshed():
+                if time.monotonic() > deadline:
+                    raise BenchError("the two proxies did not link up within 30s")
+                time.sleep(0.1)  # polling the proxies' stats for the link, nothing else
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for proc in self._procs:
+            if proc.pid is None:
+                continue
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        shutil.rmtree(self.run_dir_b, ignore_errors=True)
+
+
 # -- publishers -------------------------------------------------------------------------
 
 
@@ -103,19 +202,20 @@ def zbus_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done
         body = payload_bytes(args["size"], MEASURE)
         batch = [body] * (args.get("batch") or 1)
         send = pub.send
+        rk = args.get("routing_key", ROUTING_KEY)
 
         def send_warm(n: int) -> None:
             for _ in range(n):
-                send(ROUTING_KEY, warm)
+                send(rk, warm)
 
         def burst(n: int) -> None:
             for _ in range(n):
-                send(ROUTING_KEY, body)
+                send(rk, body)
 
         results.put(("ready", index, None))
         go.wait()
-        report = publish_loop(args, send_warm, burst, lambda: send(ROUTING_KEY, body),
-                              lambda: pub.send_many(ROUTING_KEY, batch))
+        report = publish_loop(args, send_warm, burst, lambda: send(rk, body),
+                              lambda: pub.send_many(rk, batch))
         results.put(("result", index, report))
         done.set()
         conn.close()
@@ -127,7 +227,7 @@ def raw_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done:
         settings = zbus.Settings()
         sock = make_socket(zmq.Context.instance(), zmq.PUSH, settings,
                            sndhwm=settings.publish_hwm, connect=endpoints.ingress)
-        topic = f"{EXCHANGE}/{ROUTING_KEY}".encode()
+        topic = f"{EXCHANGE}/{args.get('routing_key', ROUTING_KEY)}".encode()
         body_len, sig_len = args["body_bytes"], args["sig_bytes"]
         sig = b"s" * sig_len
         size = args["size"]
@@ -182,13 +282,19 @@ def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done:
             count.hit(delivery.payload[0], now)
 
         dispatcher = zbus.Dispatcher()
-        dispatcher.bind(EXCHANGE, ROUTING_KEY, handler)
-        consumer: zbus.Subscriber | zbus.PoolMember
-        if args.get("pool"):
-            consumer = conn.join_pool(POOL, dispatcher, args["key"])
+        dispatcher.bind(EXCHANGE, args.get("routing_key", ROUTING_KEY), handler)
+        pool = args.get("pool_name", POOL)
+        consumer: Any
+        if args.get("window"):  # an at-least-once pool member
+            consumer = conn.join_reliable_pool(pool, dispatcher, args["key"],
+                                               window=args["window"])
+        elif args.get("pool"):
+            consumer = conn.join_pool(pool, dispatcher, args["key"])
         else:
             consumer = conn.subscribe(dispatcher, args["key"])
         consumer.ready()
+        if args.get("cross"):  # live at the publishers' host too, not only at ours
+            wait_for_peers(conn.endpoints, conn.settings, conn.ctx, timeout=20.0)
         results.put(("ready", index, None))
         process = consumer.process
         stop = StopWhen(done, args["timeout"])
@@ -201,6 +307,8 @@ def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done:
         report["zbus_lost"] = consumer.stats.lost
         report["rejected"] = sum(consumer.stats.rejected.values())
         report["hist"] = hist.counts
+        if args.get("window"):
+            report["reliable"] = consumer.reliable.as_dict()
         results.put(("result", index, report))
         consumer.close()
         conn.close()
@@ -212,13 +320,15 @@ def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: 
         ctx: zmq.Context[Any] = zmq.Context.instance()
         settings = zbus.Settings()
         endpoints = zbus.Endpoints(Path(args["run_dir"]))
+        topic = f"{EXCHANGE}/{args.get('routing_key', ROUTING_KEY)}"
+        pool = args.get("pool_name", POOL)
         if args.get("pool"):
             conn = zbus.Connection(args["run_dir"])
-            conn.declare_pool(POOL, [f"{EXCHANGE}/{ROUTING_KEY}"])
+            conn.declare_pool(pool, [topic])
             conn.close()
             sock = make_socket(ctx, zmq.PULL, settings, rcvhwm=settings.pool_hwm)
             monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            sock.connect(endpoints.pool(POOL))
+            sock.connect(endpoints.pool(pool))
             if not monitor.poll(10_000):
                 raise BenchError("raw pool member did not connect")
             sock.disable_monitor()
@@ -226,13 +336,15 @@ def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: 
         else:
             sock = make_socket(ctx, zmq.SUB, settings, rcvhwm=settings.subscriber_hwm,
                                connect=endpoints.deliver)
-            sock.subscribe(f"{EXCHANGE}/{ROUTING_KEY}".encode())
+            sock.subscribe(topic.encode())
             token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
             sock.subscribe(token)
             push = make_socket(ctx, zmq.PUSH, settings, connect=endpoints.ingress)
             wait_for_probe(sock, push, token, 10.0, lambda frames: None, "raw subscription")
             push.close(linger=0)
             sock.unsubscribe(token)
+            if args.get("cross"):  # the subscription has reached the publishers' host
+                wait_for_peers(endpoints, settings, ctx, timeout=20.0)
         results.put(("ready", index, None))
         count = Counter()
         hist = LogHistogram()

@@ -27,9 +27,10 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "proxy" / "example.toml"
 
 
 def run(
-    *args: str, timeout: float = 30.0, stdin: str | None = None
+    *args: str, timeout: float = 30.0, stdin: str | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout, input=stdin)
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          input=stdin, cwd=cwd)
 
 
 def zbus_cmd(*args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
@@ -382,3 +383,13 @@ def test_stats_table_shows_peers_and_their_liveness() -> None:
     assert row["b"][1:4] == ["tcp://127.0.0.3:7737", "alive", "0"]
     assert row["c"][1:4] == ["tcp://127.0.0.4:7737", "away", "3"]
     assert row["d"][1:3] == ["-", "refused"]
+
+
+def test_bench_runs_from_a_source_tree_and_explains_itself_elsewhere(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parent.parent
+    listed = zbus_cmd("bench", "--list", "--only", "tcp", cwd=root)
+    assert listed.returncode == 0, listed.stderr
+    assert "tcp-fanout-1" in listed.stdout
+    elsewhere = zbus_cmd("bench", "--list", cwd=tmp_path)
+    assert elsewhere.returncode == 1
+    assert "ships with the zbus source tree" in elsewhere.stderr

@@ -1,4 +1,4 @@
-"""The ``zbus`` command: demo, tap, pub, stats and keygen.
+"""The ``zbus`` command: demo, tap, pub, stats, keygen and bench.
 
 Every command takes ``--run-dir`` (default :func:`zbus.default_run_dir`), the run directory of
 the local zbus-proxy. Exit codes: 0 success, 1 the operation failed (proxy absent, demo books
@@ -22,6 +22,7 @@ import queue
 import shutil
 import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -661,6 +662,17 @@ def _per_key(per_key: dict[str, int]) -> str:
     return ", ".join(f"{k.split('.')[-2]}={v}" for k, v in sorted(per_key.items())) or "-"
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """``python -m bench ARGS`` in the working directory, when it is a zbus source tree."""
+    here = Path.cwd()
+    if not (here / "bench" / "__main__.py").is_file() or \
+            not (here / "bench" / "_scenarios.py").is_file():
+        _err("no bench/ in the working directory: the bench ships with the zbus source tree, "
+             "not the wheel; run 'zbus bench' (or 'python -m bench') from a checkout's root")
+        return EXIT_FAILED
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=here)
+
+
 # -- argument parsing ------------------------------------------------------------------------
 
 
@@ -761,6 +773,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead, write a CURVE key pair for a proxy's tcp links: FILE is a "
                    "directory that gets proxy.pub and proxy.secret (mode 0600)")
     p.set_defaults(func=cmd_keygen)
+
+    # Every argument after 'bench' goes to python -m bench as it is ('zbus bench --help' is
+    # the bench's help): no option prefix, no -h of its own.
+    p = sub.add_parser(
+        "bench", add_help=False, prefix_chars="\0",
+        help="run the benchmark suite (python -m bench; needs the source tree's bench/)",
+        description="Run 'python -m bench ARGS' from the working directory, which must be the "
+        "root of a zbus source tree: the bench ships with the source, not the wheel.",
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, metavar="ARGS",
+                   help="passed to python -m bench (try: zbus bench --help)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
