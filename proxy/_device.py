@@ -7,8 +7,10 @@ through the loop's control socket, so reading counters never copies a message.
 
 from __future__ import annotations
 
+import logging
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,8 @@ from zbus import TransportError
 from zbus._transport import CurveKeys
 
 __all__ = ["Device", "SocketSpec"]
+
+log = logging.getLogger("zbus.proxy")
 
 _U64 = struct.Struct("=Q")
 STAT_NAMES = (
@@ -86,6 +90,8 @@ class Device:
         self.last_endpoints: tuple[str, str] = ("", "")
         """Each socket's last bound endpoint (tcp binds come last: the port chosen for ``*``)."""
         self._error: BaseException | None = None
+        self.restarts = 0
+        """How often the forwarding loop failed and was restarted (logged at ERROR)."""
         self._thread = threading.Thread(target=self._run, name=f"zbus-{name}", daemon=True)
 
     def start(self, timeout: float = 10.0) -> None:
@@ -113,9 +119,19 @@ class Device:
             return
         self._ready.set()
         try:
-            zmq.proxy_steerable(frontend, backend, None, control)
-        except zmq.ContextTerminated:
-            pass
+            while True:
+                try:
+                    zmq.proxy_steerable(frontend, backend, None, control)
+                    break  # TERMINATE
+                except zmq.ContextTerminated:
+                    break
+                except zmq.ZMQError as exc:
+                    # Whatever a peer made the loop fail on, a plane must not go silent
+                    # while the proxy still answers ping: log, count, and forward again.
+                    self.restarts += 1
+                    log.error("device %s: forwarding loop failed (%s); restarting it (%d)",
+                              self.name, exc, self.restarts)
+                    time.sleep(min(0.01 * self.restarts, 1.0))  # no hot spin on a repeat
         finally:
             control.close(linger=0)
             for sock, spec in zip((frontend, backend), self._specs, strict=True):

@@ -31,6 +31,7 @@ import pytest
 import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from zbus_proxy import Proxy
 from zmq.utils.monitor import recv_monitor_message
 
 import zbus
@@ -536,15 +537,26 @@ def test_subscription_barrage_on_origin(
     subscription_barrage(proxy_process, conn, conn.endpoints.origin)
 
 
-@pytest.mark.xfail(
-    reason="after this barrage on deliver.sock the proxy answers ping but a new subscriber's "
-    "readiness probe never comes back: garbage subscription frames wedge the deliver "
-    "device's subscription path (issue-5 report; not yet minimised)",
-)
 def test_subscription_barrage_on_deliver(
     proxy_process: ProxyProcess, conn: zbus.Connection
 ) -> None:
     subscription_barrage(proxy_process, conn, conn.endpoints.deliver)
+
+
+def test_data_then_duplicate_subscription_cannot_stop_delivery(run_dir: Path) -> None:
+    """The barrage above, minimised: [data, duplicate subscription] from a peer on
+    deliver.sock used to end the deliver device's loop (EAGAIN on a continuation that never
+    came), silencing delivery while the proxy still answered ping."""
+    with Proxy(run_dir), zbus.Connection(run_dir) as conn:
+        attacker = raw(conn, zmq.XSUB, conn.endpoints.deliver)
+        try:
+            attacker.send(b"\x01dup")
+            assert conn.control.request("ping")["ok"]  # the subscription is in, then:
+            attacker.send_multipart([b"data", b"\x01dup"])  # its second part: a duplicate
+            assert conn.control.request("ping")["ok"]
+            assert_legit_traffic_flows(conn, 100)
+        finally:
+            attacker.close(linger=0)
 
 
 def test_non_zmtp_bytes_and_wrong_peers_on_every_bound_socket(

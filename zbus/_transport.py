@@ -157,6 +157,12 @@ def make_socket(
             sock.setsockopt(zmq.MAXMSGSIZE, min(settings.max_message_bytes, SUBSCRIPTION_MAX_BYTES))
         elif kind in _RECEIVING:
             sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
+        if kind in (zmq.XPUB, zmq.XSUB):
+            # Only a message's first part may be a (un)subscription. By default libzmq also
+            # reads later parts as subscriptions, so a peer's [data, duplicate-subscription]
+            # reaches the proxy loop as a first part flagged MORE whose continuation never
+            # comes: the device's loop fails (EAGAIN) and that plane stops delivering.
+            sock.setsockopt(zmq.ONLY_FIRST_SUBSCRIBE, 1)
         if sndhwm is not None:
             sock.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm is not None:
