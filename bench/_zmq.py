@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import struct
 import tempfile
 import time
@@ -108,23 +107,6 @@ def _federated_proxy_main(run_dir: str, host: str, port: int, keys: tuple[bytes,
         stop.wait()
 
 
-def _free_port_pair(host: str) -> int:
-    """A port P on ``host`` with P and P+1 free now (a proxy's origin and peer control)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind((host, 0))
-            port: int = a.getsockname()[1]
-            if port >= 65534:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind((host, port + 1))
-                except OSError:
-                    continue
-            return port
-    raise BenchError(f"no two consecutive free ports on {host}")
-
-
 class FederationProcess:
     """Two federated ``zbus_proxy.Proxy`` processes, "hosts" A and B on loopback addresses
     (127.0.0.2 and 127.0.0.3), CURVE on the tcp link between them, as in production.
@@ -139,7 +121,11 @@ class FederationProcess:
         self.run_dir_b = tempfile.mkdtemp(prefix="zbb-b-", dir="/tmp")
         self._stop = SPAWN.Event()
         self._ready = [SPAWN.Event(), SPAWN.Event()]
-        ports = [_free_port_pair(h) for h in self.HOSTS]
+        from zbus_proxy._directory import (  # type: ignore[import-not-found,unused-ignore]
+            free_port_pair,
+        )
+
+        ports = [free_port_pair(h) for h in self.HOSTS]
         keys = [CurveKeys.generate(), CurveKeys.generate()]
         self.nodes = [f"{h}:{p}" for h, p in zip(self.HOSTS, ports, strict=True)]
         self._procs = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -24,11 +25,12 @@ from typing import Any
 import zmq
 import zmq.utils.z85
 
-from zbus import ConfigError
+from zbus import ConfigError, TransportError
 from zbus._transport import CurveKeys
 
 __all__ = [
     "DEFAULT_PORT",
+    "free_port_pair",
     "FederationConfig",
     "PeerInfo",
     "RedisDirectory",
@@ -44,6 +46,24 @@ DEFAULT_PORT = 7737
 """Origin PUB on this port, the peer control socket on the next one (7738)."""
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
+
+
+def free_port_pair(host: str) -> int:
+    """A port P on ``host`` with P and P+1 free now: a proxy's origin and its peer control
+    (``--bind HOST:P``). For tests and benchmarks; another process may take them later."""
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind((host, 0))
+            port: int = first.getsockname()[1]
+            if port >= 65534:
+                continue
+            with socket.socket() as second:
+                try:
+                    second.bind((host, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise TransportError(f"no two consecutive free ports on {host}")
 
 
 def parse_address(text: str, what: str = "address") -> tuple[str, int]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from zbus_proxy._directory import free_port_pair
 
 import zbus
 from zbus._control import wait_for_peers
@@ -57,23 +58,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # -- the test side ----------------------------------------------------------------------------
-
-
-def free_port_pair(host: str) -> int:
-    """A port P on ``host`` with P and P+1 free now (origin and peer control)."""
-    for _ in range(50):
-        with socket.socket() as a:
-            a.bind((host, 0))
-            port: int = a.getsockname()[1]
-            if port >= 65534:
-                continue
-            with socket.socket() as b:
-                try:
-                    b.bind((host, port + 1))
-                except OSError:
-                    continue
-            return port
-    raise RuntimeError(f"no two consecutive free ports on {host}")
 
 
 @dataclass
