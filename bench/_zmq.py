@@ -179,9 +179,19 @@ class FederationProcess:
 # -- publishers -------------------------------------------------------------------------
 
 
+def _connection(args: dict[str, Any]) -> zbus.Connection:
+    """The threads backend's Connection, or (``backend="eventlet"``) its green twin: the
+    same API, so one worker serves both."""
+    if args.get("backend") == "eventlet":
+        from zbus import eventlet as green  # imported only in eventlet workers
+
+        return green.Connection(args["run_dir"])
+    return zbus.Connection(args["run_dir"])
+
+
 def zbus_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
     with reporting_failure(results, index):
-        conn = zbus.Connection(args["run_dir"])
+        conn = _connection(args)
         factory = zbus.MessageFactory(args["key"], "bench-publisher")
         pub = zbus.Publisher(conn.exchange(EXCHANGE), factory)
         warm = payload_bytes(args["size"], WARM)
@@ -254,7 +264,7 @@ def raw_publisher(args: dict[str, Any], index: int, results: Any, go: Any, done:
 def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
     """A zbus Subscriber (``pool`` unset) or PoolMember counting what its handler gets."""
     with reporting_failure(results, index):
-        conn = zbus.Connection(args["run_dir"])
+        conn = _connection(args)
         count = Counter()
         hist = LogHistogram()
         latency = args.get("rate") is not None
@@ -289,6 +299,8 @@ def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done:
                 continue
             if stop():
                 break
+        if hasattr(consumer, "wait_handlers"):  # eventlet: handlers run in green threads
+            consumer.wait_handlers()
         report = count.as_dict()
         report["zbus_lost"] = consumer.stats.lost
         report["rejected"] = sum(consumer.stats.rejected.values())

@@ -749,9 +749,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pub)
 
     p = sub.add_parser(
-        "stats", help="show the local proxy's counters and pools",
+        "stats", help="show the local proxy's counters, pools and peers",
         description="Ask the local proxy's control socket for its counters: frames in and "
-        "out per device (forwarding loop), and the declared pools with their bindings.",
+        "out per device (forwarding loop), the declared pools with their bindings, the fast "
+        "pools' receipts (what members never reported), the at-least-once pools, and, on a "
+        "federating proxy, its peers and their liveness.",
     )
     p.add_argument("--json", action="store_true", help="print the raw counters as JSON")
     p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
