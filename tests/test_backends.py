@@ -11,9 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
@@ -198,6 +200,67 @@ def test_raising_handler_is_counted_and_the_loop_goes_on(
         assert backend.run(sub, 10) == 10
         assert seen == list(range(10))
         assert (sub.stats.handler_errors, sub.stats.delivered) == (5, 10)
+    finally:
+        backend.close(sub, conn)
+
+
+def test_a_stricter_subscriber_survives_a_message_above_its_limit(
+    backend: Backend, proxy_process: Any, run_dir: Path, key: bytes
+) -> None:
+    """A message the proxy takes (1 MiB limit) but this subscriber refuses (16 KiB): libzmq
+    ends the connection for good; the subscriber counts it, reconnects on a new socket, and
+    loses nothing sent once it is live again."""
+    limit = 16 * 1024
+    conn = backend.connect(run_dir, settings=zbus.Settings(max_message_bytes=limit))
+    dispatcher, seen = _recorder(backend)
+    sub = backend.subscriber(conn, dispatcher, key)
+    publisher = zbus.Connection(run_dir)
+    try:
+        factory = zbus.MessageFactory(key, "pub")
+        Backend().publish(publisher, factory, "order.created", list(range(20)))
+        assert backend.run(sub, 20) == 20
+        Backend().publish(publisher, factory, "order.created", ["x" * 2 * limit])
+        deadline = time.monotonic() + 20
+        while sub.link.resubscribed == 0:  # receiving drives the link
+            assert backend.call(sub.receive, timeout=0.1) is None
+            assert time.monotonic() < deadline, f"never reconnected: {sub.counters()}"
+        assert sub.live and (sub.link.disconnects, sub.link.replaced) == (1, 1)
+        Backend().publish(publisher, factory, "order.created", list(range(20, 40)))
+        assert backend.run(sub, 20) == 20
+        assert seen == list(range(40))
+        # the refused message is a gap in the publisher's sequence, counted as lost
+        assert (sub.stats.lost, dict(sub.stats.rejected)) == (1, {})
+    finally:
+        backend.close(sub, conn)
+        publisher.close()
+
+
+def test_subscriber_rejoins_a_restarted_proxy(
+    backend: Backend, proxy_process: Any, run_dir: Path, key: bytes
+) -> None:
+    """SIGKILL and restart the proxy: libzmq reconnects the same socket (nothing replaced),
+    the subscriber proves its subscriptions live again, and what is sent after that arrives."""
+    conn = backend.connect(run_dir)
+    dispatcher, seen = _recorder(backend)
+    sub = backend.subscriber(conn, dispatcher, key)
+    try:
+        factory = zbus.MessageFactory(key, "pub")
+        with zbus.Connection(run_dir) as publisher:
+            Backend().publish(publisher, factory, "order.created", list(range(10)))
+        assert backend.run(sub, 10) == 10
+        proxy_process.stop(signal.SIGKILL)
+        proxy_process.start()
+        deadline = time.monotonic() + 20
+        while sub.link.resubscribed == 0:  # receiving drives the link
+            assert backend.call(sub.receive, timeout=0.1) is None
+            assert time.monotonic() < deadline, f"never resubscribed: {sub.counters()}"
+        assert sub.live
+        assert (sub.link.disconnects, sub.link.reconnects, sub.link.replaced) == (1, 1, 0)
+        with zbus.Connection(run_dir) as publisher:  # the same factory: its sequence goes on
+            Backend().publish(publisher, factory, "order.created", list(range(10, 30)))
+        assert backend.run(sub, 20) == 20
+        assert seen == list(range(30))
+        assert (sub.stats.lost, dict(sub.stats.rejected)) == (0, {})
     finally:
         backend.close(sub, conn)
 

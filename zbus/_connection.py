@@ -14,17 +14,16 @@ import os
 import threading
 import time
 from collections import deque
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import zmq
-from zmq.utils.monitor import parse_monitor_message
 
 from ._control import ControlClient, encode_request, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
+from ._link import CHECK_EVERY, LinkStats, SubscriptionLink
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
@@ -45,15 +44,6 @@ __all__ = [
 
 log = logging.getLogger("zbus")
 
-# A SUB's subscriptions travel its send pipe, which drops (silently) what exceeds SNDHWM:
-# both when they are first made and when libzmq re-sends them all after a reconnect
-# (libzmq #2258). Size the pipe for every subscription, plus room for probes.
-_SUB_SLACK = 1000
-# How often an otherwise busy subscriber looks at its link events (messages between looks).
-_LINK_CHECK_EVERY = 256
-# Longest single wait inside receive(): link events and re-probes need a turn even when the
-# caller asked to wait forever.
-_MAX_WAIT = 0.25
 _SNDMORE = int(zmq.SNDMORE)
 # A fast-pool member reports its receipts to the proxy at most this often (seconds), or
 # after this many messages, whichever comes first (docs/RELIABILITY.md).
@@ -84,26 +74,6 @@ def _send(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
         send(frame, _SNDMORE)
     if last:
         send(frames[last])
-
-
-@dataclass
-class LinkStats:
-    """What a consumer's connection to its proxy went through (see docs/RELIABILITY.md).
-
-    ``disconnects``: the proxy went away (crash, restart, heartbeat timeout);
-    ``reconnects``: the connection came back; ``resubscribed``: a re-probe proved the
-    subscriptions live again after a reconnect; ``last_outage``: seconds from the last
-    disconnect until that proof (None until the first one). Loss during an outage is in
-    ``ConsumerStats.lost`` (as sequence gaps), not here.
-    """
-
-    disconnects: int = 0
-    reconnects: int = 0
-    resubscribed: int = 0
-    last_outage: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Connection:
@@ -443,10 +413,12 @@ class _Consumer:
 class Subscriber(_Consumer):
     """Fan-out: receives its own copy of every message matching the dispatcher's patterns.
 
-    The subscriber watches its connection to the proxy (a socket monitor): when the proxy
-    restarts, libzmq reconnects and re-sends the subscriptions by itself, and the subscriber
-    re-probes the path to know when they are live again (:attr:`live`, :attr:`link`). What
-    was published meanwhile is counted as ``stats.lost`` once a later message arrives.
+    The subscriber watches its connection to the proxy (zbus._link): when the proxy
+    restarts, libzmq reconnects and re-sends the subscriptions by itself; when libzmq gives
+    the connection up (a frame above ``max_message_bytes``), the subscriber connects a new
+    socket. Either way it re-probes the path to know when the subscriptions are live again
+    (:attr:`live`, :attr:`link`). What was published meanwhile is counted as ``stats.lost``
+    once a later message from the same publisher arrives.
     """
 
     def __init__(
@@ -455,31 +427,22 @@ class Subscriber(_Consumer):
         super().__init__(connection, dispatcher, keys, track_sequences=True)
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
-        settings = connection.settings
-        self._prefixes = self.core.prefixes()
-        self._sock = make_socket(
-            connection.ctx, zmq.SUB, settings, sndhwm=_SUB_SLACK + 2 * len(self._prefixes),
-            rcvhwm=settings.subscriber_hwm,
+        ctx, settings = connection.ctx, connection.settings
+        self._link = SubscriptionLink(
+            lambda **options: make_socket(ctx, zmq.SUB, settings, **options),
+            ctx, connection.endpoints, settings, self.core.prefixes(), self._pending,
         )
-        # Before connect, so that no link event is missed.
-        self._monitor = self._sock.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-        )
-        self._sock.connect(connection.endpoints.deliver)
-        for prefix in self._prefixes:
-            self._sock.subscribe(prefix)
-        self.link = LinkStats()
-        self._down_since: float | None = None
-        self._reprobe: bytes | None = None
-        self._reprobe_push: zmq.Socket[Any] | None = None
-        self._reprobe_next = 0.0
-        self._reprobe_interval = 0.0
+        self._sock = self._link.sock
         self._since_check = 0
 
     @property
     def live(self) -> bool:
         """False from a lost connection to the proxy until the subscriptions are proven live."""
-        return self._down_since is None
+        return self._link.live
+
+    @property
+    def link(self) -> LinkStats:
+        return self._link.stats
 
     def counters(self) -> dict[str, Any]:
         return {**self.stats.as_dict(), "link": self.link.as_dict(), "live": self.live}
@@ -509,7 +472,7 @@ class Subscriber(_Consumer):
                 frames = self._pending.popleft()
             else:
                 self._since_check += 1
-                if self._since_check >= _LINK_CHECK_EVERY:
+                if self._since_check >= CHECK_EVERY:
                     self._check_link()
                 try:  # a message already waiting costs no poll
                     frames = self._sock.recv_multipart(zmq.NOBLOCK)
@@ -518,14 +481,13 @@ class Subscriber(_Consumer):
                     now = time.monotonic()
                     if deadline is not None and now >= deadline:
                         return None
-                    wait = _MAX_WAIT if self._reprobe is None else 0.02
+                    wait = self._link.max_wait()
                     if deadline is not None:
                         wait = min(wait, deadline - now)
                     if not self._sock.poll(max(1, int(wait * 1000))):
                         continue
                     frames = self._sock.recv_multipart()
-                if len(frames) == 1 and frames[0] == self._reprobe:
-                    self._resubscribed()
+                if len(frames) == 1 and self._link.took_probe(frames[0]):
                     continue
             delivery = self.core.accept(frames)
             if delivery is not None:
@@ -534,53 +496,9 @@ class Subscriber(_Consumer):
                 return None
 
     def _check_link(self) -> None:
-        """Read link events; while a re-probe is out, send it again now and then."""
         self._since_check = 0
-        while self._monitor.poll(0):
-            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_DISCONNECTED:
-                self.link.disconnects += 1
-                if self._down_since is None:
-                    self._down_since = time.monotonic()
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED and self._down_since is not None:
-                self.link.reconnects += 1
-                self._start_reprobe()
-        if self._reprobe is not None and time.monotonic() >= self._reprobe_next:
-            self._send_reprobe()
-
-    def _start_reprobe(self) -> None:
-        # libzmq re-sends the subscriptions on reconnect (it has them since this SUB made
-        # them); the probe, subscribed after them on the same pipe, proves they arrived.
-        if self._reprobe is None:
-            self._reprobe = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
-            self._sock.subscribe(self._reprobe)
-        if self._reprobe_push is not None:
-            self._reprobe_push.close(linger=0)
-        conn = self.connection
-        self._reprobe_push = make_socket(
-            conn.ctx, zmq.PUSH, conn.settings, connect=conn.endpoints.ingress
-        )
-        self._reprobe_interval = 0.005
-        self._reprobe_next = 0.0
-
-    def _send_reprobe(self) -> None:
-        assert self._reprobe is not None and self._reprobe_push is not None
-        with contextlib.suppress(zmq.Again):
-            self._reprobe_push.send(self._reprobe, zmq.NOBLOCK)
-        self._reprobe_next = time.monotonic() + self._reprobe_interval
-        self._reprobe_interval = min(self._reprobe_interval * 2, 0.2)
-
-    def _resubscribed(self) -> None:
-        assert self._reprobe is not None
-        self._sock.unsubscribe(self._reprobe)
-        self._reprobe = None
-        if self._reprobe_push is not None:
-            self._reprobe_push.close(linger=0)
-            self._reprobe_push = None
-        if self._down_since is not None:
-            self.link.last_outage = time.monotonic() - self._down_since
-            self._down_since = None
-        self.link.resubscribed += 1
+        if self._link.check():
+            self._sock = self._link.sock
 
     def drain(self, timeout: float = 10.0) -> int:
         """Run the handlers of every message that reached the proxy before this call, then
@@ -633,13 +551,7 @@ class Subscriber(_Consumer):
         return handled
 
     def close(self) -> None:
-        if self._reprobe_push is not None:
-            self._reprobe_push.close(linger=0)
-            self._reprobe_push = None
-        if not self._monitor.closed:
-            with contextlib.suppress(zmq.ZMQError):
-                self._sock.disable_monitor()
-            self._monitor.close(linger=0)
+        self._link.close()
         super().close()
 
 

@@ -46,6 +46,7 @@ from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError
 from ._keys import KeyRing
+from ._link import CHECK_EVERY, LinkStats, SubscriptionLink
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
@@ -276,6 +277,9 @@ class _Consumer:
             left = None if deadline is None else deadline - loop.time()
             if left is not None and left <= 0:
                 return None
+            most = self._watch_link()
+            if most is not None:
+                left = most if left is None else min(left, most)
             readable = cast("asyncio.Future[int]",
                             self._sock.poll(-1 if left is None else int(left * 1000) + 1))
             self._wake = loop.create_future()
@@ -284,6 +288,11 @@ class _Consumer:
             finally:
                 readable.cancel()
                 self._wake = None
+        return None
+
+    def _watch_link(self) -> float | None:
+        """Look after the link to the proxy (subscribers do); the longest wait until the
+        next look, or None."""
         return None
 
     async def receive(self, timeout: float | None = None) -> Delivery | None:
@@ -405,16 +414,55 @@ class _Consumer:
 
 
 class Subscriber(_Consumer):
-    """Fan-out: receives its own copy of every message matching the dispatcher's patterns."""
+    """Fan-out: receives its own copy of every message matching the dispatcher's patterns.
+
+    Watches and repairs its connection to the proxy like :class:`zbus.Subscriber`
+    (:attr:`live`, :attr:`link`), from its receive loop.
+    """
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher,
                  keys: bytes | KeyRing) -> None:
         super().__init__(connection, dispatcher, keys, track_sequences=True)
         self._hwm = connection.settings.subscriber_hwm
-        self._sock = connection.socket(zmq.SUB, rcvhwm=self._hwm,
-                                       connect=connection.endpoints.deliver)
-        for prefix in self.core.prefixes():
-            self._sock.subscribe(prefix)
+        self._link = SubscriptionLink(
+            lambda **options: connection.socket(zmq.SUB, **options),
+            zmq.Context.shadow(connection.ctx.underlying),  # plain sockets for the link
+            connection.endpoints, connection.settings, self.core.prefixes(), self._pending,
+        )
+        self._sock = self._link.sock
+        self._since_check = 0
+
+    @property
+    def live(self) -> bool:
+        """False from a lost connection to the proxy until the subscriptions are proven live."""
+        return self._link.live
+
+    @property
+    def link(self) -> LinkStats:
+        return self._link.stats
+
+    def counters(self) -> dict[str, Any]:
+        """Every counter this subscriber keeps, as one plain map."""
+        return {**self.stats.as_dict(), "link": self.link.as_dict(), "live": self.live}
+
+    def _watch_link(self) -> float | None:
+        self._since_check = 0
+        if self._link.check():
+            self._sock = self._link.sock
+        return self._link.max_wait()
+
+    async def _read(self, deadline: float | None, *, stoppable: bool = True) -> list[bytes] | None:
+        self._since_check += 1
+        if self._since_check >= CHECK_EVERY:  # a busy stream never waits: look now and then
+            self._watch_link()
+        while (frames := await super()._read(deadline, stoppable=stoppable)) is not None:
+            if not (len(frames) == 1 and self._link.took_probe(frames[0])):
+                break
+        return frames
+
+    def close(self) -> None:
+        self._link.close()
+        super().close()
 
     async def ready(self, timeout: float = 10.0) -> None:
         """Return once the subscription is live at the proxy (see :meth:`zbus.Subscriber.ready`).
