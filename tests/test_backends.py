@@ -235,6 +235,38 @@ def test_a_stricter_subscriber_survives_a_message_above_its_limit(
         publisher.close()
 
 
+def test_a_stricter_pool_member_survives_a_message_above_its_limit(
+    backend: Backend, proxy_process: Any, run_dir: Path, key: bytes
+) -> None:
+    """The same for a fast-pool member (a PULL): it reconnects on a new socket and goes on
+    taking its share; the refused message is counted by the proxy as unaccounted."""
+    limit = 16 * 1024
+    conn = backend.connect(run_dir, settings=zbus.Settings(max_message_bytes=limit))
+    dispatcher, seen = _recorder(backend, "order.*")
+    member = backend.pool_member(conn, "billing", dispatcher, key)
+    try:
+        with zbus.Connection(run_dir) as publisher:
+            factory = zbus.MessageFactory(key, "pub")
+            Backend().publish(publisher, factory, "order.created", list(range(20)))
+            assert backend.run(member, 20) == 20
+            Backend().publish(publisher, factory, "order.created", ["x" * 2 * limit])
+            deadline = time.monotonic() + 20
+            while member.link.replaced == 0 or not member.live:  # receiving drives the link
+                assert backend.call(member.receive, timeout=0.1) is None
+                assert time.monotonic() < deadline, f"never reconnected: {member.counters()}"
+            assert (member.link.disconnects, member.link.reconnects) == (1, 1)
+            Backend().publish(publisher, factory, "order.created", list(range(20, 40)))
+            assert backend.run(member, 20) == 20
+            assert seen == list(range(40))
+    finally:
+        backend.close(member, conn)
+    with zbus.Connection(run_dir) as watcher:
+        deadline = time.monotonic() + 10
+        while (pool := watcher.proxy_stats()["fast_pools"]["billing"])["reported"] < 40:
+            assert time.monotonic() < deadline, pool  # the final report is on its way
+    assert (pool["handed_out"], pool["unaccounted"]) == (41, 1)
+
+
 def test_subscriber_rejoins_a_restarted_proxy(
     backend: Backend, proxy_process: Any, run_dir: Path, key: bytes
 ) -> None:

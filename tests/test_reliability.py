@@ -81,8 +81,8 @@ def test_subscriber_drain_handles_everything_already_sent(
     assert handled == list(range(1, 5001))
     counters = sub.counters()
     assert counters["received"] == 5000 and counters["lost"] == 0 and counters["live"]
-    assert counters["link"] == {"disconnects": 0, "reconnects": 0, "resubscribed": 0,
-                                "last_outage": None}
+    assert counters["link"] == {"disconnects": 0, "reconnects": 0, "replaced": 0,
+                                "resubscribed": 0, "last_outage": None}
     conn.close()
 
 

@@ -23,7 +23,7 @@ from ._control import ControlClient, encode_request, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
-from ._link import CHECK_EVERY, LinkStats, SubscriptionLink
+from ._link import CHECK_EVERY, ConsumerLink, LinkStats
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
@@ -327,7 +327,8 @@ class Router:
 
 
 class _Consumer:
-    """Receive loop shared by subscribers and pool members (threads backend)."""
+    """The handler loop shared by every consumer (threads backend); each kind of consumer
+    brings its socket and :meth:`receive`."""
 
     _sock: zmq.Socket[Any]
 
@@ -347,24 +348,7 @@ class _Consumer:
 
         Rejected and unmatched messages are counted and skipped.
         """
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            if self._pending:
-                frames = self._pending.popleft()
-            else:
-                try:  # a message already waiting costs no poll
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    wait = -1 if deadline is None else max(
-                        0, int((deadline - time.monotonic()) * 1000))
-                    if not self._sock.poll(wait):
-                        return None
-                    frames = self._sock.recv_multipart()
-            delivery = self.core.accept(frames)
-            if delivery is not None:
-                return delivery
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
+        raise NotImplementedError
 
     def process(self, timeout: float | None = None) -> bool:
         """Receive one delivery and run its handlers; False when ``timeout`` passed first."""
@@ -410,62 +394,38 @@ class _Consumer:
         self.close()
 
 
-class Subscriber(_Consumer):
-    """Fan-out: receives its own copy of every message matching the dispatcher's patterns.
+class _LinkedConsumer(_Consumer):
+    """A consumer that reads from a SUB or PULL its link to the proxy looks after."""
 
-    The subscriber watches its connection to the proxy (zbus._link): when the proxy
-    restarts, libzmq reconnects and re-sends the subscriptions by itself; when libzmq gives
-    the connection up (a frame above ``max_message_bytes``), the subscriber connects a new
-    socket. Either way it re-probes the path to know when the subscriptions are live again
-    (:attr:`live`, :attr:`link`). What was published meanwhile is counted as ``stats.lost``
-    once a later message from the same publisher arrives.
-    """
-
-    def __init__(
-        self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing
-    ) -> None:
-        super().__init__(connection, dispatcher, keys, track_sequences=True)
-        if not dispatcher.patterns:
-            raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
+    def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
+                 *, track_sequences: bool, endpoint: str, subscribe: bool) -> None:
+        super().__init__(connection, dispatcher, keys, track_sequences=track_sequences)
         ctx, settings = connection.ctx, connection.settings
-        self._link = SubscriptionLink(
-            lambda **options: make_socket(ctx, zmq.SUB, settings, **options),
-            ctx, connection.endpoints, settings, self.core.prefixes(), self._pending,
+        self._link = ConsumerLink(
+            lambda kind, **options: make_socket(ctx, kind, settings, **options),
+            ctx, settings, self._pending,
+            endpoint=endpoint, ingress=connection.endpoints.ingress,
+            prefixes=self.core.prefixes() if subscribe else None,
         )
         self._sock = self._link.sock
         self._since_check = 0
 
     @property
     def live(self) -> bool:
-        """False from a lost connection to the proxy until the subscriptions are proven live."""
+        """False from a lost connection to the proxy until it is proven live again."""
         return self._link.live
 
     @property
     def link(self) -> LinkStats:
+        """What the connection to the proxy went through (docs/RELIABILITY.md)."""
         return self._link.stats
 
-    def counters(self) -> dict[str, Any]:
-        return {**self.stats.as_dict(), "link": self.link.as_dict(), "live": self.live}
-
-    def ready(self, timeout: float = 10.0) -> None:
-        """Return once the subscription is live at this host's proxy and at every peer proxy
-        that answers: nothing published after this returns, on any host, is lost to the
-        slow-joiner effect. Raises Timeout."""
-        deadline = time.monotonic() + timeout
-        token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
-        self._sock.subscribe(token)
-        conn = self.connection
-        push = make_socket(conn.ctx, zmq.PUSH, conn.settings, connect=conn.endpoints.ingress)
-        try:
-            wait_for_probe(self._sock, push, token, timeout, self._pending.append, "subscription")
-        finally:
-            push.close(linger=0)
-            self._sock.unsubscribe(token)
-        # Live locally; a single-host proxy answers "no peers" at once.
-        left = max(0.1, deadline - time.monotonic())
-        wait_for_peers(conn.endpoints, conn.settings, conn.ctx, left)
-
     def receive(self, timeout: float | None = None) -> Delivery | None:
+        """The next verified, matching delivery (handlers not run), or None after ``timeout``.
+
+        Rejected and unmatched messages are counted and skipped. The wait also looks after
+        the link to the proxy (zbus._link), at least every 0.25 s.
+        """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if self._pending:
@@ -499,6 +459,53 @@ class Subscriber(_Consumer):
         self._since_check = 0
         if self._link.check():
             self._sock = self._link.sock
+
+    def counters(self) -> dict[str, Any]:
+        return {**super().counters(), "link": self.link.as_dict(), "live": self.live}
+
+    def close(self) -> None:
+        self._link.close()
+        super().close()
+
+
+class Subscriber(_LinkedConsumer):
+    """Fan-out: receives its own copy of every message matching the dispatcher's patterns.
+
+    The subscriber watches its connection to the proxy (zbus._link): when the proxy
+    restarts, libzmq reconnects and re-sends the subscriptions by itself; when libzmq gives
+    the connection up (a frame above ``max_message_bytes``), the subscriber connects a new
+    socket. Either way it re-probes the path to know when the subscriptions are live again
+    (:attr:`live`, :attr:`link`). What was published meanwhile is counted as ``stats.lost``
+    once a later message from the same publisher arrives.
+    """
+
+    def __init__(
+        self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing
+    ) -> None:
+        if not dispatcher.patterns:
+            raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
+        super().__init__(
+            connection, dispatcher, keys, track_sequences=True,
+            endpoint=connection.endpoints.deliver, subscribe=True,
+        )
+
+    def ready(self, timeout: float = 10.0) -> None:
+        """Return once the subscription is live at this host's proxy and at every peer proxy
+        that answers: nothing published after this returns, on any host, is lost to the
+        slow-joiner effect. Raises Timeout."""
+        deadline = time.monotonic() + timeout
+        token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
+        self._sock.subscribe(token)
+        conn = self.connection
+        push = make_socket(conn.ctx, zmq.PUSH, conn.settings, connect=conn.endpoints.ingress)
+        try:
+            wait_for_probe(self._sock, push, token, timeout, self._pending.append, "subscription")
+        finally:
+            push.close(linger=0)
+            self._sock.unsubscribe(token)
+        # Live locally; a single-host proxy answers "no peers" at once.
+        left = max(0.1, deadline - time.monotonic())
+        wait_for_peers(conn.endpoints, conn.settings, conn.ctx, left)
 
     def drain(self, timeout: float = 10.0) -> int:
         """Run the handlers of every message that reached the proxy before this call, then
@@ -550,9 +557,6 @@ class Subscriber(_Consumer):
             )
         return handled
 
-    def close(self) -> None:
-        self._link.close()
-        super().close()
 
 
 class ReceiptsReporter:
@@ -631,7 +635,7 @@ class ReceiptsReporter:
             self._sock = None
 
 
-class PoolMember(_Consumer):
+class PoolMember(_LinkedConsumer):
     """A member of a worker pool: each matching message goes to exactly one live member.
 
     It reports how many messages it read from the pool (its receipts) to its proxy, which
@@ -642,15 +646,14 @@ class PoolMember(_Consumer):
 
     def __init__(self, connection: Connection, pool: str, dispatcher: Dispatcher,
                  keys: bytes | KeyRing) -> None:
-        super().__init__(connection, dispatcher, keys, track_sequences=False)
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler before joining")
         self.pool = validate_name(pool, "pool name")
+        super().__init__(
+            connection, dispatcher, keys, track_sequences=False,
+            endpoint=connection.endpoints.pool(self.pool), subscribe=False,
+        )
         settings = connection.settings
-        self._sock = make_socket(connection.ctx, zmq.PULL, settings, rcvhwm=settings.pool_hwm)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._sock.connect(connection.endpoints.pool(self.pool))
-        self._connected = False
         self.abandoned = 0
         """Messages this member had received but dropped unhandled at drain()'s deadline."""
         self._receipts = ReceiptsReporter(self.pool, connection.endpoints, settings,
@@ -673,14 +676,11 @@ class PoolMember(_Consumer):
         """Declare the pool (idempotent) and return once this member is connected to it."""
         deadline = time.monotonic() + timeout
         self.connection.declare_pool(self.pool, self.bindings, timeout)
-        while not self._connected:
+        while not self._link.connected:
             left = deadline - time.monotonic()
-            if left <= 0 or not self._monitor.poll(int(left * 1000)):
+            if left <= 0 or not self._link.monitor.poll(int(left * 1000)):
                 raise Timeout(f"pool member of {self.pool!r} did not connect within {timeout:g}s")
-            self._monitor.recv_multipart()
-            self._connected = True
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
+            self._check_link()
 
     def receive(self, timeout: float | None = None) -> Delivery | None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -738,11 +738,9 @@ class PoolMember(_Consumer):
         return handled
 
     def counters(self) -> dict[str, Any]:
-        return {**self.stats.as_dict(), "abandoned": self.abandoned}
+        return {**super().counters(), "abandoned": self.abandoned}
 
     def close(self) -> None:
-        if not self._monitor.closed:
-            self._monitor.close(linger=0)
         if not self._sock.closed:
             super().close()  # first: nothing more arrives, so the final count is final
             received = self.receipts

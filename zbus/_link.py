@@ -1,21 +1,24 @@
-"""A subscriber's link to its proxy: the SUB socket, watched, and replaced when libzmq gives up.
+"""A consumer's link to its proxy: its socket, watched, and replaced when libzmq gives up.
 
-libzmq reconnects a SUB by itself after a connection error (proxy restart, heartbeat
-timeout) and re-sends its subscriptions. After a protocol error -- a frame above the
+A subscriber reads from a SUB, a fast-pool member from a PULL. libzmq reconnects either by
+itself after a connection error (proxy restart, heartbeat timeout), and a SUB re-sends its
+subscriptions. After a protocol error -- a frame above the
 socket's ZMQ_MAXMSGSIZE, as when a consumer's ``max_message_bytes`` is below its proxy's --
 it ends the session for good: the socket stays open and never hears again. Both begin with
 EVENT_DISCONNECTED; they differ in what follows, since libzmq announces a reconnect
 (CONNECT_RETRIED, or CONNECTED) at once. A disconnect with no such sign within
 ``ABANDONED_AFTER`` seconds therefore means libzmq gave up: the link keeps what the old
-socket had queued, closes it, and connects a new one with the same subscriptions.
+socket had queued, closes it, and connects a new one (with the same subscriptions).
 
-After any reconnect the link sends a probe through the proxy (the one ``ready()`` uses)
-until it returns: that proves the subscriptions live again. What was published meanwhile is
-counted by the consumer core as sequence gaps (``ConsumerStats.lost``).
+After any reconnect a subscriber's link sends a probe through the proxy (the one
+``ready()`` uses) until it returns: that proves the subscriptions live again; a pool
+member's link is live again at the handshake. What was published meanwhile is counted by
+the consumer core as sequence gaps (``ConsumerStats.lost``), or for a pool by the proxy
+(``unaccounted``).
 
 Everything here is non-blocking (``poll(0)``, NOBLOCK) on plain pyzmq sockets of the
 backend's context, so the threads, eventlet and asyncio subscribers all drive it from their
-receive loops; the backend only says how to make its SUB socket.
+receive loops; the backend only says how to make its socket.
 """
 
 from __future__ import annotations
@@ -33,10 +36,10 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ._names import CONTROL_PREFIX
-from ._settings import Endpoints, Settings
+from ._settings import Settings
 from ._transport import make_socket
 
-__all__ = ["ABANDONED_AFTER", "CHECK_EVERY", "LinkStats", "SubscriptionLink"]
+__all__ = ["ABANDONED_AFTER", "CHECK_EVERY", "ConsumerLink", "LinkStats"]
 
 log = logging.getLogger("zbus")
 
@@ -47,7 +50,7 @@ ABANDONED_AFTER = 1.0
 # both when they are first made and when libzmq re-sends them all after a reconnect
 # (libzmq #2258). Size the pipe for every subscription, plus room for probes.
 _SUB_SLACK = 1000
-# How often an otherwise busy subscriber looks at its link (messages between looks).
+# How often an otherwise busy consumer looks at its link (messages between looks).
 CHECK_EVERY = 256
 # Longest wait a receive loop may spend without looking at the link again.
 MAX_WAIT = 0.25
@@ -66,13 +69,14 @@ SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
 class LinkStats:
     """What a consumer's connection to its proxy went through (see docs/RELIABILITY.md).
 
-    ``disconnects``: the proxy went away (crash, restart, heartbeat timeout) or refused a
-    frame; ``reconnects``: the connection came back; ``replaced``: libzmq gave up on the
-    connection (a protocol error, such as a frame above ``max_message_bytes``) and the
-    socket was replaced by a new one; ``resubscribed``: a re-probe proved the subscriptions
-    live again after a reconnect; ``last_outage``: seconds from the last disconnect until
-    that proof (None until the first one). Loss during an outage is in
-    ``ConsumerStats.lost`` (as sequence gaps), not here.
+    ``disconnects``: the proxy went away (crash, restart, heartbeat timeout), or this
+    socket refused a frame; ``reconnects``: the connection came back; ``replaced``: libzmq
+    gave up on the connection (a protocol error, such as a frame above
+    ``max_message_bytes``) and the socket was replaced by a new one; ``resubscribed``
+    (subscribers): a re-probe proved the subscriptions live again after a reconnect;
+    ``last_outage``: seconds from the last disconnect until the link was live again
+    (subscribers: that proof; pool members: the handshake), None until the first one.
+    Loss during an outage is in ``ConsumerStats.lost`` (as sequence gaps), not here.
     """
 
     disconnects: int = 0
@@ -85,36 +89,43 @@ class LinkStats:
         return asdict(self)
 
 
-class SubscriptionLink(Generic[SocketT]):
-    """The SUB socket of one subscriber (:attr:`sock`, which :meth:`check` may replace)."""
+class ConsumerLink(Generic[SocketT]):
+    """The socket a consumer reads from its proxy (:attr:`sock`, which :meth:`check` may
+    replace): a subscriber's SUB when ``prefixes`` are given, else a pool member's PULL."""
 
     def __init__(
         self,
         new_socket: Callable[..., SocketT],
         ctx: zmq.Context[Any],
-        endpoints: Endpoints,
         settings: Settings,
-        prefixes: list[bytes],
         pending: deque[list[bytes]],
+        *,
+        endpoint: str,
+        ingress: str,
+        prefixes: list[bytes] | None = None,
     ) -> None:
-        """``new_socket(sndhwm=, rcvhwm=)`` makes an unconnected SUB of the backend's kind
-        with zbus's options (:func:`zbus._transport.make_socket`); ``ctx`` is a plain
-        context on the same libzmq context, for the monitor and probe sockets; what the old
-        socket had queued when it is replaced goes to ``pending``."""
+        """``new_socket(**options)`` makes an unconnected socket of the backend's kind with
+        zbus's options (:func:`zbus._transport.make_socket`); ``ctx`` is a plain context on
+        the same libzmq context, for the monitor and probe sockets; ``endpoint`` is where
+        the socket connects, ``ingress`` where probes are sent; what the old socket had
+        queued when it is replaced goes to ``pending``."""
         self.stats = LinkStats()
         self._new_socket = new_socket
         self._ctx = ctx
-        self._endpoints = endpoints
         self._settings = settings
-        self._prefixes = prefixes
         self._pending = pending
+        self._endpoint = endpoint
+        self._ingress = ingress
+        self._prefixes = prefixes
+        self.connected = False
+        """True from the first handshake with the proxy on."""
         self._down_since: float | None = None
         self._abandoned_at: float | None = None  # when to give the connection up for lost
         self._probe: bytes | None = None
         self._probe_push: zmq.Socket[Any] | None = None
         self._probe_next = 0.0
         self._probe_interval = 0.0
-        self.sock, self._monitor = self._open()
+        self.sock, self.monitor = self._open()
 
     @property
     def live(self) -> bool:
@@ -127,15 +138,19 @@ class SubscriptionLink(Generic[SocketT]):
         return _BUSY_WAIT if busy else MAX_WAIT
 
     def _open(self) -> tuple[SocketT, zmq.Socket[Any]]:
-        sock = self._new_socket(
-            sndhwm=_SUB_SLACK + 2 * len(self._prefixes), rcvhwm=self._settings.subscriber_hwm
-        )
+        if self._prefixes is None:
+            sock = self._new_socket(kind=zmq.PULL, rcvhwm=self._settings.pool_hwm)
+        else:
+            sock = self._new_socket(
+                kind=zmq.SUB, sndhwm=_SUB_SLACK + 2 * len(self._prefixes),
+                rcvhwm=self._settings.subscriber_hwm,
+            )
         address = f"inproc://zbus-link-{os.urandom(8).hex()}"
         sock.monitor(address, _EVENTS)
         monitor = self._ctx.socket(zmq.PAIR)
-        monitor.connect(address)  # before the SUB connects: no link event is missed
-        sock.connect(self._endpoints.deliver)
-        for prefix in self._prefixes:
+        monitor.connect(address)  # before the socket connects: no link event is missed
+        sock.connect(self._endpoint)
+        for prefix in self._prefixes or ():
             sock.subscribe(prefix)
         return sock, monitor
 
@@ -143,8 +158,8 @@ class SubscriptionLink(Generic[SocketT]):
         """Read link events, re-send an outstanding probe when due, and replace the socket
         if libzmq gave up on it. Returns True when :attr:`sock` is a new socket."""
         now = time.monotonic()
-        while self._monitor.poll(0):
-            event = parse_monitor_message(self._monitor.recv_multipart())["event"]
+        while self.monitor.poll(0):
+            event = parse_monitor_message(self.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self.stats.disconnects += 1
                 if self._down_since is None:
@@ -152,9 +167,13 @@ class SubscriptionLink(Generic[SocketT]):
                 self._abandoned_at = now + ABANDONED_AFTER
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._abandoned_at = None
+                self.connected = True
                 if self._down_since is not None:
                     self.stats.reconnects += 1
-                    self._start_probe()
+                    if self._prefixes is None:
+                        self._back(now)
+                    else:
+                        self._start_probe()
             else:  # CONNECT_RETRIED, CONNECTED: libzmq is reconnecting by itself
                 self._abandoned_at = None
         replaced = self._abandoned_at is not None and now >= self._abandoned_at
@@ -170,18 +189,21 @@ class SubscriptionLink(Generic[SocketT]):
         if frame != self._probe:
             return False
         self._end_probe()
-        if self._down_since is not None:
-            self.stats.last_outage = time.monotonic() - self._down_since
-            self._down_since = None
+        self._back(time.monotonic())
         self.stats.resubscribed += 1
         return True
+
+    def _back(self, now: float) -> None:
+        if self._down_since is not None:
+            self.stats.last_outage = now - self._down_since
+            self._down_since = None
 
     def _replace(self) -> None:
         log.warning(
             "zbus: the connection to %s ended for good (a protocol error, such as a frame "
             "above this consumer's max_message_bytes=%d: keep it at least the proxy's); "
             "reconnecting with a new socket",
-            self._endpoints.deliver,
+            self._endpoint,
             self._settings.max_message_bytes,
         )
         self.stats.replaced += 1
@@ -190,11 +212,11 @@ class SubscriptionLink(Generic[SocketT]):
         old = self.sock
         view: zmq.Socket[Any] = zmq.Socket.shadow(old.underlying)  # plain reads, any backend
         with contextlib.suppress(zmq.Again):
-            for _ in range(self._settings.subscriber_hwm):
+            for _ in range(self._settings.subscriber_hwm + self._settings.pool_hwm):
                 self._pending.append(view.recv_multipart(zmq.NOBLOCK))
         self._close_monitor()
         old.close(linger=0)
-        self.sock, self._monitor = self._open()
+        self.sock, self.monitor = self._open()
 
     def _start_probe(self) -> None:
         # libzmq re-sends the subscriptions on reconnect (a new socket sends them on
@@ -205,7 +227,7 @@ class SubscriptionLink(Generic[SocketT]):
         if self._probe_push is not None:
             self._probe_push.close(linger=0)
         self._probe_push = make_socket(
-            self._ctx, zmq.PUSH, self._settings, connect=self._endpoints.ingress
+            self._ctx, zmq.PUSH, self._settings, connect=self._ingress
         )
         self._probe_interval = 0.005
         self._probe_next = 0.0
@@ -226,10 +248,10 @@ class SubscriptionLink(Generic[SocketT]):
             self._probe_push = None
 
     def _close_monitor(self) -> None:
-        if not self._monitor.closed:
+        if not self.monitor.closed:
             with contextlib.suppress(zmq.ZMQError):
                 self.sock.disable_monitor()
-            self._monitor.close(linger=0)
+            self.monitor.close(linger=0)
 
     def close(self) -> None:
         """Close the probe and monitor sockets (not :attr:`sock`: its owner closes it)."""

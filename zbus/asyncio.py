@@ -46,7 +46,7 @@ from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError
 from ._keys import KeyRing
-from ._link import CHECK_EVERY, LinkStats, SubscriptionLink
+from ._link import CHECK_EVERY, ConsumerLink, LinkStats
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
@@ -241,11 +241,10 @@ class Router:
 class _Consumer:
     """Receive loop shared by subscribers and pool members (asyncio backend)."""
 
-    _sock: zmq.asyncio.Socket
     _hwm: int
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
-                 *, track_sequences: bool) -> None:
+                 *, track_sequences: bool, endpoint: str, subscribe: bool) -> None:
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler first")
         self.connection = connection
@@ -256,18 +255,50 @@ class _Consumer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._runner: asyncio.Task[Any] | None = None
+        self._link: ConsumerLink[zmq.asyncio.Socket] = ConsumerLink(
+            lambda kind, **options: connection.socket(kind, **options),
+            zmq.Context.shadow(connection.ctx.underlying),  # plain sockets for the link
+            connection.settings, self._pending,
+            endpoint=endpoint, ingress=connection.endpoints.ingress,
+            prefixes=self.core.prefixes() if subscribe else None,
+        )
+        self._sock = self._link.sock
+        self._since_check = 0
 
     @property
     def stats(self) -> ConsumerStats:
         return self.core.stats
 
     @property
+    def live(self) -> bool:
+        """False from a lost connection to the proxy until it is proven live again."""
+        return self._link.live
+
+    @property
+    def link(self) -> LinkStats:
+        """What the connection to the proxy went through (docs/RELIABILITY.md)."""
+        return self._link.stats
+
+    def counters(self) -> dict[str, Any]:
+        """Every counter this consumer keeps, as one plain map."""
+        return {**self.stats.as_dict(), "link": self.link.as_dict(), "live": self.live}
+
+    @property
     def closed(self) -> bool:
         return bool(self._sock.closed)
 
     async def _read(self, deadline: float | None, *, stoppable: bool = True) -> list[bytes] | None:
-        """The next message from the socket; None at ``deadline`` (loop time), once closed,
-        or (when ``stoppable``) once stopped."""
+        """The next message from the socket (the link's probes taken out); None at
+        ``deadline`` (loop time), once closed, or (when ``stoppable``) once stopped."""
+        self._since_check += 1
+        if self._since_check >= CHECK_EVERY:  # a busy stream never waits: look now and then
+            self._watch_link()
+        while (frames := await self._next(deadline, stoppable)) is not None:
+            if not (len(frames) == 1 and self._link.took_probe(frames[0])):
+                break
+        return frames
+
+    async def _next(self, deadline: float | None, stoppable: bool) -> list[bytes] | None:
         loop = asyncio.get_running_loop()
         while not (stoppable and self._stopping) and not self._sock.closed:
             try:
@@ -278,8 +309,7 @@ class _Consumer:
             if left is not None and left <= 0:
                 return None
             most = self._watch_link()
-            if most is not None:
-                left = most if left is None else min(left, most)
+            left = most if left is None else min(left, most)
             readable = cast("asyncio.Future[int]",
                             self._sock.poll(-1 if left is None else int(left * 1000) + 1))
             self._wake = loop.create_future()
@@ -290,10 +320,13 @@ class _Consumer:
                 self._wake = None
         return None
 
-    def _watch_link(self) -> float | None:
-        """Look after the link to the proxy (subscribers do); the longest wait until the
-        next look, or None."""
-        return None
+    def _watch_link(self) -> float:
+        """Look after the link to the proxy (zbus._link); the longest wait until the next
+        look."""
+        self._since_check = 0
+        if self._link.check():
+            self._sock = self._link.sock
+        return self._link.max_wait()
 
     async def receive(self, timeout: float | None = None) -> Delivery | None:
         """The next verified, matching delivery (handlers not run); None after ``timeout``
@@ -400,6 +433,7 @@ class _Consumer:
     def close(self) -> None:
         """Close now, dropping what was read and not dispatched."""
         self.stop()
+        self._link.close()
         if not self._sock.closed:
             self._sock.close(linger=0)
 
@@ -422,47 +456,9 @@ class Subscriber(_Consumer):
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher,
                  keys: bytes | KeyRing) -> None:
-        super().__init__(connection, dispatcher, keys, track_sequences=True)
         self._hwm = connection.settings.subscriber_hwm
-        self._link = SubscriptionLink(
-            lambda **options: connection.socket(zmq.SUB, **options),
-            zmq.Context.shadow(connection.ctx.underlying),  # plain sockets for the link
-            connection.endpoints, connection.settings, self.core.prefixes(), self._pending,
-        )
-        self._sock = self._link.sock
-        self._since_check = 0
-
-    @property
-    def live(self) -> bool:
-        """False from a lost connection to the proxy until the subscriptions are proven live."""
-        return self._link.live
-
-    @property
-    def link(self) -> LinkStats:
-        return self._link.stats
-
-    def counters(self) -> dict[str, Any]:
-        """Every counter this subscriber keeps, as one plain map."""
-        return {**self.stats.as_dict(), "link": self.link.as_dict(), "live": self.live}
-
-    def _watch_link(self) -> float | None:
-        self._since_check = 0
-        if self._link.check():
-            self._sock = self._link.sock
-        return self._link.max_wait()
-
-    async def _read(self, deadline: float | None, *, stoppable: bool = True) -> list[bytes] | None:
-        self._since_check += 1
-        if self._since_check >= CHECK_EVERY:  # a busy stream never waits: look now and then
-            self._watch_link()
-        while (frames := await super()._read(deadline, stoppable=stoppable)) is not None:
-            if not (len(frames) == 1 and self._link.took_probe(frames[0])):
-                break
-        return frames
-
-    def close(self) -> None:
-        self._link.close()
-        super().close()
+        super().__init__(connection, dispatcher, keys, track_sequences=True,
+                         endpoint=connection.endpoints.deliver, subscribe=True)
 
     async def ready(self, timeout: float = 10.0) -> None:
         """Return once the subscription is live at the proxy (see :meth:`zbus.Subscriber.ready`).
@@ -515,12 +511,10 @@ class PoolMember(_Consumer):
 
     def __init__(self, connection: Connection, pool: str, dispatcher: Dispatcher,
                  keys: bytes | KeyRing) -> None:
-        super().__init__(connection, dispatcher, keys, track_sequences=False)
         self.pool = validate_name(pool, "pool name")
         self._hwm = connection.settings.pool_hwm
-        self._sock = connection.socket(zmq.PULL, rcvhwm=self._hwm)
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
-        self._sock.connect(connection.endpoints.pool(self.pool))
+        super().__init__(connection, dispatcher, keys, track_sequences=False,
+                         endpoint=connection.endpoints.pool(self.pool), subscribe=False)
         # A plain socket used only with NOBLOCK: reporting never waits on the event loop.
         self._receipts = ReceiptsReporter(self.pool, connection.endpoints, connection.settings,
                                           _process_context())
@@ -536,13 +530,13 @@ class PoolMember(_Consumer):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         await self.connection.declare_pool(self.pool, self.bindings, timeout)
-        if self._monitor.closed:
-            return  # connected before
-        left = deadline - loop.time()
-        if left <= 0 or not await self._monitor.poll(int(left * 1000)):
-            raise Timeout(f"pool member of {self.pool!r} did not connect within {timeout:g}s")
-        self._sock.disable_monitor()
-        self._monitor.close(linger=0)
+        while not self._link.connected:
+            left = deadline - loop.time()
+            # the link's monitor is a plain socket: wait on it through an asyncio view
+            events = zmq.asyncio.Socket.from_socket(self._link.monitor)
+            if left <= 0 or not await events.poll(int(left * 1000)):
+                raise Timeout(f"pool member of {self.pool!r} did not connect within {timeout:g}s")
+            self._watch_link()
 
     async def receive(self, timeout: float | None = None) -> Delivery | None:
         loop = asyncio.get_running_loop()
@@ -572,8 +566,6 @@ class PoolMember(_Consumer):
         return drained
 
     def close(self) -> None:
-        if not self._monitor.closed:
-            self._monitor.close(linger=0)
         if not self._sock.closed:
             super().close()  # first: nothing more arrives, so the final count is final
             received = self.core.stats.received
