@@ -1,5 +1,5 @@
 """Security against a real zbus-proxy: key rotation, retired and unknown keys, forgeries,
-replays, stale and future timestamps, per-exchange keys.
+replays, stale and future timestamps, per-exchange keys, publisher ids bound to keys.
 
 Every attack runs in the same test as a legitimate stream, and each test asserts both the
 exact rejection counters and that every legitimate message arrived (docs/SECURITY.md lists
@@ -12,6 +12,7 @@ were received and counted. That is the synchronisation used here, never a sleep.
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -20,16 +21,21 @@ from typing import Any
 
 import pytest
 import zmq
+from hypothesis import given
+from hypothesis import strategies as st
 
 import zbus
-from zbus._envelope import verify_frames
-from zbus._keys import KeyNotAllowedError, format_key_file
+from zbus._dispatch import ConsumerCore
+from zbus._envelope import decode_envelope, verify_frames
+from zbus._keys import KeyNotAllowedError, PublisherNotAllowedError, format_key_file
 
 from .conftest import ProxyProcess, collect_deliveries
 
 K_OLD = bytes(range(32))
 K_NEW = bytes(range(100, 132))
 K_BILL = bytes(range(200, 232))
+K_A = bytes(range(50, 82))
+K_B = bytes(range(150, 182))
 
 # The two diffs of issue 5 (MessageFactory signs per exchange and can rekey; ConsumerCore
 # checks the exchange's allowed key ids) land together; these tests light up with them.
@@ -149,6 +155,286 @@ def test_verify_then_check_exchange_with_today_s_primitives() -> None:
     assert verify_frames(consumer, *frames) == "k1"  # a genuine signature ...
     with pytest.raises(KeyNotAllowedError):
         consumer.check_exchange("billing", "k1")  # ... by a key not allowed on billing
+
+
+# -- publisher ids bound to keys, without sockets -------------------------------------------
+
+
+def identity_ring(bound: bool = True) -> zbus.KeyRing:
+    """A consumer's ring: key "a" is svc-a's, key "b" is svc-b's (when bound)."""
+    publishers = {"a": "svc-a*", "b": "svc-b*"} if bound else None
+    return zbus.KeyRing({"a": K_A, "b": K_B}, "a", publishers=publishers)
+
+
+def consumer_core(ring: zbus.KeyRing) -> ConsumerCore:
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind("notifications", "#", lambda delivery: None)
+    return ConsumerCore(dispatcher, ring)
+
+
+def forge(key_id: str, key: bytes, victim: zbus.MessageFactory, sequence: int,
+          publisher_id: str | None = None, run_id: bytes | None = None) -> list[bytes]:
+    """A message genuinely signed by ``key_id`` that claims ``victim``'s publisher id and run
+    (or the ones given) at ``sequence``: what any holder of a key can make."""
+    forger = zbus.MessageFactory(
+        zbus.KeyRing({key_id: key}), publisher_id or victim.publisher_id
+    )
+    forger.run_id = victim.run_id if run_id is None else run_id
+    forger._next_seq = sequence
+    return forger.frames("notifications", "compute.tick", {"forged": True})
+
+
+def run_identity_attack(bound: bool) -> tuple[ConsumerCore, list[zbus.Delivery]]:
+    """svc-a sends 0..4; key "b" claims svc-a's run at sequence 10**9; svc-a sends 5..9;
+    svc-b (key "b", for itself) sends one message."""
+    core = consumer_core(identity_ring(bound))
+    victim = zbus.MessageFactory(zbus.KeyRing({"a": K_A}, publishers={"a": "svc-a*"}), "svc-a")
+    honest_b = zbus.MessageFactory(zbus.KeyRing({"b": K_B}), "svc-b")
+    got: list[zbus.Delivery] = []
+    stream = [victim.frames("notifications", "compute.tick", {"n": n}) for n in range(5)]
+    stream.append(forge("b", K_B, victim, 10**9))
+    stream += [victim.frames("notifications", "compute.tick", {"n": n}) for n in range(5, 10)]
+    stream.append(honest_b.frames("notifications", "compute.tick", {"n": "b"}))
+    for frames in stream:
+        delivery = core.accept(frames)
+        if delivery is not None:
+            got.append(delivery)
+    return core, got
+
+
+def test_a_bound_key_cannot_claim_another_publishers_stream() -> None:
+    core, got = run_identity_attack(bound=True)
+    assert [(d.publisher_id, d.key_id, d.payload) for d in got] == [
+        *(("svc-a", "a", {"n": n}) for n in range(10)), ("svc-b", "b", {"n": "b"})
+    ]
+    assert core.stats.rejected == {"publisher_not_allowed": 1}
+    assert core.stats.rejected["replay"] == 0 and core.stats.lost == 0
+    assert core.stats.reordered == 0
+    assert len(core._guard) == 2  # svc-a's run and svc-b's: the forgery created nothing
+
+
+def test_unbound_keys_let_any_key_holder_stall_another_publisher() -> None:
+    """The limit of the default (no ``publishers=``), and proof that the test above can fail:
+    the same forgery moves svc-a's replay window, and svc-a's real messages become replays."""
+    core, got = run_identity_attack(bound=False)
+    assert [(d.publisher_id, d.payload) for d in got] == [
+        *(("svc-a", {"n": n}) for n in range(5)), ("svc-a", {"forged": True}),
+        ("svc-b", {"n": "b"}),
+    ]
+    assert core.stats.rejected == {"replay": 5}
+    assert core.stats.lost == 10**9 - 6
+
+
+def test_bound_keys_reject_every_claim_outside_their_patterns() -> None:
+    core = consumer_core(identity_ring())
+    victim = zbus.MessageFactory(zbus.KeyRing({"a": K_A}), "svc-a")
+    cases = [
+        (forge("b", K_B, victim, 1, publisher_id="svc-a.new"), "publisher_not_allowed"),
+        (forge("a", K_A, victim, 1, publisher_id="svc-b"), "publisher_not_allowed"),
+        (forge("b", K_B, victim, 1, publisher_id="svc-bee"), None),  # a prefix: allowed
+        (forge("a", K_A, victim, 7, publisher_id="svc-a.worker"), None),
+    ]
+    for frames, reason in cases:
+        accepted = core.accept(frames) is not None
+        assert accepted == (reason is None)
+    assert core.stats.rejected == {"publisher_not_allowed": 2}
+
+
+def test_keys_left_out_of_publishers_stay_unbound() -> None:
+    ring = zbus.KeyRing({"a": K_A, "c": K_OLD}, "a", publishers={"a": "svc-a"})
+    assert ring.publishers == {"a": ["svc-a"]}
+    assert ring.permits_publisher("anyone", "c") and not ring.permits_publisher("svc-b", "a")
+    core = consumer_core(ring)
+    victim = zbus.MessageFactory(zbus.KeyRing({"a": K_A}), "svc-a")
+    assert core.accept(forge("c", K_OLD, victim, 5)) is not None  # today's behaviour
+    assert core.stats.rejected == {}
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.none(),  # svc-a's next real message
+            st.tuples(  # key "b" claiming some other publisher's id, run and sequence
+                st.text("absv-.*", min_size=1, max_size=8).filter(
+                    lambda pid: not pid.startswith("svc-b")
+                ),
+                st.one_of(st.none(), st.binary(min_size=8, max_size=8)),
+                st.integers(min_value=1, max_value=2**63 - 1),
+            ),
+        ),
+        max_size=30,
+    )
+)
+def test_no_forgery_by_a_bound_key_disturbs_another_stream(
+    events: list[tuple[str, bytes | None, int] | None],
+) -> None:
+    core = consumer_core(identity_ring())
+    victim = zbus.MessageFactory(zbus.KeyRing({"a": K_A}), "svc-a")
+    delivered = 0
+    for event in events:
+        if event is None:
+            frames = victim.frames("notifications", "compute.tick", {"n": delivered})
+            delivery = core.accept(frames)
+            assert delivery is not None and delivery.payload == {"n": delivered}
+            delivered += 1
+        else:
+            publisher_id, run_id, sequence = event
+            assert core.accept(forge("b", K_B, victim, sequence, publisher_id, run_id)) is None
+    forged = len(events) - delivered
+    assert core.stats.rejected == ({"publisher_not_allowed": forged} if forged else {})
+    assert core.stats.lost == 0 and core.stats.reordered == 0
+    assert len(core._guard) == (1 if delivered else 0)
+
+
+@pytest.mark.parametrize(
+    ("patterns", "publisher_id", "allowed"),
+    [
+        ("svc-a", "svc-a", True),
+        ("svc-a", "svc-ab", False),  # exact: no prefix match
+        ("svc-a", "svc-a.1", False),
+        ("svc-a*", "svc-a", True),  # a prefix matches itself
+        ("svc-a*", "svc-ab", True),
+        ("compute.*", "compute.host1", True),
+        ("compute.*", "compute.a.b", True),  # any rest, unlike a topic pattern's "*"
+        ("compute.*", "compute", False),
+        ("compute.*", "computer.x", False),
+        ("compute.*", "Compute.x", False),  # case matters
+        ("*", "anything at all", True),
+        (["svc-a", "billing.*"], "billing.eu", True),
+        (["svc-a", "billing.*"], "svc-b", False),
+        (["svc-a", "*"], "svc-b", True),
+    ],
+)
+def test_publisher_patterns(patterns: str | list[str], publisher_id: str, allowed: bool) -> None:
+    ring = zbus.KeyRing({"k": K_OLD}, publishers={"k": patterns})
+    assert ring.permits_publisher(publisher_id, "k") is allowed
+    if allowed:
+        ring.check_publisher(publisher_id, "k")
+    else:
+        with pytest.raises(PublisherNotAllowedError):
+            ring.check_publisher(publisher_id, "k")
+
+
+def reference_match(patterns: list[str], publisher_id: str) -> bool:
+    """An independent reading of the rule: a pattern is an exact id, or "prefix*"."""
+    return any(
+        re.fullmatch(re.escape(p[:-1]) + ".*" if p.endswith("*") else re.escape(p),
+                     publisher_id, re.S)
+        for p in patterns
+    )
+
+
+_pattern = st.builds(
+    lambda body, star: body + ("*" if star else ""),
+    st.text("ab.", max_size=4), st.booleans(),
+).filter(bool)
+
+
+@given(st.lists(_pattern, min_size=1, max_size=4), st.text("ab.", min_size=1, max_size=6))
+def test_publisher_patterns_agree_with_a_reference(patterns: list[str], publisher_id: str) -> None:
+    ring = zbus.KeyRing({"k": K_OLD}, publishers={"k": patterns})
+    assert ring.permits_publisher(publisher_id, "k") == reference_match(patterns, publisher_id)
+
+
+@pytest.mark.parametrize(
+    ("publishers", "message"),
+    [
+        ({"missing": "svc"}, "publishers names key id 'missing', which is not in the ring"),
+        ({"k1": []}, r"publishers\['k1'\] lists no pattern"),
+        ({"k1": ""}, "a pattern is a publisher id such as"),
+        ({"k1": ["svc", ""]}, "a pattern is a publisher id such as"),
+        ({"k1": [5]}, "holds 5"),
+        ({"k1": 5}, "must be a pattern or a list of patterns, not int"),
+        ({"k1": "svc*a"}, "has a '\\*' before its end"),
+        ({"k1": "*svc"}, "has a '\\*' before its end"),
+        ({"k1": "**"}, "has a '\\*' before its end"),
+        (["k1"], "publishers must map key ids to publisher id patterns"),
+    ],
+)
+def test_bad_publisher_bindings_are_refused(publishers: Any, message: str) -> None:
+    with pytest.raises(zbus.ConfigError, match=message):
+        zbus.KeyRing({"k1": K_OLD, "kb": K_BILL}, "k1", publishers=publishers)
+
+
+def test_publisher_not_allowed_says_who_signed_what_claimed_and_what_is_allowed() -> None:
+    ring = identity_ring()
+    with pytest.raises(PublisherNotAllowedError) as err:
+        ring.check_publisher("svc-a", "b")
+    assert str(err.value) == (
+        "key id 'b' signed a message claiming publisher id 'svc-a', but it may sign only "
+        "for ['svc-b*']"
+    )
+    assert err.value.reason == "publisher_not_allowed"
+    assert isinstance(err.value, KeyNotAllowedError)  # one except catches both misuses
+    assert isinstance(err.value, zbus.SignatureError)
+    assert zbus.PublisherNotAllowedError is PublisherNotAllowedError
+
+
+def test_rotation_helpers_keep_publisher_bindings() -> None:
+    ring = zbus.KeyRing(
+        {"a": K_A, "a2": K_NEW, "b": K_B}, "a",
+        publishers={"a": "svc-a*", "a2": ["svc-a*"], "b": ["svc-b", "svc-b.*"]},
+    )
+    switched = ring.with_active("a2")
+    assert switched.publishers == ring.publishers
+    assert not switched.permits_publisher("svc-b", "a2")
+    retired = switched.without("a")
+    assert retired.publishers == {"a2": ["svc-a*"], "b": ["svc-b", "svc-b.*"]}
+    assert retired.permits_publisher("svc-b.x", "b") and not retired.permits_publisher("x", "b")
+    assert ring.publishers["a"] == ["svc-a*"]  # immutable: the original keeps its bindings
+    assert "publishers={'a': ['svc-a*']" in repr(ring)
+    assert K_A.hex() not in repr(ring)
+
+
+def test_key_file_with_publisher_bindings(tmp_path: Path) -> None:
+    path = tmp_path / "keys"
+    path.write_text(format_key_file(K_A, "a") + format_key_file(K_B, "b"))
+    path.chmod(0o600)
+    ring = zbus.KeyRing.from_file(path, publishers={"a": "svc-a*", "b": "svc-b*"})
+    assert ring.publishers == {"a": ["svc-a*"], "b": ["svc-b*"]}
+    assert ring.permits_publisher("svc-a.1", "a") and not ring.permits_publisher("svc-a", "b")
+    with pytest.raises(zbus.ConfigError, match="key id 'c'"):
+        zbus.KeyRing.from_file(path, publishers={"c": "svc"})
+
+
+def test_factory_refuses_a_publisher_id_its_active_key_may_not_claim() -> None:
+    ring = zbus.KeyRing({"a": K_A}, publishers={"a": "svc-a*"})
+    zbus.MessageFactory(ring, "svc-a.worker1")  # fine
+    with pytest.raises(zbus.ConfigError, match=(
+        "publisher id 'svc-b' may not be signed for with key id 'a' \\(the active key\\), "
+        "which the key ring binds to publisher ids \\['svc-a\\*'\\]"
+    )):
+        zbus.MessageFactory(ring, "svc-b")
+
+
+def test_factory_checks_an_exchange_key_at_its_first_message() -> None:
+    ring = zbus.KeyRing(
+        {"a": K_A, "kb": K_BILL}, "a", exchanges={"billing": "kb"},
+        publishers={"kb": "billing.*"},
+    )
+    factory = zbus.MessageFactory(ring, "svc-a")  # signs with "a" unless it uses billing
+    first = factory.frames("notifications", "compute.tick", 1)
+    with pytest.raises(zbus.ConfigError, match="signing key of exchange 'billing'"):
+        factory.frames("billing", "invoice.paid", 2)
+    second = factory.frames("notifications", "compute.tick", 3)
+    # The refused message used no sequence number: consumers see no gap.
+    assert [decode_envelope(f[1]).sequence for f in (first, second)] == [1, 2]
+    billing = zbus.MessageFactory(ring, "billing.eu")
+    assert verify_frames(ring, *billing.frames("billing", "invoice.paid", 1)) == "kb"
+
+
+def test_rekey_rechecks_the_binding_and_keeps_the_old_keys_on_refusal() -> None:
+    factory = zbus.MessageFactory(zbus.KeyRing({"a": K_A}), "svc-a")
+    old = factory.keys
+    factory.frames("notifications", "compute.tick", 1)
+    wrong = zbus.KeyRing({"a": K_A, "b": K_B}, "b", publishers={"b": "svc-b*"})
+    with pytest.raises(zbus.ConfigError, match="key id 'b' \\(the active key\\)"):
+        factory.rekey(wrong)
+    assert factory.keys is old
+    assert verify_frames(old, *factory.frames("notifications", "compute.tick", 2)) == "a"
+    factory.rekey(zbus.KeyRing({"a2": K_NEW}, publishers={"a2": ["svc-a"]}))
+    frames = factory.frames("notifications", "compute.tick", 3)
+    assert frames[2][2:4] == b"a2" and decode_envelope(frames[1]).sequence == 3
 
 
 # -- against a real proxy --------------------------------------------------------------------
@@ -348,3 +634,33 @@ def test_factory_caches_one_signer_per_exchange() -> None:
             frames = factory.frames(exchange, "a.b", 1)
             assert verify_frames(ring, *frames) == key_id
     assert len(factory._signers) == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("bound", [True, False], ids=["bound", "unbound"])
+def test_publisher_bindings_end_to_end(conn: zbus.Connection, bound: bool) -> None:
+    """Key "b" keeps claiming svc-a's live run far ahead, through the proxy, while svc-a and
+    svc-b publish. Bound: every forgery is counted and svc-a's stream arrives whole. Unbound
+    (the default's limit): the forgeries are delivered and svc-a's real messages are refused
+    as replays."""
+    sub = subscriber(conn, identity_ring(bound))
+    victim = zbus.MessageFactory(zbus.KeyRing({"a": K_A}), "svc-a")
+    honest_b = zbus.MessageFactory(zbus.KeyRing({"b": K_B}), "svc-b")
+    for n in range(20):
+        send(conn, victim, n)
+    for n in range(20):
+        conn.send_frames(forge("b", K_B, victim, 10**9 + n))
+        send(conn, honest_b, n)
+        send(conn, victim, 20 + n)
+    send(conn, honest_b, 20)  # the last message sent: everything before it is counted
+    got = collect(sub, 61)
+    svc_a = [d.payload.get("n", "forged") for d in got if d.publisher_id == "svc-a"]
+    assert [d.payload["n"] for d in got if d.publisher_id == "svc-b"] == list(range(21))
+    if bound:
+        assert svc_a == list(range(40))
+        assert {d.key_id for d in got if d.publisher_id == "svc-a"} == {"a"}
+        assert sub.stats.rejected == {"publisher_not_allowed": 20}
+        assert sub.stats.lost == 0 and sub.stats.reordered == 0
+    else:
+        assert svc_a == list(range(20)) + ["forged"] * 20
+        assert sub.stats.rejected == {"replay": 20}
+    sub.close()

@@ -8,12 +8,18 @@ or ``None`` when the message was rejected or matched nothing. Every outcome is c
 Policy (docs/GUIDE.md repeats it for users):
 
 * rejected (bad signature, unknown key, key not allowed on the exchange, malformed, wrong
-  types, stale, future, replay, unknown version): dropped,
+  types, key not allowed to sign for the claimed publisher id, stale, future, replay, unknown
+  version): dropped,
   counted under ``rejected[reason]``, logged at WARNING the first time per reason, then DEBUG;
 * unmatched (ZeroMQ prefix filtering is coarser than patterns): dropped, counted;
 * a handler that raises: logged with its traceback, counted in ``handler_errors``; the other
   handlers of the message and the loop go on;
 * dispatch never looks up a name carried in a message: only patterns bound with ``bind``.
+
+Invariant: nothing a message claims reaches the replay guard (which keeps per-run state)
+before the message is proved to come from a key allowed on its exchange *and* for its
+publisher id; a rejected message must leave the guard untouched, or a key holder could move
+another publisher's replay window (docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -239,15 +245,20 @@ class ConsumerCore:
         # topic starts with NUL is rejected and counted like any other forgery.
         topic, raw, signature = frames
         self.stats.received += 1
+        keys = self.keys
         try:
-            if self.keys is not None:
-                key_id = verify_frames(self.keys, topic, raw, signature)
+            if keys is not None:
+                key_id = verify_frames(keys, topic, raw, signature)
             else:
                 key_id = signature_key_id(signature)
             exchange, routing_key = decode_topic(topic)
-            if self.keys is not None:  # a genuine signature, but by a key allowed here?
-                self.keys.check_exchange(exchange, key_id)
+            if keys is not None:  # a genuine signature, but by a key allowed here?
+                keys.check_exchange(exchange, key_id)
             envelope = decode_envelope(raw)
+            # ... and allowed to speak for this publisher? Before the replay guard sees the
+            # run. An unbound ring (the default) pays one truth test here.
+            if keys is not None and keys._bound:
+                keys.check_publisher(envelope.publisher_id, key_id)
         except EnvelopeError as exc:
             self.reject(exc.reason, str(exc))
             return None
@@ -274,7 +285,7 @@ class ConsumerCore:
             self.stats.unmatched += 1
             return None
         return Delivery(
-            exchange, routing_key, envelope, key_id, message, handlers, self.keys is not None
+            exchange, routing_key, envelope, key_id, message, handlers, keys is not None
         )
 
     def run_handlers(self, delivery: Delivery) -> None:

@@ -15,6 +15,7 @@ __all__ = [
     "SignatureError",
     "UnknownKeyError",
     "KeyNotAllowedError",
+    "PublisherNotAllowedError",
     "ReplayError",
     "VersionError",
     "RoutingError",
@@ -71,6 +72,18 @@ class KeyNotAllowedError(SignatureError):
     """
 
     reason = "key_not_allowed"
+
+
+class PublisherNotAllowedError(KeyNotAllowedError):
+    """A message carries a valid signature by a key bound to other publisher ids than the one
+    its envelope claims (``KeyRing(publishers=...)``).
+
+    The signer holds a real key and claims another publisher's identity: a misconfigured
+    publisher, or a key holder forging or disturbing another publisher's stream. Worth an
+    alert. A :class:`KeyNotAllowedError`, so one ``except`` catches both misuses of a key.
+    """
+
+    reason = "publisher_not_allowed"
 
 
 class ReplayError(EnvelopeError):

@@ -11,6 +11,12 @@ Invariants a maintainer must keep:
   ``exchanges`` entry. So a key given to one exchange's publishers cannot sign for another
   exchange, and the ring-wide key cannot sign for a restricted one unless it is listed there.
   ``permits``/``check_exchange`` answer this in one set lookup (the consumer's hot path).
+* Publisher bindings: ``publishers`` maps a key id to the publisher ids it may sign for
+  (exact ids, or prefixes ending in ``*``). A key named there verifies only messages whose
+  envelope claims a matching ``publisher_id``; a key not named is unbound (may claim any id).
+  Each bound key has a precomputed matcher (exact set, prefix tuple for ``str.startswith``)
+  in ``_bound``; a key bound to ``*`` alone has none. The consumer tests ``_bound`` for
+  emptiness before anything else, so an unbound ring pays one truth test per message.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ import stat
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 
-from ._errors import ConfigError, KeyNotAllowedError, UnknownKeyError
+from ._errors import ConfigError, KeyNotAllowedError, PublisherNotAllowedError, UnknownKeyError
 from ._names import validate_exchange, validate_name
 
 __all__ = [
     "KeyNotAllowedError",
     "KeyRing",
     "MIN_KEY_BYTES",
+    "PublisherNotAllowedError",
     "format_key_file",
     "generate_key",
 ]
@@ -57,6 +64,33 @@ def _check_key(key_id: str, key: bytes) -> bytes:
     return bytes(key)
 
 
+def _publisher_patterns(key_id: str, patterns: object) -> tuple[str, ...]:
+    listed = [patterns] if isinstance(patterns, str) else patterns
+    if not isinstance(listed, Collection):
+        raise ConfigError(
+            f"publishers[{key_id!r}] must be a pattern or a list of patterns, not "
+            f"{type(patterns).__name__}"
+        )
+    if not listed:
+        raise ConfigError(
+            f"publishers[{key_id!r}] lists no pattern: bind the key to at least one publisher "
+            "id, or leave it out of publishers= to leave it unbound"
+        )
+    for pattern in listed:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(
+                f"publishers[{key_id!r}] holds {pattern!r}: a pattern is a publisher id such "
+                "as 'compute.host1', or a prefix ending in '*' such as 'compute.*'"
+            )
+        if "*" in pattern[:-1]:
+            raise ConfigError(
+                f"publishers[{key_id!r}] pattern {pattern!r} has a '*' before its end: '*' "
+                "may only end a pattern (a prefix, as in 'compute.*'); list several patterns "
+                "instead"
+            )
+    return tuple(dict.fromkeys(listed))  # in order, without repeats
+
+
 class KeyRing:
     """Keys by id. ``active`` signs; every key in the ring verifies.
 
@@ -64,7 +98,10 @@ class KeyRing:
     on the publishers, then remove the old one.
     """
 
-    __slots__ = ("_active", "_active_key", "_allowed", "_keys", "_shared", "_signers")
+    __slots__ = (
+        "_active", "_active_key", "_allowed", "_bound", "_keys", "_publishers", "_shared",
+        "_signers",
+    )
 
     def __init__(
         self,
@@ -73,6 +110,7 @@ class KeyRing:
         *,
         exchanges: Mapping[str, str | Collection[str]] | None = None,
         shared: Collection[str] | None = None,
+        publishers: Mapping[str, str | Collection[str]] | None = None,
     ) -> None:
         """``keys`` by id; ``active`` signs on exchanges not in ``exchanges``.
 
@@ -81,6 +119,15 @@ class KeyRing:
         other key verifies there. ``shared`` (optional) lists the ids that verify on every
         exchange *not* in ``exchanges``; by default the active key and every key that no
         ``exchanges`` entry names.
+
+        ``publishers`` (optional) binds key ids to the publisher ids they may sign for: a
+        pattern, or a list of them, per key id. A pattern is an exact publisher id
+        (``"compute.host1"``) or a prefix ending in ``*`` (``"compute.*"`` matches
+        ``"compute.host1"`` and ``"compute.a.b"``: unlike in topic patterns, ``*`` here
+        matches any rest, dots included; ``"*"`` alone matches every id). A bound key's
+        messages that claim another publisher id are rejected (``publisher_not_allowed``),
+        and a :class:`MessageFactory` refuses to sign with it for another id. Keys not named
+        are unbound and may claim any publisher id.
         """
         if not keys:
             raise ConfigError("a KeyRing needs at least one key")
@@ -109,6 +156,21 @@ class KeyRing:
         else:
             listed = [shared] if isinstance(shared, str) else list(shared)
             self._shared = frozenset(self._require(listed, "shared"))
+        self._publishers: dict[str, tuple[str, ...]] = {}
+        # key id -> (exact ids, prefixes): the consumer's per-message check, precomputed.
+        self._bound: dict[str, tuple[frozenset[str], tuple[str, ...]]] = {}
+        if publishers is not None and not isinstance(publishers, Mapping):
+            raise ConfigError(
+                "publishers must map key ids to publisher id patterns, e.g. "
+                "{'k-compute': 'compute.*'}"
+            )
+        for key_id, patterns in (publishers or {}).items():
+            self._require([key_id], "publishers")
+            valid = self._publishers[key_id] = _publisher_patterns(key_id, patterns)
+            prefixes = tuple(p[:-1] for p in valid if p.endswith("*"))
+            if "" not in prefixes:  # "*" alone: any publisher id, so nothing to check
+                exact = frozenset(p for p in valid if not p.endswith("*"))
+                self._bound[key_id] = (exact, prefixes)
 
     def _require(self, ids: list[str], where: str) -> list[str]:
         for key_id in ids:
@@ -165,18 +227,44 @@ class KeyRing:
                 f"(allowed there: {allowed})"
             )
 
+    @property
+    def publishers(self) -> dict[str, list[str]]:
+        """The bound key ids and the publisher id patterns each may sign for."""
+        return {key_id: list(patterns) for key_id, patterns in self._publishers.items()}
+
+    def permits_publisher(self, publisher_id: str, key_id: str) -> bool:
+        """Whether ``key_id`` may sign for ``publisher_id`` (always, if the key is unbound)."""
+        bound = self._bound.get(key_id)
+        return bound is None or publisher_id.startswith(bound[1]) or publisher_id in bound[0]
+
+    def check_publisher(self, publisher_id: str, key_id: str) -> None:
+        """Raise :class:`PublisherNotAllowedError` unless ``key_id`` may sign for
+        ``publisher_id``."""
+        bound = self._bound.get(key_id)
+        # Prefixes first: the usual binding is a prefix, and startswith needs no hash.
+        if bound is None or publisher_id.startswith(bound[1]) or publisher_id in bound[0]:
+            return
+        raise PublisherNotAllowedError(
+            f"key id {key_id!r} signed a message claiming publisher id {publisher_id!r}, but "
+            f"it may sign only for {list(self._publishers[key_id])}"
+        )
+
     def with_active(self, key_id: str) -> KeyRing:
         """The same ring with ``key_id`` as the active (signing) key: step 2 of a rotation.
 
-        Per-exchange entries are kept; the old active key stays shared only if an explicit
-        ``shared`` list named it or no ``exchanges`` entry names it.
+        Per-exchange entries and publisher bindings are kept; the old active key stays
+        shared only if an explicit ``shared`` list named it or no ``exchanges`` entry names it.
         """
-        return KeyRing(self._keys, key_id, exchanges=self.exchanges, shared=self._explicit_shared(
-            lambda ids: ids | {key_id}
-        ))
+        return KeyRing(
+            self._keys, key_id, exchanges=self.exchanges,
+            shared=self._explicit_shared(lambda ids: ids | {key_id}),
+            publishers=self.publishers,
+        )
 
     def without(self, key_id: str) -> KeyRing:
-        """The same ring with ``key_id`` removed: retiring a key, step 3 of a rotation."""
+        """The same ring with ``key_id`` removed: retiring a key, step 3 of a rotation.
+
+        Its publisher binding goes with it; the others are kept."""
         if key_id not in self._keys:
             raise ConfigError(f"no key with id {key_id!r} in this key ring")
         if key_id == self._active:
@@ -191,8 +279,10 @@ class KeyRing:
                 )
             exchanges[exchange] = kept
         keys = {k: v for k, v in self._keys.items() if k != key_id}
+        publishers = {k: v for k, v in self.publishers.items() if k != key_id}
         return KeyRing(keys, self._active, exchanges=exchanges,
-                       shared=self._explicit_shared(lambda ids: ids - {key_id}))
+                       shared=self._explicit_shared(lambda ids: ids - {key_id}),
+                       publishers=publishers)
 
     def _explicit_shared(
         self, change: Callable[[frozenset[str]], frozenset[str]]
@@ -217,13 +307,15 @@ class KeyRing:
         *,
         exchanges: Mapping[str, str | Collection[str]] | None = None,
         shared: Collection[str] | None = None,
+        publishers: Mapping[str, str | Collection[str]] | None = None,
     ) -> KeyRing:
         """Read a key file (as ``zbus keygen`` writes it) into a ring.
 
         Lines are ``KEY_ID HEX`` or just ``HEX`` (key id ``default``); ``#`` starts a
         comment. The first key is the active (signing) one; all of them verify, subject to
-        ``exchanges`` and ``shared`` (as in the constructor). A file that others can read or
-        write, or that its group can write, is refused.
+        ``exchanges``, ``shared`` and ``publishers`` (as in the constructor: policy is given
+        here, the file holds only keys). A file that others can read or write, or that its
+        group can write, is refused.
         """
         where = str(path)
         try:
@@ -252,7 +344,8 @@ class KeyRing:
                 raise ConfigError(f"{where}:{number}: the key is not hexadecimal") from None
         if not keys:
             raise ConfigError(f"key file {where!r} holds no key: make one with 'zbus keygen FILE'")
-        return cls(keys, active=next(iter(keys)), exchanges=exchanges, shared=shared)
+        return cls(keys, active=next(iter(keys)), exchanges=exchanges, shared=shared,
+                   publishers=publishers)
 
     def ids(self) -> list[str]:
         return sorted(self._keys)
@@ -262,4 +355,6 @@ class KeyRing:
 
     def __repr__(self) -> str:
         extra = f", exchanges={self.exchanges!r}" if self._signers else ""
+        if self._publishers:
+            extra += f", publishers={self.publishers!r}"
         return f"KeyRing(ids={self.ids()!r}, active={self._active!r}{extra})"

@@ -81,6 +81,12 @@ class MessageFactory:
 
     A factory is one ordered stream: use one per sending thread, greenlet or task, so the
     sequence numbers leave in order.
+
+    If the ring binds a key to publisher ids (``KeyRing(publishers=...)``), the factory
+    refuses to sign for a ``publisher_id`` that key may not claim, with :class:`ConfigError`:
+    for the active key at construction and on :meth:`rekey`; for an exchange's own key
+    (``KeyRing(exchanges=...)``) at the first message to that exchange, before a sequence
+    number is used. Consumers would reject those messages as ``publisher_not_allowed``.
     """
 
     def __init__(
@@ -101,13 +107,29 @@ class MessageFactory:
 
     def rekey(self, signing_key: bytes | KeyRing) -> None:
         """Sign from now on with ``signing_key`` (rotation): the stream, its run id and its
-        sequence numbers go on unchanged, so consumers see no gap."""
-        self.keys = KeyRing.of(signing_key)
+        sequence numbers go on unchanged, so consumers see no gap.
+
+        Raises :class:`ConfigError`, keeping the current keys, if the new ring's active key is
+        bound to publisher ids that do not include this factory's ``publisher_id``."""
+        keys = KeyRing.of(signing_key)
+        self._check_binding(keys, keys.active_id, "the active key")
+        self.keys = keys
         # exchange -> (signature head, key): the per-message cost stays one dict lookup.
         self._signers: dict[str, tuple[bytes, bytes]] = {}
 
+    def _check_binding(self, keys: KeyRing, key_id: str, role: str) -> None:
+        if not keys.permits_publisher(self.publisher_id, key_id):
+            raise ConfigError(
+                f"publisher id {self.publisher_id!r} may not be signed for with key id "
+                f"{key_id!r} ({role}), which the key ring binds to publisher ids "
+                f"{keys.publishers[key_id]}: use a key bound to this publisher id, or a "
+                "publisher id that key may sign for (consumers would reject every message "
+                "as publisher_not_allowed)"
+            )
+
     def _signer(self, exchange: str) -> tuple[bytes, bytes]:
         key_id, key = self.keys.signing_key_for(exchange)
+        self._check_binding(self.keys, key_id, f"the signing key of exchange {exchange!r}")
         kid = key_id.encode("ascii")
         if len(self._signers) >= 1024:  # exchanges come from the caller; bound it anyway
             self._signers.clear()
@@ -133,6 +155,8 @@ class MessageFactory:
         ``message_type`` or else the routing key, and its version ``version`` or else 1.
         """
         topic = topic_frame(exchange, routing_key)
+        # The signer first: a key that may not sign here must fail before a sequence is used.
+        head, key = self._signers.get(exchange) or self._signer(exchange)
         if isinstance(obj, Message):
             mtype = getattr(obj, "message_type", None)
             if mtype is None:
@@ -166,7 +190,6 @@ class MessageFactory:
                 "return dicts, lists, strings, bytes, numbers, booleans or None"
             ) from None
         self._next_seq = seq + 1  # only now: a payload that fails to pack leaves no gap
-        head, key = self._signers.get(exchange) or self._signer(exchange)
         return [topic, envelope, head + mac(key, topic, envelope)]
 
     def __repr__(self) -> str:

@@ -9,9 +9,19 @@ the last ``sequence_window`` sequence numbers. That one structure answers three 
 * is it too old to tell? -> sequences more than the window behind the highest are rejected.
 
 Timestamps outside ``[now - max_age, now + max_skew]`` are rejected as ``stale`` or
-``future``. The run table is bounded (least recently seen evicted); an evicted run starts a
-new baseline, so a replay of it within ``max_age`` could pass — size ``max_runs`` above the
-number of live publishers.
+``future``. The run table is bounded twice, and an evicted run starts a new baseline (so a
+replay of it within ``max_age`` could pass, and a gap across the eviction is not counted):
+
+* at most ``max_runs_per_publisher`` runs per publisher id: a new run beyond that evicts the
+  *oldest created* run of the same publisher id, never another publisher's. With keys bound
+  to publisher ids (``KeyRing(publishers=...)``), a key holder flooding run ids therefore
+  churns only the runs of ids its key may claim;
+* at most ``max_runs`` runs in all, least recently seen evicted — size it above the number of
+  live runs plus ``max_runs_per_publisher`` times the publisher ids an untrusted key may claim.
+
+Invariant: ``_by_publisher`` indexes exactly the keys of ``_runs`` (every insertion and both
+evictions update both), so ``len(self)`` is the size of either. The per-publisher index is
+touched only when a run is created or evicted, never for a message of a known run.
 """
 
 from __future__ import annotations
@@ -32,6 +42,15 @@ class StreamState:
 
 
 class ReplayGuard:
+    """One consumer's replay, freshness and loss state (see the module docstring).
+
+    ``max_age``/``max_skew``: the accepted timestamp window, in seconds; ``sequence_window``:
+    how far behind a run's newest sequence a message can still be told from a replay;
+    ``max_runs``: runs remembered in all; ``max_runs_per_publisher``: runs remembered per
+    publisher id (raise it if one publisher id has more live runs at once: processes times
+    sending threads that share it).
+    """
+
     def __init__(
         self,
         *,
@@ -39,9 +58,12 @@ class ReplayGuard:
         max_skew: float = 60.0,
         sequence_window: int = 4096,
         max_runs: int = 10_000,
+        max_runs_per_publisher: int = 1024,
     ) -> None:
-        if sequence_window < 1 or max_runs < 1:
-            raise ConfigError("sequence_window and max_runs must be at least 1")
+        if sequence_window < 1 or max_runs < 1 or max_runs_per_publisher < 1:
+            raise ConfigError(
+                "sequence_window, max_runs and max_runs_per_publisher must be at least 1"
+            )
         if max_age is not None and max_age <= 0:
             raise ConfigError("max_age must be positive, or None to accept any timestamp")
         self.max_age = max_age
@@ -49,7 +71,10 @@ class ReplayGuard:
         self.window = sequence_window
         self._mask = (1 << sequence_window) - 1
         self._max_runs = max_runs
+        self._max_per_publisher = max_runs_per_publisher
         self._runs: OrderedDict[tuple[str, bytes], StreamState] = OrderedDict()
+        # publisher id -> its runs in order of creation (a dict used as an ordered set).
+        self._by_publisher: dict[str, dict[bytes, None]] = {}
 
     def check_time(self, timestamp: float, now: float) -> None:
         if self.max_age is None:
@@ -74,9 +99,7 @@ class ReplayGuard:
         key = (publisher_id, run)
         state = self._runs.get(key)
         if state is None:
-            if len(self._runs) >= self._max_runs:
-                self._runs.popitem(last=False)
-            self._runs[key] = StreamState(sequence, sequence, 1)
+            self._new_run(publisher_id, run, sequence)
             return 0, False
         self._runs.move_to_end(key)
         ahead = sequence - state.highest
@@ -105,6 +128,23 @@ class ReplayGuard:
             )
         state.seen |= bit
         return -1, True
+
+    def _new_run(self, publisher_id: str, run: bytes, sequence: int) -> None:
+        runs = self._by_publisher.get(publisher_id)
+        if runs is None:
+            runs = self._by_publisher[publisher_id] = {}
+        elif len(runs) >= self._max_per_publisher:
+            oldest = next(iter(runs))  # this publisher's own oldest run, never another's
+            del runs[oldest]
+            del self._runs[(publisher_id, oldest)]
+        if len(self._runs) >= self._max_runs:
+            (evicted_publisher, evicted_run), _ = self._runs.popitem(last=False)
+            evicted = self._by_publisher[evicted_publisher]
+            del evicted[evicted_run]
+            if not evicted and evicted_publisher != publisher_id:
+                del self._by_publisher[evicted_publisher]
+        runs[run] = None
+        self._runs[(publisher_id, run)] = StreamState(sequence, sequence, 1)
 
     def __len__(self) -> int:
         return len(self._runs)
