@@ -10,7 +10,7 @@ import pytest
 
 import zbus
 from zbus import Delivery, Dispatcher
-from zbus._replay import ReplayGuard
+from zbus._replay import ReplayGuard, ReplayPolicy
 
 KEY = bytes(range(32))
 
@@ -311,7 +311,7 @@ def test_consumer_rejects_stale_and_future_timestamps() -> None:
     d = Dispatcher()
     d.bind("ex", "#", lambda dl: None)
     now = 1_700_000_000.0
-    guard = ReplayGuard(max_age=300, max_skew=60)
+    guard = ReplayGuard(ReplayPolicy(max_age=300, max_skew=60))
     core = zbus.ConsumerCore(d, KEY, replay=guard, clock=lambda: now)
     old = zbus.MessageFactory(KEY, "old", clock=lambda: now - 301)
     ahead = zbus.MessageFactory(KEY, "ahead", clock=lambda: now + 61)

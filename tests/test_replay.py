@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from zbus import ConfigError, ReplayError
-from zbus._replay import ReplayGuard
+from zbus._replay import ReplayGuard, ReplayPolicy
 
 RUN = b"\x01" * 8
 
@@ -47,7 +47,7 @@ def test_runs_are_independent() -> None:
 
 
 def test_too_old_to_tell_is_rejected() -> None:
-    guard = ReplayGuard(sequence_window=8)
+    guard = ReplayGuard(ReplayPolicy(sequence_window=8))
     guard.observe("p", RUN, 90)
     guard.observe("p", RUN, 100)
     with pytest.raises(ReplayError):
@@ -56,7 +56,7 @@ def test_too_old_to_tell_is_rejected() -> None:
 
 
 def test_run_table_is_bounded() -> None:
-    guard = ReplayGuard(max_runs=3)
+    guard = ReplayGuard(ReplayPolicy(max_runs=3))
     for i in range(10):
         guard.observe(f"p{i}", RUN, 1)
     assert len(guard) == 3
@@ -66,7 +66,7 @@ def test_run_table_is_bounded() -> None:
     ("timestamp", "reason"), [(1000.0 - 301, "stale"), (1000.0 + 61, "future")]
 )
 def test_time_window(timestamp: float, reason: str) -> None:
-    guard = ReplayGuard(max_age=300, max_skew=60)
+    guard = ReplayGuard(ReplayPolicy(max_age=300, max_skew=60))
     guard.check_time(1000.0 - 299, 1000.0)
     guard.check_time(1000.0 + 59, 1000.0)
     with pytest.raises(ReplayError) as err:
@@ -79,7 +79,7 @@ def test_books_balance_for_any_arrival_order(seqs: list[int], rnd: random.Random
     """Whatever arrives, in whatever order and with repeats: exactly the repeats are
     rejected, and accepted + lost == the span seen (the window is wider than the span)."""
     rnd.shuffle(seqs)
-    guard = ReplayGuard(sequence_window=1024)
+    guard = ReplayGuard(ReplayPolicy(sequence_window=1024))
     lost = accepted = rejected = 0
     for seq in seqs:
         try:
@@ -109,7 +109,7 @@ def test_one_publisher_flooding_runs_evicts_only_its_own(per_publisher: int) -> 
     """With the per-publisher bound, a flood of run ids under one publisher id (all a key
     bound to it can make) leaves the other publishers' runs alone; without it (bound as
     large as the table) the flood pushes them out and their old messages pass again."""
-    guard = ReplayGuard(max_runs=20, max_runs_per_publisher=per_publisher)
+    guard = ReplayGuard(ReplayPolicy(max_runs=20, max_runs_per_publisher=per_publisher))
     honest = [f"h{i}" for i in range(10)]
     for pid in honest:
         guard.observe(pid, RUN, 1)
@@ -128,7 +128,7 @@ def test_one_publisher_flooding_runs_evicts_only_its_own(per_publisher: int) -> 
 
 
 def test_a_publisher_s_oldest_run_goes_first() -> None:
-    guard = ReplayGuard(max_runs_per_publisher=2)
+    guard = ReplayGuard(ReplayPolicy(max_runs_per_publisher=2))
     guard.observe("p", run(1), 5)
     guard.observe("p", run(2), 5)
     guard.observe("p", run(1), 6)  # seen again: creation order, not recency, decides
@@ -141,7 +141,7 @@ def test_a_publisher_s_oldest_run_goes_first() -> None:
 
 def test_max_runs_per_publisher_must_be_positive() -> None:
     with pytest.raises(ConfigError, match="max_runs_per_publisher"):
-        ReplayGuard(max_runs_per_publisher=0)
+        ReplayGuard(ReplayPolicy(max_runs_per_publisher=0))
 
 
 @given(
@@ -153,7 +153,7 @@ def test_max_runs_per_publisher_must_be_positive() -> None:
 def test_run_tables_stay_bounded_and_consistent(
     ops: list[tuple[str, int, int]], max_runs: int, per_publisher: int
 ) -> None:
-    guard = ReplayGuard(max_runs=max_runs, max_runs_per_publisher=per_publisher)
+    guard = ReplayGuard(ReplayPolicy(max_runs=max_runs, max_runs_per_publisher=per_publisher))
     for pid, r, seq in ops:
         with contextlib.suppress(ReplayError):
             guard.observe(pid, run(r), seq)

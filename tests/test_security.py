@@ -664,3 +664,34 @@ def test_publisher_bindings_end_to_end(conn: zbus.Connection, bound: bool) -> No
         assert svc_a == list(range(20)) + ["forged"] * 20
         assert sub.stats.rejected == {"replay": 20}
     sub.close()
+
+
+def test_the_freshness_window_is_configured_per_connection(
+    conn: zbus.Connection, run_dir: Path
+) -> None:
+    """``Settings(replay=ReplayPolicy(...))`` reaches the consumers: a subscriber with a 30 s
+    ``max_age`` refuses messages stamped 100 s ago as ``stale``, while one with the default
+    (300 s) on the same proxy accepts them; fresh messages pass both."""
+    ring = zbus.KeyRing({"k": bytes(range(32))})
+    strict_conn = zbus.Connection(run_dir, settings=zbus.Settings(
+        replay=zbus.ReplayPolicy(max_age=30, max_skew=5)))
+    try:
+        strict, lenient = subscriber(strict_conn, ring), subscriber(conn, ring)
+        late = zbus.MessageFactory(ring, "svc-late", clock=lambda: time.time() - 100)
+        ahead = zbus.MessageFactory(ring, "svc-ahead", clock=lambda: time.time() + 20)
+        fresh = zbus.MessageFactory(ring, "svc-fresh")
+        for n in range(5):
+            send(conn, late, n)
+            send(conn, ahead, n)
+        for n in range(5):
+            send(conn, fresh, n)
+        conn.flush()
+        assert [d.publisher_id for d in collect(lenient, 15)] == (
+            ["svc-late", "svc-ahead"] * 5 + ["svc-fresh"] * 5)
+        assert [d.publisher_id for d in collect(strict, 5)] == ["svc-fresh"] * 5
+        assert strict.stats.rejected == {"stale": 5, "future": 5}
+        assert lenient.stats.rejected == {}
+        strict.close()
+        lenient.close()
+    finally:
+        strict_conn.close()

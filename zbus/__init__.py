@@ -34,6 +34,7 @@ from ._keys import KeyRing, generate_key
 from ._message import Message, MessageFactory
 from ._names import TopicPattern
 from ._reliable import ReliableMember, ReliableStats
+from ._replay import ReplayPolicy
 from ._settings import Endpoints, Settings, default_run_dir
 
 __version__ = "0.1.0"
@@ -64,6 +65,7 @@ __all__ = [
     "ReplayError",
     "Router",
     "RoutingError",
+    "ReplayPolicy",
     "Settings",
     "SignatureError",
     "Subscriber",

@@ -26,6 +26,7 @@ from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, LinkStats
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
+from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import context, make_socket, wait_for_probe
 
@@ -335,7 +336,8 @@ class _Consumer:
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
                  *, track_sequences: bool) -> None:
         self.connection = connection
-        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences)
+        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences,
+                                 replay=ReplayGuard(connection.settings.replay))
         self._pending: deque[list[bytes]] = deque()
         self._stop = threading.Event()
 

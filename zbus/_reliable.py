@@ -86,7 +86,7 @@ class _PoolGuard(ReplayGuard):
     (docs/PROTOCOL.md), so the guard can name it without the envelope."""
 
     def __init__(self, member: ReliableMember) -> None:
-        super().__init__()
+        super().__init__(member.connection.settings.replay)
         self.member = member
         self.duplicate: bytes | None = None
 

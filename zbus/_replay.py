@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from ._errors import ConfigError, ReplayError
 
-__all__ = ["ReplayGuard", "StreamState"]
+__all__ = ["ReplayGuard", "ReplayPolicy", "StreamState"]
 
 
 @dataclass(slots=True)
@@ -41,37 +41,52 @@ class StreamState:
     seen: int  # bit i set: sequence (highest - i) was seen
 
 
-class ReplayGuard:
-    """One consumer's replay, freshness and loss state (see the module docstring).
+@dataclass(frozen=True, slots=True)
+class ReplayPolicy:
+    """How consumers judge freshness and replays; give it to a connection's consumers as
+    ``Settings(replay=ReplayPolicy(...))`` (docs/SECURITY.md).
 
-    ``max_age``/``max_skew``: the accepted timestamp window, in seconds; ``sequence_window``:
-    how far behind a run's newest sequence a message can still be told from a replay;
+    ``max_age``/``max_skew``: the accepted timestamp window, in seconds behind and ahead of
+    the consumer's clock (``max_age=None`` accepts any timestamp); ``sequence_window``: how far
+    behind a run's newest sequence a message can still be told from a replay;
     ``max_runs``: runs remembered in all; ``max_runs_per_publisher``: runs remembered per
     publisher id (raise it if one publisher id has more live runs at once: processes times
     sending threads that share it).
     """
 
-    def __init__(
-        self,
-        *,
-        max_age: float | None = 300.0,
-        max_skew: float = 60.0,
-        sequence_window: int = 4096,
-        max_runs: int = 10_000,
-        max_runs_per_publisher: int = 1024,
-    ) -> None:
-        if sequence_window < 1 or max_runs < 1 or max_runs_per_publisher < 1:
+    max_age: float | None = 300.0
+    max_skew: float = 60.0
+    sequence_window: int = 4096
+    max_runs: int = 10_000
+    max_runs_per_publisher: int = 1024
+
+    def __post_init__(self) -> None:
+        if min(self.sequence_window, self.max_runs, self.max_runs_per_publisher) < 1:
             raise ConfigError(
-                "sequence_window, max_runs and max_runs_per_publisher must be at least 1"
+                "ReplayPolicy: sequence_window, max_runs and max_runs_per_publisher must be "
+                "at least 1"
             )
-        if max_age is not None and max_age <= 0:
-            raise ConfigError("max_age must be positive, or None to accept any timestamp")
-        self.max_age = max_age
-        self.max_skew = max_skew
-        self.window = sequence_window
-        self._mask = (1 << sequence_window) - 1
-        self._max_runs = max_runs
-        self._max_per_publisher = max_runs_per_publisher
+        if self.max_age is not None and self.max_age <= 0:
+            raise ConfigError(
+                "ReplayPolicy.max_age must be positive, or None to accept any timestamp"
+            )
+        if self.max_skew < 0:
+            raise ConfigError("ReplayPolicy.max_skew must be >= 0")
+
+
+class ReplayGuard:
+    """One consumer's replay, freshness and loss state under ``policy`` (see the module
+    docstring and :class:`ReplayPolicy`)."""
+
+    def __init__(self, policy: ReplayPolicy | None = None) -> None:
+        policy = policy or ReplayPolicy()
+        self.policy = policy
+        self.max_age = policy.max_age
+        self.max_skew = policy.max_skew
+        self.window = policy.sequence_window
+        self._mask = (1 << policy.sequence_window) - 1
+        self._max_runs = policy.max_runs
+        self._max_per_publisher = policy.max_runs_per_publisher
         self._runs: OrderedDict[tuple[str, bytes], StreamState] = OrderedDict()
         # publisher id -> its runs in order of creation (a dict used as an ordered set).
         self._by_publisher: dict[str, dict[bytes, None]] = {}

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ._errors import ConfigError
 from ._names import validate_name
+from ._replay import ReplayPolicy
 
 __all__ = ["Endpoints", "Settings", "default_run_dir"]
 
@@ -41,6 +42,9 @@ class Settings:
     """How long close() waits to flush unsent messages before dropping them."""
     heartbeat_ivl: float = 2.0
     heartbeat_timeout: float = 6.0
+    replay: ReplayPolicy = field(default_factory=ReplayPolicy)
+    """How this connection's consumers judge freshness and replays (timestamp window,
+    sequence window, table bounds): each consumer keeps its own state under it."""
 
     def __post_init__(self) -> None:
         for name in ("publish_hwm", "subscriber_hwm", "pool_hwm", "pool_link_hwm",

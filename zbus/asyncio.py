@@ -49,6 +49,7 @@ from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, LinkStats
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
+from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import context as _process_context
 from ._transport import make_socket
@@ -248,7 +249,8 @@ class _Consumer:
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler first")
         self.connection = connection
-        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences)
+        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences,
+                                 replay=ReplayGuard(connection.settings.replay))
         self._pending: deque[list[bytes]] = deque()
         self._stopping = False
         self._wake: asyncio.Future[None] | None = None

@@ -44,6 +44,7 @@ from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, TransportError
 from ._keys import KeyRing
 from ._names import TopicPattern, minimal_prefixes, validate_name
+from ._replay import ReplayGuard
 from ._settings import Settings
 
 __all__ = ["MemoryBus", "MemoryConnection", "MemoryConsumer", "MemoryPool"]
@@ -58,7 +59,8 @@ class MemoryConsumer:
             raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
         self.bus = bus
         self.pool = pool
-        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences)
+        self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences,
+                                 replay=ReplayGuard(bus.settings.replay))
         self.prefixes = self.core.prefixes()
         self.deliveries: list[Delivery] = []
         """Every delivery this consumer accepted, in order (handlers already run)."""
