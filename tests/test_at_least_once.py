@@ -479,3 +479,48 @@ def test_dead_letter_pages_skip_nothing(proxy_process: ProxyProcess, run_dir: Pa
     assert [d["frames"] for d in dead] == sent
     assert [d["position"] for d in dead] == list(range(150))
     assert {d["reason"] for d in dead} == {"nack"} and {d["attempts"] for d in dead} == {1}
+
+
+def test_stricter_member_survives_a_message_above_its_limit(
+    rproxy: ProxyProcess, run_dir: Path, key: bytes
+) -> None:
+    """A member whose max_message_bytes is below the proxy's: each delivery of the big
+    message makes libzmq end its connection for good. The member replaces its socket, greets
+    the pool again and goes on; the pool counts the lost connection, redelivers, and
+    dead-letters the big message after max_attempts. With a window of 1 nothing else was in
+    flight with it: every other message is handled exactly once and acked."""
+    limit = 16 * 1024
+    handled: Counter[int] = Counter()
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind("notifications", "compute.#", lambda d: handled.update([d.payload["n"]]))
+    settings = zbus.Settings(max_message_bytes=limit, heartbeat_ivl=0.2, heartbeat_timeout=1.0)
+    conn = zbus.Connection(run_dir, settings=settings)
+    try:
+        assert conn.declare_reliable_pool("billing", [BINDING], max_attempts=2) is True
+        member = conn.join_reliable_pool("billing", dispatcher, key, window=1)
+        member.ready()
+        factory = zbus.MessageFactory(key, "pub1")
+        sent = []
+        with zbus.Connection(run_dir) as publisher:
+            for n in range(21):
+                payload = {"n": n, "pad": "x" * (2 * limit if n == 10 else 0)}
+                sent.append(factory.frames("notifications", KEY, payload))
+                publisher.send_frames(sent[-1])
+        deadline = time.monotonic() + 30
+        while (stats := pool_stats(run_dir))["acked"] + stats["dead_lettered"] < 21:
+            assert time.monotonic() < deadline, f"{stats} {member.counters()}"
+            member.process(0.05)
+        member.close()
+        # The dead letter is above this connection's limit, which its control socket
+        # enforces too: the timeout says so, and a connection with the proxy's limit reads it.
+        with pytest.raises(zbus.Timeout, match="max_message_bytes=16384"):
+            conn.dead_letters("billing", timeout=1)
+    finally:
+        conn.close()
+    with zbus.Connection(run_dir) as reader:
+        dead = reader.dead_letters("billing")
+    assert sorted(handled) == [n for n in range(21) if n != 10]
+    assert set(handled.values()) == {1}
+    assert [d["frames"] for d in dead] == [sent[10]] and dead[0]["attempts"] == 2
+    assert member.link.replaced == 2 and member.link.disconnects == 2
+    assert stats["accepted"] == 21 and stats["acked"] == 20 and stats["members_lost"] == 2

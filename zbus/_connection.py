@@ -406,6 +406,7 @@ class _LinkedConsumer(_Consumer):
         self._link = ConsumerLink(
             lambda kind, **options: make_socket(ctx, kind, settings, **options),
             ctx, settings, self._pending,
+            kind=zmq.SUB if subscribe else zmq.PULL,
             endpoint=endpoint, ingress=connection.endpoints.ingress,
             prefixes=self.core.prefixes() if subscribe else None,
         )

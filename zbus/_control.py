@@ -38,10 +38,12 @@ def decode_reply(op: str, raw: bytes) -> dict[str, Any]:
     return reply
 
 
-def no_answer(endpoints: Endpoints, op: str, timeout: float) -> Timeout:
+def no_answer(endpoints: Endpoints, settings: Settings, op: str, timeout: float) -> Timeout:
     return Timeout(
         f"zbus-proxy did not answer {op!r} within {timeout:g}s on {endpoints.control}: is it "
-        f"running with --run-dir {endpoints.run_dir}?"
+        f"running with --run-dir {endpoints.run_dir}? (A reply larger than this connection's "
+        f"max_message_bytes={settings.max_message_bytes}, such as a page of big dead letters, "
+        "is refused the same way: ask with a connection whose limit is the proxy's.)"
     )
 
 
@@ -58,7 +60,7 @@ class ControlClient:
         try:
             sock.send(encode_request(op, **fields))
             if not sock.poll(int(timeout * 1000)):
-                raise no_answer(self.endpoints, op, timeout)
+                raise no_answer(self.endpoints, self.settings, op, timeout)
             return decode_reply(op, sock.recv())
         finally:
             sock.close(linger=0)

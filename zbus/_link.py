@@ -91,7 +91,9 @@ class LinkStats:
 
 class ConsumerLink(Generic[SocketT]):
     """The socket a consumer reads from its proxy (:attr:`sock`, which :meth:`check` may
-    replace): a subscriber's SUB when ``prefixes`` are given, else a pool member's PULL."""
+    replace): a subscriber's SUB (``prefixes`` are its subscriptions), a fast-pool member's
+    PULL, or an at-least-once member's DEALER (which must greet its pool again on a new
+    socket: :meth:`check` says when it was replaced)."""
 
     def __init__(
         self,
@@ -100,6 +102,7 @@ class ConsumerLink(Generic[SocketT]):
         settings: Settings,
         pending: deque[list[bytes]],
         *,
+        kind: int,
         endpoint: str,
         ingress: str,
         prefixes: list[bytes] | None = None,
@@ -116,7 +119,8 @@ class ConsumerLink(Generic[SocketT]):
         self._pending = pending
         self._endpoint = endpoint
         self._ingress = ingress
-        self._prefixes = prefixes
+        self._kind = kind
+        self._prefixes = prefixes or []
         self.connected = False
         """True from the first handshake with the proxy on."""
         self._down_since: float | None = None
@@ -138,19 +142,21 @@ class ConsumerLink(Generic[SocketT]):
         return _BUSY_WAIT if busy else MAX_WAIT
 
     def _open(self) -> tuple[SocketT, zmq.Socket[Any]]:
-        if self._prefixes is None:
-            sock = self._new_socket(kind=zmq.PULL, rcvhwm=self._settings.pool_hwm)
-        else:
+        if self._kind == zmq.SUB:
             sock = self._new_socket(
                 kind=zmq.SUB, sndhwm=_SUB_SLACK + 2 * len(self._prefixes),
                 rcvhwm=self._settings.subscriber_hwm,
             )
+        elif self._kind == zmq.PULL:
+            sock = self._new_socket(kind=zmq.PULL, rcvhwm=self._settings.pool_hwm)
+        else:
+            sock = self._new_socket(kind=self._kind)
         address = f"inproc://zbus-link-{os.urandom(8).hex()}"
         sock.monitor(address, _EVENTS)
         monitor = self._ctx.socket(zmq.PAIR)
         monitor.connect(address)  # before the socket connects: no link event is missed
         sock.connect(self._endpoint)
-        for prefix in self._prefixes or ():
+        for prefix in self._prefixes:
             sock.subscribe(prefix)
         return sock, monitor
 
@@ -170,10 +176,10 @@ class ConsumerLink(Generic[SocketT]):
                 self.connected = True
                 if self._down_since is not None:
                     self.stats.reconnects += 1
-                    if self._prefixes is None:
-                        self._back(now)
-                    else:
+                    if self._kind == zmq.SUB:
                         self._start_probe()
+                    else:
+                        self._back(now)
             else:  # CONNECT_RETRIED, CONNECTED: libzmq is reconnecting by itself
                 self._abandoned_at = None
         replaced = self._abandoned_at is not None and now >= self._abandoned_at

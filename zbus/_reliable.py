@@ -34,6 +34,7 @@ from ._connection import Connection, _Consumer
 from ._dispatch import ConsumerCore, Delivery, Dispatcher
 from ._errors import ConfigError, ReplayError, Timeout
 from ._keys import KeyRing
+from ._link import CHECK_EVERY, ConsumerLink, LinkStats
 from ._names import validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints
@@ -131,17 +132,52 @@ class ReliableMember(_Consumer):
         self._ids: dict[bytes, int] = {}  # message id -> delivery id, for deliveries handed out
         self._retry: set[bytes] = set()  # message ids NACKed, allowed through the guard once
         self._run: bytes | None = None
-        settings = connection.settings
-        self._sock = make_socket(
-            connection.ctx, zmq.DEALER, settings,
-            connect=reliable_endpoint(connection.endpoints, self.pool),
+        ctx, settings = connection.ctx, connection.settings
+        # Replaced when libzmq gives the connection up (zbus._link): the new DEALER is a
+        # stranger to the pool until it says HELLO; what the old one held is redelivered.
+        self._link = ConsumerLink(
+            lambda kind, **options: make_socket(ctx, kind, settings, **options),
+            ctx, settings, self._pending, kind=zmq.DEALER,
+            endpoint=reliable_endpoint(connection.endpoints, self.pool),
+            ingress=connection.endpoints.ingress,
         )
+        self._sock = self._link.sock
+        self._since_check = 0
         self._ping_every = settings.heartbeat_ivl
         self._last_sent = 0.0
         self._credited: int | None = None
 
+    @property
+    def live(self) -> bool:
+        """False from a lost connection to the proxy until it is back."""
+        return self._link.live
+
+    @property
+    def link(self) -> LinkStats:
+        """What the connection to the proxy went through (docs/RELIABILITY.md)."""
+        return self._link.stats
+
     def counters(self) -> dict[str, Any]:
-        return {**self.stats.as_dict(), "reliable": self.reliable.as_dict()}
+        return {**self.stats.as_dict(), "reliable": self.reliable.as_dict(),
+                "link": self.link.as_dict(), "live": self.live}
+
+    def _check_link(self) -> None:
+        self._since_check = 0
+        if self._link.check():
+            self._sock = self._link.sock
+            self._hello()
+
+    def _next_frames(self, wait: float) -> list[bytes] | None:
+        """The next frame set from the pool within ``wait`` seconds, looking after the link."""
+        if self._pending:
+            return self._pending.popleft()
+        self._since_check += 1
+        if self._since_check >= CHECK_EVERY:
+            self._check_link()
+        if not self._sock.poll(max(1, int(min(wait, self._link.max_wait()) * 1000))):
+            self._check_link()
+            return None
+        return self._sock.recv_multipart()
 
     # -- talking to the pool -----------------------------------------------------------
 
@@ -174,8 +210,8 @@ class ReliableMember(_Consumer):
                     f"the at-least-once pool {self.pool!r} did not answer within {timeout:g}s: "
                     "is zbus-proxy running?"
                 )
-            if self._sock.poll(int(min(left, 0.2) * 1000) + 1):
-                self._handle_control(self._sock.recv_multipart())
+            if (frames := self._next_frames(min(left, 0.2))) is not None:
+                self._handle_control(frames)
             else:
                 self._hello()
 
@@ -216,9 +252,9 @@ class ReliableMember(_Consumer):
                 if now >= deadline:
                     return None
                 wait = min(wait, deadline - now)
-            if not self._sock.poll(max(1, int(wait * 1000))):
+            if (frames := self._next_frames(wait)) is None:
                 continue
-            got = self._handle_control(self._sock.recv_multipart())
+            got = self._handle_control(frames)
             if got is None:
                 continue
             delivery = self._accept(*got)
@@ -311,9 +347,9 @@ class ReliableMember(_Consumer):
                         f"drain: the pool {self.pool!r} did not confirm within {timeout:g}s "
                         f"({handled} handled); un-acked messages go back to the pool"
                     )
-                if not self._sock.poll(max(1, int(min(left, 0.2) * 1000))):
+                if (frames := self._next_frames(min(left, 0.2))) is None:
                     continue
-                got = self._handle_control(self._sock.recv_multipart())
+                got = self._handle_control(frames)
                 if got is not None and (delivery := self._accept(*got)) is not None:
                     self._handle(delivery)
                     handled += 1
@@ -326,5 +362,6 @@ class ReliableMember(_Consumer):
         if self._sock.closed:
             return
         self._send(b"BYE")
+        self._link.close()
         # Bounded linger: long enough for BYE and the last acks to leave.
         self._sock.close(linger=int(self.connection.settings.linger * 1000))

@@ -123,7 +123,7 @@ class Connection:
         try:
             await sock.send(encode_request(op, **fields))
             if not await sock.poll(int(timeout * 1000)):
-                raise no_answer(self.endpoints, op, timeout)
+                raise no_answer(self.endpoints, self.settings, op, timeout)
             return decode_reply(op, await sock.recv())
         finally:
             sock.close(linger=0)
@@ -261,6 +261,7 @@ class _Consumer:
             lambda kind, **options: connection.socket(kind, **options),
             zmq.Context.shadow(connection.ctx.underlying),  # plain sockets for the link
             connection.settings, self._pending,
+            kind=zmq.SUB if subscribe else zmq.PULL,
             endpoint=endpoint, ingress=connection.endpoints.ingress,
             prefixes=self.core.prefixes() if subscribe else None,
         )
