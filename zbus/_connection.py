@@ -23,7 +23,7 @@ from ._control import ControlClient, encode_request, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
-from ._link import CHECK_EVERY, ConsumerLink, LinkStats
+from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
@@ -396,32 +396,21 @@ class _Consumer:
         self.close()
 
 
-class _LinkedConsumer(_Consumer):
-    """A consumer that reads from a SUB or PULL its link to the proxy looks after."""
+class _LinkedConsumer(_Consumer, Linked):
+    """A consumer whose socket its link to the proxy looks after (zbus._link)."""
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
-                 *, track_sequences: bool, endpoint: str, subscribe: bool) -> None:
+                 *, track_sequences: bool, kind: int, endpoint: str) -> None:
         super().__init__(connection, dispatcher, keys, track_sequences=track_sequences)
         ctx, settings = connection.ctx, connection.settings
         self._link = ConsumerLink(
             lambda kind, **options: make_socket(ctx, kind, settings, **options),
             ctx, settings, self._pending,
-            kind=zmq.SUB if subscribe else zmq.PULL,
-            endpoint=endpoint, ingress=connection.endpoints.ingress,
-            prefixes=self.core.prefixes() if subscribe else None,
+            kind=kind, endpoint=endpoint, ingress=connection.endpoints.ingress,
+            prefixes=self.core.prefixes() if kind == zmq.SUB else None,
         )
         self._sock = self._link.sock
         self._since_check = 0
-
-    @property
-    def live(self) -> bool:
-        """False from a lost connection to the proxy until it is proven live again."""
-        return self._link.live
-
-    @property
-    def link(self) -> LinkStats:
-        """What the connection to the proxy went through (docs/RELIABILITY.md)."""
-        return self._link.stats
 
     def receive(self, timeout: float | None = None) -> Delivery | None:
         """The next verified, matching delivery (handlers not run), or None after ``timeout``.
@@ -462,6 +451,10 @@ class _LinkedConsumer(_Consumer):
         self._since_check = 0
         if self._link.check():
             self._sock = self._link.sock
+            self._replaced()
+
+    def _replaced(self) -> None:
+        """Called once :attr:`_sock` is a new socket (see zbus._link)."""
 
     def counters(self) -> dict[str, Any]:
         return {**super().counters(), "link": self.link.as_dict(), "live": self.live}
@@ -489,7 +482,7 @@ class Subscriber(_LinkedConsumer):
             raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
         super().__init__(
             connection, dispatcher, keys, track_sequences=True,
-            endpoint=connection.endpoints.deliver, subscribe=True,
+            kind=zmq.SUB, endpoint=connection.endpoints.deliver,
         )
 
     def ready(self, timeout: float = 10.0) -> None:
@@ -654,7 +647,7 @@ class PoolMember(_LinkedConsumer):
         self.pool = validate_name(pool, "pool name")
         super().__init__(
             connection, dispatcher, keys, track_sequences=False,
-            endpoint=connection.endpoints.pool(self.pool), subscribe=False,
+            kind=zmq.PULL, endpoint=connection.endpoints.pool(self.pool),
         )
         settings = connection.settings
         self.abandoned = 0

@@ -39,7 +39,7 @@ from ._names import CONTROL_PREFIX
 from ._settings import Settings
 from ._transport import make_socket
 
-__all__ = ["ABANDONED_AFTER", "CHECK_EVERY", "ConsumerLink", "LinkStats"]
+__all__ = ["ABANDONED_AFTER", "CHECK_EVERY", "ConsumerLink", "Linked", "LinkStats"]
 
 log = logging.getLogger("zbus")
 
@@ -265,3 +265,19 @@ class ConsumerLink(Generic[SocketT]):
             self._probe_push.close(linger=0)
             self._probe_push = None
         self._close_monitor()
+
+
+class Linked:
+    """What every backend's consumers show of their link (mixed into their base classes)."""
+
+    _link: ConsumerLink[Any]
+
+    @property
+    def live(self) -> bool:
+        """False from a lost connection to the proxy until it is proven live again."""
+        return self._link.live
+
+    @property
+    def link(self) -> LinkStats:
+        """What the connection to the proxy went through (docs/RELIABILITY.md)."""
+        return self._link.stats

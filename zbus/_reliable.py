@@ -30,15 +30,14 @@ from typing import Any
 
 import zmq
 
-from ._connection import Connection, _Consumer
+from ._connection import Connection, _LinkedConsumer
 from ._dispatch import ConsumerCore, Delivery, Dispatcher
 from ._errors import ConfigError, ReplayError, Timeout
 from ._keys import KeyRing
-from ._link import CHECK_EVERY, ConsumerLink, LinkStats
+from ._link import CHECK_EVERY
 from ._names import validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints
-from ._transport import make_socket
 
 __all__ = ["ReliableMember", "ReliableStats", "reliable_endpoint"]
 
@@ -104,7 +103,7 @@ class _PoolGuard(ReplayGuard):
         return super().observe(publisher_id, run, sequence)
 
 
-class ReliableMember(_Consumer):
+class ReliableMember(_LinkedConsumer):
     """A member of an at-least-once pool (see the module docstring)."""
 
     def __init__(
@@ -117,14 +116,17 @@ class ReliableMember(_Consumer):
         window: int = 10,
         dedup_size: int = 100_000,
     ) -> None:
-        super().__init__(connection, dispatcher, keys, track_sequences=False)
-        self._guard = _PoolGuard(self)
-        self.core = ConsumerCore(dispatcher, keys, track_sequences=False, replay=self._guard)
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler before joining")
         if window < 1 or dedup_size < 1:
             raise ConfigError("window and dedup_size must be at least 1")
         self.pool = validate_name(pool, "pool name")
+        # The link replaces the DEALER when libzmq gives the connection up: the new one is a
+        # stranger to the pool until it says HELLO; what the old one held is redelivered.
+        super().__init__(connection, dispatcher, keys, track_sequences=False, kind=zmq.DEALER,
+                         endpoint=reliable_endpoint(connection.endpoints, self.pool))
+        self._guard = _PoolGuard(self)
+        self.core = ConsumerCore(dispatcher, keys, track_sequences=False, replay=self._guard)
         self.window = window
         self.reliable = ReliableStats()
         self._dedup: OrderedDict[bytes, None] = OrderedDict()
@@ -132,40 +134,15 @@ class ReliableMember(_Consumer):
         self._ids: dict[bytes, int] = {}  # message id -> delivery id, for deliveries handed out
         self._retry: set[bytes] = set()  # message ids NACKed, allowed through the guard once
         self._run: bytes | None = None
-        ctx, settings = connection.ctx, connection.settings
-        # Replaced when libzmq gives the connection up (zbus._link): the new DEALER is a
-        # stranger to the pool until it says HELLO; what the old one held is redelivered.
-        self._link = ConsumerLink(
-            lambda kind, **options: make_socket(ctx, kind, settings, **options),
-            ctx, settings, self._pending, kind=zmq.DEALER,
-            endpoint=reliable_endpoint(connection.endpoints, self.pool),
-            ingress=connection.endpoints.ingress,
-        )
-        self._sock = self._link.sock
-        self._since_check = 0
-        self._ping_every = settings.heartbeat_ivl
+        self._ping_every = connection.settings.heartbeat_ivl
         self._last_sent = 0.0
         self._credited: int | None = None
 
-    @property
-    def live(self) -> bool:
-        """False from a lost connection to the proxy until it is back."""
-        return self._link.live
-
-    @property
-    def link(self) -> LinkStats:
-        """What the connection to the proxy went through (docs/RELIABILITY.md)."""
-        return self._link.stats
-
     def counters(self) -> dict[str, Any]:
-        return {**self.stats.as_dict(), "reliable": self.reliable.as_dict(),
-                "link": self.link.as_dict(), "live": self.live}
+        return {**super().counters(), "reliable": self.reliable.as_dict()}
 
-    def _check_link(self) -> None:
-        self._since_check = 0
-        if self._link.check():
-            self._sock = self._link.sock
-            self._hello()
+    def _replaced(self) -> None:
+        self._hello()
 
     def _next_frames(self, wait: float) -> list[bytes] | None:
         """The next frame set from the pool within ``wait`` seconds, looking after the link."""

@@ -46,7 +46,7 @@ from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError
 from ._keys import KeyRing
-from ._link import CHECK_EVERY, ConsumerLink, LinkStats
+from ._link import CHECK_EVERY, ConsumerLink, Linked
 from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
@@ -239,7 +239,7 @@ class Router:
         await self.connection.send_frames(self.factory.frames(exchange, routing_key, obj))
 
 
-class _Consumer:
+class _Consumer(Linked):
     """Receive loop shared by subscribers and pool members (asyncio backend)."""
 
     _hwm: int
@@ -271,16 +271,6 @@ class _Consumer:
     @property
     def stats(self) -> ConsumerStats:
         return self.core.stats
-
-    @property
-    def live(self) -> bool:
-        """False from a lost connection to the proxy until it is proven live again."""
-        return self._link.live
-
-    @property
-    def link(self) -> LinkStats:
-        """What the connection to the proxy went through (docs/RELIABILITY.md)."""
-        return self._link.stats
 
     def counters(self) -> dict[str, Any]:
         """Every counter this consumer keeps, as one plain map."""
