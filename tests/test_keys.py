@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -66,3 +67,47 @@ def test_key_bytes_never_appear_in_errors_or_repr(tmp_path: Path) -> None:
     with pytest.raises(zbus.ConfigError) as err:
         zbus.KeyRing.from_file(path)
     assert key.hex() not in str(err.value)
+
+
+def test_key_bytes_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """Every rejection a consumer logs (at DEBUG, the most verbose), a failing handler's
+    traceback included, names key ids only, never key bytes."""
+    key, stranger = zbus.generate_key(), zbus.generate_key()
+    ring = zbus.KeyRing({"k1": key, "k-old": stranger}, active="k1",
+                        exchanges={"billing": "k1"}, publishers={"k-old": "legacy.*"})
+    dispatcher = zbus.Dispatcher()
+
+    def broken(delivery: zbus.Delivery) -> None:
+        raise RuntimeError("handler failed")
+
+    dispatcher.bind("notifications", "#", broken)
+    dispatcher.bind("billing", "#", broken)
+    core = zbus.ConsumerCore(dispatcher, ring)
+    good = zbus.MessageFactory(ring, "svc")
+    forged = zbus.MessageFactory(zbus.KeyRing({"k1": zbus.generate_key()}), "svc")
+    unknown = zbus.MessageFactory(zbus.KeyRing({"k9": stranger}), "svc")
+    old = zbus.MessageFactory(zbus.KeyRing({"k-old": stranger}), "legacy.a")
+    first = good.frames("notifications", "a.b", 1)
+    with caplog.at_level(logging.DEBUG, logger="zbus"):
+        for frames in (
+            first, first,  # delivered (its handler raises), then a replay
+            forged.frames("notifications", "a.b", 1),  # bad_signature
+            unknown.frames("notifications", "a.b", 1),  # unknown_key
+            old.frames("billing", "a.b", 1),  # key_not_allowed
+            zbus.MessageFactory(zbus.KeyRing({"k-old": stranger}), "legacy.b").frames(
+                "notifications", "a.b", 1),
+            [first[0], b"\xc1", first[2]],  # bad_signature (the MAC covers the envelope)
+            [b"x"],  # frame_count
+        ):
+            delivery = core.accept(frames)
+            if delivery is not None:
+                core.run_handlers(delivery)
+    assert set(core.stats.rejected) >= {"replay", "bad_signature", "unknown_key",
+                                        "key_not_allowed", "frame_count"}
+    assert core.stats.handler_errors >= 1
+    logged = caplog.text + "".join(
+        str(r.exc_info) for r in caplog.records if r.exc_info is not None)
+    for secret in (key, stranger):
+        for form in (secret.hex(), repr(secret), secret.hex().upper()):
+            assert form not in logged
+    assert "k1" in logged or "k9" in logged  # the ids are there: the logs say which key
