@@ -133,7 +133,8 @@ class ConsumerLink(Generic[SocketT]):
 
     @property
     def live(self) -> bool:
-        """False from a lost connection until the subscriptions are proven live again."""
+        """False from a lost connection until it is proven live again (a subscriber's
+        probe came back; other kinds: the handshake)."""
         return self._down_since is None
 
     def max_wait(self) -> float:
