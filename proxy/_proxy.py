@@ -215,6 +215,15 @@ class Proxy:
         for device in reversed(list(self._devices.values())):
             device.stop()
         self._devices.clear()
+        # A pool declared just before the stop may have left its member monitor in the
+        # inbox, never taken by the (now ended) thread that reads them: close it here, or
+        # the context's term() below waits for it forever.
+        while True:
+            try:
+                _, reader = self._monitor_inbox.get_nowait()
+            except queue.Empty:
+                break
+            reader.close(linger=0)
         if self._zap is not None:
             self._zap.stop()
             self._zap = None

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -254,3 +255,17 @@ def test_send_frames_delivers_any_frame_count_intact(run_dir: Path, count: int) 
             sub.close(linger=0)
             ctx.term()
             conn.close()
+
+
+def test_stop_right_after_a_pool_is_declared_returns(run_dir: Path) -> None:
+    """A pool's member monitor waits in an inbox for the control thread; a stop that came
+    first used to leave it open there, and the context's term() then waited forever (seen
+    as a proxy that ignored SIGINT). In-process, so the race is hit nearly every time."""
+    for attempt in range(5):
+        proxy = Proxy(run_dir / f"p{attempt}")
+        proxy.start()
+        proxy.declare_pool("billing", [BINDING])
+        stopper = threading.Thread(target=proxy.stop, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        assert not stopper.is_alive(), f"stop() hung (attempt {attempt})"
