@@ -100,6 +100,19 @@ def proxy_process(run_dir: Path) -> Iterator[ProxyProcess]:
         proxy.stop()
 
 
+SMALL_PROXY_LIMIT = 64 * 1024
+
+
+@pytest.fixture
+def small_proxy(run_dir: Path) -> Iterator[ProxyProcess]:
+    """A zbus-proxy subprocess whose max_message_bytes is ``SMALL_PROXY_LIMIT`` (64 KiB)."""
+    proxy = ProxyProcess(run_dir, "--max-message-bytes", str(SMALL_PROXY_LIMIT)).start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -38,7 +38,7 @@ import zbus
 from zbus._envelope import signature_frame
 from zbus._names import validate_routing_key
 
-from .conftest import ProxyProcess, collect_deliveries
+from .conftest import SMALL_PROXY_LIMIT, ProxyProcess, collect_deliveries
 
 KEY = bytes(range(32))
 RING = zbus.KeyRing({"k1": KEY})
@@ -248,6 +248,20 @@ def raw(conn: zbus.Connection, kind: int, endpoint: str) -> zmq.Socket[Any]:
     return sock
 
 
+def send_raw_bytes(path: Path, data: bytes) -> None:
+    """``data`` on a fresh unix connection to socket ``path``, read until libzmq hangs up."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        try:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            while s.recv(4096):  # until libzmq closes on us
+                pass
+        except OSError:  # reset (or timed out): refused either way
+            pass
+
+
 def assert_proxy_serves(proxy: ProxyProcess, conn: zbus.Connection) -> None:
     assert proxy.proc is not None and proxy.proc.poll() is None, proxy.log.read_text()
     assert conn.control.request("ping", timeout=5)["pid"] == proxy.pid
@@ -375,16 +389,7 @@ def test_long_subscriptions_cannot_crash_the_proxy(
     assert_legit_traffic_flows(conn, 100)
 
 
-LIMIT = 64 * 1024
-
-
-@pytest.fixture
-def small_proxy(run_dir: Path) -> Iterator[ProxyProcess]:
-    proxy = ProxyProcess(run_dir, "--max-message-bytes", str(LIMIT)).start()
-    try:
-        yield proxy
-    finally:
-        proxy.stop()
+LIMIT = SMALL_PROXY_LIMIT
 
 
 def test_oversize_frames_never_reach_python(small_proxy: ProxyProcess, run_dir: Path) -> None:
@@ -543,16 +548,7 @@ def test_non_zmtp_bytes_and_wrong_peers_on_every_bound_socket(
                      st.builds(lambda n: greeting[:n], st.integers(1, len(greeting)))))
     def barrage(data: bytes) -> None:
         for path in paths:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(5)
-                s.connect(str(path))
-                try:
-                    s.sendall(data)
-                    s.shutdown(socket.SHUT_WR)
-                    while s.recv(4096):  # until libzmq closes on us
-                        pass
-                except OSError:  # reset by the proxy: exactly what it should do
-                    pass
+            send_raw_bytes(path, data)
 
     barrage()
     # ZeroMQ peers of an incompatible type: the handshake fails, nothing is delivered

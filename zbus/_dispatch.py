@@ -183,7 +183,12 @@ class Dispatcher:
 
 @dataclass
 class ConsumerStats:
-    """What a consumer saw. ``lost`` counts sequence gaps: messages that never arrived."""
+    """What a consumer saw. ``lost`` counts sequence gaps: messages that never arrived.
+
+    ``received`` counts the 3-frame messages read; a message with another frame count is
+    counted only as ``rejected["frame_count"]``, so ``received == delivered + unmatched +
+    sum(rejected.values()) - rejected["frame_count"]`` once handlers have run.
+    """
 
     received: int = 0
     delivered: int = 0
