@@ -577,6 +577,8 @@ class Proxy:
             "pid": os.getpid(),
             "run_dir": str(self.endpoints.run_dir),
             "devices": devices,
+            # A forwarding loop that failed (libzmq error) and was started again: should stay 0.
+            "device_restarts": {name: d.restarts for name, d in list(self._devices.items())},
             "pools": self.pools,
             "fast_pools": self._fast_pool_stats(devices),
             "pool_startup_drops": self.pool_startup_drops,

@@ -78,6 +78,10 @@ def render_metrics(stats: dict[str, Any]) -> str:
         out += family(f"zbus_proxy_device_{unit}_total", "counter",
                       f"{unit.capitalize()} through a proxy device's forwarding loop "
                       "(a message is 3 frames).", samples)
+    out += family("zbus_proxy_device_restarts_total", "counter",
+                  "Times a device's forwarding loop failed and was started again.",
+                  [({"device": name}, n)
+                   for name, n in sorted((stats.get("device_restarts") or {}).items())])
     out += family("zbus_proxy_pools", "gauge", "Declared worker pools.",
                   [({}, len(stats.get("pools") or {}))])
     out += family("zbus_proxy_pool_startup_drops_total", "counter",

@@ -445,6 +445,8 @@ def check_books(run: Campaign, proxy: ProxyProcess, conn: zbus.Connection,
     assert member.report_receipts(timeout=5)
     stats = conn.proxy_stats()
     assert stats["devices"] and all(stats["devices"].values()), stats["devices"]
+    # no forwarding loop failed and had to be started again under the attacks
+    assert set(stats["device_restarts"].values()) == {0}, stats["device_restarts"]
     pool = stats["fast_pools"][POOL]
     run.pool_stats = pool
     assert pool["members"] == 1 and pool["reported"] == member.receipts

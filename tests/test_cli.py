@@ -349,6 +349,9 @@ def test_metrics_endpoint_matches_the_control_socket(run_dir: Path, key: bytes) 
                       f'direction="{direction}"}}')
             assert int(samples[sample]) == value, sample
     assert samples["zbus_proxy_up"] == "1"
+    assert set(stats["device_restarts"]) == set(stats["devices"])
+    for device, restarts in stats["device_restarts"].items():
+        assert samples[f'zbus_proxy_device_restarts_total{{device="{device}"}}'] == str(restarts)
 
 
 
