@@ -71,6 +71,10 @@ MAX_REPORTERS = 10_000
 """Member ids whose receipts one fast pool keeps (a member's final report frees its slot);
 reports from further ids are refused and counted, so ``unaccounted`` can only over-state."""
 FRAMES_PER_MESSAGE = 3
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+# What a pool's member monitor reads (see _member_event).
+_MEMBER_EVENTS = zmq.EVENT_ACCEPTED | _HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED
 
 
 class Proxy:
@@ -126,6 +130,9 @@ class Proxy:
         self._receipts_closed: dict[str, int] = {}
         self._members_closed: dict[str, int] = {}
         self._members_lost: dict[str, int] = {}
+        # Per pool: connections whose handshake failed and whose disconnect is still to come
+        # (garbage or a wrong socket type on the pool socket: never a member, never lost).
+        self._not_members: dict[str, int] = {}
         self._receipts_refused: dict[str, int] = {}
         self._links: dict[str, tuple[tuple[Any, ...], Device]] = {}
         self._retired: dict[str, dict[str, int]] = {}
@@ -507,7 +514,7 @@ class Proxy:
         Its events are read by the manager thread (federation) or the control thread."""
         assert self._ctx is not None
         endpoint = f"inproc://zbus-members-{name}-{self._tag}"
-        push.monitor(endpoint, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        push.monitor(endpoint, _MEMBER_EVENTS)
         reader: zmq.Socket[Any] = self._ctx.socket(zmq.PAIR)
         reader.setsockopt(zmq.LINGER, 0)
         reader.connect(endpoint)
@@ -968,14 +975,23 @@ class Proxy:
                 self._directory.close()
 
     def _member_event(self, pool: str, frames: list[bytes]) -> None:
+        # Members are the open connections (a handshaking one counts at once: a member is
+        # never missed). Any peer can connect and send garbage; when libzmq flags the failed
+        # handshake (HANDSHAKE_FAILED_*, before that connection's DISCONNECTED), its end is
+        # not counted as a lost member. Handshake events carry no fd, hence the credit.
         event = zmq.utils.monitor.parse_monitor_message(frames)["event"]
         with self._state:
             count = self._members.get(pool, 0)
             if event == zmq.EVENT_ACCEPTED:
                 count += 1
+            elif event & _HANDSHAKE_FAILED:
+                self._not_members[pool] = self._not_members.get(pool, 0) + 1
             elif event == zmq.EVENT_DISCONNECTED:
                 count = max(0, count - 1)
-                self._members_lost[pool] = self._members_lost.get(pool, 0) + 1
+                if self._not_members.get(pool, 0):
+                    self._not_members[pool] -= 1
+                else:
+                    self._members_lost[pool] = self._members_lost.get(pool, 0) + 1
             self._members[pool] = count
         log.debug("pool members", extra={"pool": pool, "members": count})
 
