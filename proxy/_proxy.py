@@ -126,8 +126,10 @@ class Proxy:
         # Fast-pool receipts (docs/RELIABILITY.md): pool -> member id -> the cumulative count
         # of its last report; what members that said goodbye reported; disconnects seen by
         # the members' PUSH monitor; refused reports. Under _state.
-        self._receipts: dict[str, dict[str, int]] = {}
-        self._receipts_closed: dict[str, int] = {}
+        # Per pool, per live member id: its last (messages, frames) read; and the sums of
+        # the members that closed. Frames, because handed_out is counted in frames.
+        self._receipts: dict[str, dict[str, tuple[int, int]]] = {}
+        self._receipts_closed: dict[str, tuple[int, int]] = {}
         self._members_closed: dict[str, int] = {}
         self._members_lost: dict[str, int] = {}
         # Per pool: connections whose handshake failed and whose disconnect is still to come
@@ -609,14 +611,18 @@ class Proxy:
 
     def _fast_pool_stats(self, devices: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
         """Per fast pool, the receipts accounting (docs/RELIABILITY.md, "Fast pools: the
-        receipts"): ``unaccounted = handed_out - reported``, from counters only (the device
-        loop's STATISTICS and the members' reports; no Python on the message path)."""
+        receipts"): ``unaccounted`` is the frames handed out minus the frames reported, in
+        messages, from counters only (the device loop's STATISTICS and the members' reports;
+        no Python on the message path)."""
         out: dict[str, dict[str, Any]] = {}
         for name in self.pools:
             frames = devices.get(f"pool-{name}-deliver", {}).get("backend_frames_out")
             with self._state:
                 live = self._receipts.get(name, {})
-                reported = self._receipts_closed.get(name, 0) + sum(live.values())
+                reported, reported_frames = self._receipts_closed.get(name, (0, 0))
+                for messages, frames_read in live.values():
+                    reported += messages
+                    reported_frames += frames_read
                 entry: dict[str, Any] = {
                     "members": self._members.get(name, 0),
                     "members_lost": self._members_lost.get(name, 0),
@@ -628,20 +634,29 @@ class Proxy:
             if frames is None:  # the device did not answer: no number rather than a wrong one
                 entry.update(handed_out=None, unaccounted=None)
             else:
-                handed_out = frames // FRAMES_PER_MESSAGE
-                entry.update(handed_out=handed_out, unaccounted=handed_out - reported)
+                # In frames, then rounded up to messages: frames a member read but could not
+                # count as a message (a foreign client's other frame counts) cancel out
+                # instead of showing as loss, and a lost message is never rounded away.
+                missing = frames - reported_frames
+                entry.update(handed_out=frames // FRAMES_PER_MESSAGE,
+                             unaccounted=-(-missing // FRAMES_PER_MESSAGE))
             out[name] = entry
         return out
 
     def _pool_receipts(self, request: dict[str, Any]) -> None:
-        """A fast-pool member's report: the cumulative count of messages it read from the
-        pool socket (``received``), under its random ``member`` id; ``final`` when it closes."""
+        """A fast-pool member's report: the cumulative counts of messages (``received``) and
+        frames (``frames``, optional: 3 per message if absent) it read from the pool socket,
+        under its random ``member`` id; ``final`` when it closes."""
         pool, member = request.get("pool"), request.get("member")
         received, final = request.get("received"), request.get("final", False)
         if not isinstance(member, str) or not 0 < len(member) <= 64:
             raise ConfigError("pool_receipts: member must be a string of 1 to 64 characters")
         if isinstance(received, bool) or not isinstance(received, int) or received < 0:
             raise ConfigError("pool_receipts: received must be an integer >= 0")
+        frames = request.get("frames", received * FRAMES_PER_MESSAGE)
+        if (isinstance(frames, bool) or not isinstance(frames, int)
+                or frames < received * FRAMES_PER_MESSAGE):
+            raise ConfigError("pool_receipts: frames must be an integer >= 3 * received")
         if not isinstance(final, bool):
             raise ConfigError("pool_receipts: final must be true or false")
         if pool not in self.pools:
@@ -653,13 +668,15 @@ class Proxy:
                 raise ConfigError(f"pool_receipts: pool {pool!r} already tracks "
                                   f"{MAX_REPORTERS} members")
             # Cumulative and sent in order on one socket: never let a late one go backwards.
-            count = max(received, live.get(member, 0))
+            before = live.get(member, (0, 0))
+            counts = (max(received, before[0]), max(frames, before[1]))
             if final:
                 live.pop(member, None)
-                self._receipts_closed[pool] = self._receipts_closed.get(pool, 0) + count
+                closed = self._receipts_closed.get(pool, (0, 0))
+                self._receipts_closed[pool] = (closed[0] + counts[0], closed[1] + counts[1])
                 self._members_closed[pool] = self._members_closed.get(pool, 0) + 1
             else:
-                live[member] = count
+                live[member] = counts
 
     def _reliable_stats(self) -> dict[str, dict[str, Any]]:
         with self._pool_lock:

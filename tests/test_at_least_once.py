@@ -441,7 +441,9 @@ def test_fast_pool_receipts_balance_after_a_drain(
                             ({"pool": "fast", "member": "", "received": 1}, "member must"),
                             ({"pool": "fast", "member": "m", "received": -1}, "received must"),
                             ({"pool": "fast", "member": "m", "received": 1, "final": 1},
-                             "final must")):
+                             "final must"),
+                            ({"pool": "fast", "member": "m", "received": 2, "frames": 5},
+                             "frames must")):
             with pytest.raises(zbus.ProxyError, match=why):
                 conn.control.request("pool_receipts", **fields)
     assert zbus_main(["stats", "--run-dir", str(run_dir)]) == 0

@@ -570,25 +570,26 @@ class ReceiptsReporter:
         self._ctx = ctx
         self._sock: zmq.Socket[Any] | None = None  # DEALER on the proxy's control socket
         self._unanswered = 0  # reports whose reply has not been read yet
-        self._sent = 0  # receipts in the last report tried
-        self._reported = 0  # receipts in the last report queued
+        self._sent = 0  # frames in the last report tried
+        self._reported = 0  # frames in the last report queued
         self._reported_at = time.monotonic()
 
     @property
     def started(self) -> bool:
         return self._sock is not None
 
-    def due_in(self, received: int, now: float) -> float | None:
-        """Seconds until a report of ``received`` is due (0: now), or None if none is."""
-        if received == self._reported:
+    def due_in(self, frames: int, now: float) -> float | None:
+        """Seconds until a report is due (0: now) after ``frames`` read in all, or None."""
+        if frames == self._reported:
             return None
-        if received - self._sent >= RECEIPTS_EVERY:
+        if frames - self._sent >= 3 * RECEIPTS_EVERY:
             return 0.0
         return max(0.0, self._reported_at + RECEIPTS_INTERVAL - now)
 
-    def report(self, received: int, now: float, final: bool = False) -> bool:
-        """Queue one report without waiting (False when the proxy is not taking them: the
-        next report carries the same cumulative count)."""
+    def report(self, received: int, frames: int, now: float, final: bool = False) -> bool:
+        """Queue one report of the cumulative ``received`` (3-frame messages) and ``frames``
+        (every frame read) without waiting (False when the proxy is not taking them: the
+        next report carries the same cumulative counts)."""
         sock = self._sock
         if sock is None:
             # REP at the other end: a DEALER speaks to it with an empty delimiter frame,
@@ -596,16 +597,16 @@ class ReceiptsReporter:
             sock = self._sock = make_socket(self._ctx, zmq.DEALER, self._settings, sndhwm=8,
                                             connect=self._endpoints.control)
         self.read_replies()
-        self._sent = received
+        self._sent = frames
         self._reported_at = now
         request = encode_request("pool_receipts", pool=self.pool, member=self.member_id,
-                                 received=received, final=final)
+                                 received=received, frames=frames, final=final)
         try:
             sock.send_multipart([b"", request], _NOBLOCK)
         except zmq.Again:
             return False
         self._unanswered += 1
-        self._reported = received
+        self._reported = frames
         return True
 
     def read_replies(self, timeout: float = 0.0) -> bool:
@@ -657,12 +658,19 @@ class PoolMember(_LinkedConsumer):
         self.member_id = self._receipts.member_id
         """The random id this member's receipts are reported under."""
         self._dropped = 0  # 3-frame messages read by drain() and abandoned (receipts too)
+        self._dropped_frames = 0  # ... and the frames of every message it abandoned
 
     @property
     def receipts(self) -> int:
         """Every 3-frame message this member read from the pool socket: accepted, rejected,
         or abandoned by drain() (what the proxy's ``reported`` sums)."""
         return self.core.stats.received + self._dropped
+
+    @property
+    def frames_read(self) -> int:
+        """Every frame read from the pool socket, whatever the message's shape: what the
+        proxy compares with the frames it handed out."""
+        return 3 * self.core.stats.received + self.core.odd_frames + self._dropped_frames
 
     @property
     def bindings(self) -> list[str]:
@@ -683,10 +691,10 @@ class PoolMember(_LinkedConsumer):
         while True:
             now = time.monotonic()
             wait = None if deadline is None else max(0.0, deadline - now)
-            received = self.receipts
-            due = self._receipts.due_in(received, now)
+            frames = self.frames_read
+            due = self._receipts.due_in(frames, now)
             if due == 0:
-                self._receipts.report(received, now)
+                self._receipts.report(self.receipts, frames, now)
             elif due is not None and (wait is None or due < wait):
                 wait = due  # wake up to report even when no message comes
             delivery = super().receive(wait)
@@ -699,7 +707,7 @@ class PoolMember(_LinkedConsumer):
         """Report this member's receipts now and wait up to ``timeout`` s for the proxy to
         take them; True when it did (the receive loop reports by itself: this is for a
         caller that needs the proxy's count current, e.g. before a planned stop)."""
-        return (self._receipts.report(self.receipts, time.monotonic())
+        return (self._receipts.report(self.receipts, self.frames_read, time.monotonic())
                 and self._receipts.read_replies(timeout))
 
     def drain(self, timeout: float = 10.0, *, quiet: float = 0.05) -> int:
@@ -727,6 +735,7 @@ class PoolMember(_LinkedConsumer):
                 frames = (self._pending.popleft() if self._pending
                           else self._sock.recv_multipart())
                 self.abandoned += 1
+                self._dropped_frames += len(frames)
                 if len(frames) == 3:
                     self._dropped += 1
         finally:
@@ -739,11 +748,11 @@ class PoolMember(_LinkedConsumer):
     def close(self) -> None:
         if not self._sock.closed:
             super().close()  # first: nothing more arrives, so the final count is final
-            received = self.receipts
-            if received or self._receipts.started:
+            frames = self.frames_read
+            if frames or self._receipts.started:
                 # Waited for (briefly): the shared context is rarely terminated, so a
                 # report still queued when the process exits would die with it.
                 wait = min(self.connection.settings.linger, 1.0)
-                if self._receipts.report(received, time.monotonic(), final=True):
+                if self._receipts.report(self.receipts, frames, time.monotonic(), final=True):
                     self._receipts.read_replies(wait)
         self._receipts.close()

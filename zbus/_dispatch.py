@@ -230,6 +230,9 @@ class ConsumerCore:
         # consumers raises false duplicates (jupyter_client #252).
         self._guard = replay if replay is not None else ReplayGuard()
         self._count_gaps = track_sequences
+        # Frames of messages that were not 3 frames long (a fast-pool member reports every
+        # frame it read: docs/RELIABILITY.md, "Fast pools: the receipts").
+        self.odd_frames = 0
         self._clock = clock
         self._warned: set[str] = set()
 
@@ -242,6 +245,7 @@ class ConsumerCore:
     def accept(self, frames: list[bytes]) -> Delivery | None:
         """Verify, decode, account and route one received multipart message."""
         if len(frames) != 3:
+            self.odd_frames += len(frames)
             if len(frames) == 1 and frames[0].startswith(CONTROL_PREFIX):
                 return None  # a one-frame readiness probe, seen by a catch-all subscription
             self.reject("frame_count", f"{len(frames)} frames, expected 3")

@@ -536,10 +536,10 @@ class PoolMember(_Consumer):
         deadline = None if timeout is None else loop.time() + timeout
         while not (self._stopping or self._sock.closed):
             wait = None if deadline is None else max(0.0, deadline - loop.time())
-            received = self.core.stats.received
-            due = self._receipts.due_in(received, time.monotonic())
+            received, frames = self._read_counts()
+            due = self._receipts.due_in(frames, time.monotonic())
             if due == 0:
-                self._receipts.report(received, time.monotonic())
+                self._receipts.report(received, frames, time.monotonic())
             elif due is not None and (wait is None or due < wait):
                 wait = due  # wake up to report even when no message comes
             delivery = await super().receive(wait)
@@ -548,6 +548,11 @@ class PoolMember(_Consumer):
             if deadline is not None and loop.time() >= deadline:
                 break
         return None
+
+    def _read_counts(self) -> tuple[int, int]:
+        """3-frame messages, and frames of any message, read from the pool socket."""
+        received = self.core.stats.received
+        return received, 3 * received + self.core.odd_frames
 
     async def aclose(self, *, drain: bool = True) -> int:
         self._awaited_close = True  # close() leaves the final report's reply to us
@@ -561,9 +566,9 @@ class PoolMember(_Consumer):
     def close(self) -> None:
         if not self._sock.closed:
             super().close()  # first: nothing more arrives, so the final count is final
-            received = self.core.stats.received
-            if received or self._receipts.started:
-                self._receipts.report(received, time.monotonic(), final=True)
+            received, frames = self._read_counts()
+            if frames or self._receipts.started:
+                self._receipts.report(received, frames, time.monotonic(), final=True)
         if not self._awaited_close:
             # close() never blocks the loop: libzmq sends the final report in the background
             # for up to linger (aclose() waits for the proxy's reply instead).
