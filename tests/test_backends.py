@@ -204,6 +204,15 @@ def test_raising_handler_is_counted_and_the_loop_goes_on(
         backend.close(sub, conn)
 
 
+def _drive_link(backend: Backend, consumer: Any, done: Callable[[], bool], what: str) -> None:
+    """Receive (nothing is published meanwhile) until ``done()``: receiving is what looks
+    after a consumer's link to its proxy."""
+    deadline = time.monotonic() + 20
+    while not done():
+        assert backend.call(consumer.receive, timeout=0.1) is None
+        assert time.monotonic() < deadline, f"{what}: {consumer.counters()}"
+
+
 def test_a_stricter_subscriber_survives_a_message_above_its_limit(
     backend: Backend, proxy_process: Any, run_dir: Path, key: bytes
 ) -> None:
@@ -220,10 +229,7 @@ def test_a_stricter_subscriber_survives_a_message_above_its_limit(
         Backend().publish(publisher, factory, "order.created", list(range(20)))
         assert backend.run(sub, 20) == 20
         Backend().publish(publisher, factory, "order.created", ["x" * 2 * limit])
-        deadline = time.monotonic() + 20
-        while sub.link.resubscribed == 0:  # receiving drives the link
-            assert backend.call(sub.receive, timeout=0.1) is None
-            assert time.monotonic() < deadline, f"never reconnected: {sub.counters()}"
+        _drive_link(backend, sub, lambda: sub.link.resubscribed > 0, "never reconnected")
         assert sub.live and (sub.link.disconnects, sub.link.replaced) == (1, 1)
         Backend().publish(publisher, factory, "order.created", list(range(20, 40)))
         assert backend.run(sub, 20) == 20
@@ -250,10 +256,8 @@ def test_a_stricter_pool_member_survives_a_message_above_its_limit(
             Backend().publish(publisher, factory, "order.created", list(range(20)))
             assert backend.run(member, 20) == 20
             Backend().publish(publisher, factory, "order.created", ["x" * 2 * limit])
-            deadline = time.monotonic() + 20
-            while member.link.replaced == 0 or not member.live:  # receiving drives the link
-                assert backend.call(member.receive, timeout=0.1) is None
-                assert time.monotonic() < deadline, f"never reconnected: {member.counters()}"
+            _drive_link(backend, member, lambda: member.link.replaced > 0 and member.live,
+                        "never reconnected")
             assert (member.link.disconnects, member.link.reconnects) == (1, 1)
             Backend().publish(publisher, factory, "order.created", list(range(20, 40)))
             assert backend.run(member, 20) == 20
@@ -282,10 +286,7 @@ def test_subscriber_rejoins_a_restarted_proxy(
         assert backend.run(sub, 10) == 10
         proxy_process.stop(signal.SIGKILL)
         proxy_process.start()
-        deadline = time.monotonic() + 20
-        while sub.link.resubscribed == 0:  # receiving drives the link
-            assert backend.call(sub.receive, timeout=0.1) is None
-            assert time.monotonic() < deadline, f"never resubscribed: {sub.counters()}"
+        _drive_link(backend, sub, lambda: sub.link.resubscribed > 0, "never resubscribed")
         assert sub.live
         assert (sub.link.disconnects, sub.link.reconnects, sub.link.replaced) == (1, 1, 0)
         with zbus.Connection(run_dir) as publisher:  # the same factory: its sequence goes on
