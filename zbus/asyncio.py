@@ -245,7 +245,7 @@ class _Consumer(Linked):
     _hwm: int
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
-                 *, track_sequences: bool, endpoint: str, subscribe: bool) -> None:
+                 *, track_sequences: bool, kind: int, endpoint: str) -> None:
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler first")
         self.connection = connection
@@ -261,9 +261,8 @@ class _Consumer(Linked):
             lambda kind, **options: connection.socket(kind, **options),
             zmq.Context.shadow(connection.ctx.underlying),  # plain sockets for the link
             connection.settings, self._pending,
-            kind=zmq.SUB if subscribe else zmq.PULL,
-            endpoint=endpoint, ingress=connection.endpoints.ingress,
-            prefixes=self.core.prefixes() if subscribe else None,
+            kind=kind, endpoint=endpoint, ingress=connection.endpoints.ingress,
+            prefixes=self.core.prefixes() if kind == zmq.SUB else None,
         )
         self._sock = self._link.sock
         self._since_check = 0
@@ -451,7 +450,7 @@ class Subscriber(_Consumer):
                  keys: bytes | KeyRing) -> None:
         self._hwm = connection.settings.subscriber_hwm
         super().__init__(connection, dispatcher, keys, track_sequences=True,
-                         endpoint=connection.endpoints.deliver, subscribe=True)
+                         kind=zmq.SUB, endpoint=connection.endpoints.deliver)
 
     async def ready(self, timeout: float = 10.0) -> None:
         """Return once the subscription is live at the proxy (see :meth:`zbus.Subscriber.ready`).
@@ -507,7 +506,7 @@ class PoolMember(_Consumer):
         self.pool = validate_name(pool, "pool name")
         self._hwm = connection.settings.pool_hwm
         super().__init__(connection, dispatcher, keys, track_sequences=False,
-                         endpoint=connection.endpoints.pool(self.pool), subscribe=False)
+                         kind=zmq.PULL, endpoint=connection.endpoints.pool(self.pool))
         # A plain socket used only with NOBLOCK: reporting never waits on the event loop.
         self._receipts = ReceiptsReporter(self.pool, connection.endpoints, connection.settings,
                                           _process_context())
