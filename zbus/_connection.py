@@ -56,6 +56,19 @@ _FIRST = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 
 
+def _recv(sock: zmq.Socket[Any]) -> list[bytes]:
+    """recv_multipart(NOBLOCK) without its getsockopt(RCVMORE) per part, most of its cost
+    (about 1 us of 2.7 for 3 small parts): a zero-copy Frame carries its own "more" flag.
+    ZeroMQ delivers a multipart message whole, so only the first part can be missing
+    (zmq.Again, as from recv_multipart)."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames
+
+
 def _send(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
     """send_multipart without its per-frame type checks and enum flags (half the cost).
 
@@ -427,7 +440,7 @@ class _LinkedConsumer(_Consumer, Linked):
                 if self._since_check >= CHECK_EVERY:
                     self._check_link()
                 try:  # a message already waiting costs no poll
-                    frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                    frames = _recv(self._sock)
                 except zmq.Again:
                     self._check_link()
                     now = time.monotonic()
@@ -438,7 +451,7 @@ class _LinkedConsumer(_Consumer, Linked):
                         wait = min(wait, deadline - now)
                     if not self._sock.poll(max(1, int(wait * 1000))):
                         continue
-                    frames = self._sock.recv_multipart()
+                    frames = _recv(self._sock)  # readable: a whole message is there
                 if len(frames) == 1 and self._link.took_probe(frames[0]):
                     continue
             delivery = self.core.accept(frames)
