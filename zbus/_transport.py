@@ -28,7 +28,8 @@ from ._errors import ConfigError, Timeout, TransportError
 from ._settings import Settings
 
 __all__ = [
-    "ZAP_DOMAIN", "CurveKeys", "context", "make_socket", "read_public_keys", "wait_for_probe",
+    "ZAP_DOMAIN", "CurveKeys", "context", "make_socket", "read_public_keys", "recv_frames",
+    "wait_for_probe",
 ]
 
 ZAP_DOMAIN = b"zbus"
@@ -131,6 +132,22 @@ def context() -> zmq.Context[Any]:
     """This process's shared context, made lazily (pyzmq makes a new one after fork)."""
     ctx: zmq.Context[Any] = zmq.Context.instance()
     return ctx
+
+
+_RECV_NOBLOCK = int(zmq.NOBLOCK)
+
+
+def recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+    """recv_multipart(NOBLOCK) without its getsockopt(RCVMORE) per part, most of its cost
+    (about 1 us of 2.7 for 3 small parts): a zero-copy Frame carries its own "more" flag.
+    ZeroMQ delivers a multipart message whole, so only the first part can be missing
+    (zmq.Again, as from recv_multipart)."""
+    frame = sock.recv(_RECV_NOBLOCK, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_RECV_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames
 
 
 def make_socket(

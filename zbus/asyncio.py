@@ -41,7 +41,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
-from ._connection import ReceiptsReporter, _recv
+from ._connection import ReceiptsReporter
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError
@@ -52,7 +52,7 @@ from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import context as _process_context
-from ._transport import make_socket
+from ._transport import make_socket, recv_frames
 
 __all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
 
@@ -297,7 +297,7 @@ class _Consumer(Linked):
         loop = asyncio.get_running_loop()
         while not (stoppable and self._stopping) and not self._sock.closed:
             try:
-                return _recv(self._plain)
+                return recv_frames(self._plain)
             except zmq.Again:
                 pass
             left = None if deadline is None else deadline - loop.time()
