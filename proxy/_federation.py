@@ -21,6 +21,7 @@ state lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -87,6 +88,9 @@ class Federation:
         # Shared by the control, peer and manager threads (under the proxy's _state).
         self._peers: dict[str, PeerInfo] = {}
         self._learned: dict[str, PeerInfo] = {}
+        # origin -> the id the proxy there gave itself in a hello reply (its node id): a
+        # static entry names a peer by address, its reflected probes carry its own id.
+        self._named: dict[str, str] = {}
         self._peer_state: dict[str, dict[str, Any]] = {}
         # Pool name -> this host's tcp pool-P.origin, set by the proxy when it declares a pool.
         self.pool_endpoints: dict[str, str] = {}
@@ -388,10 +392,16 @@ class Federation:
         endpoints, and telling it ours)."""
         assert self._directory is not None
         fed = self.config
-        found = self._directory.refresh()
+        found = self._own_names(self._directory.refresh())
         with self._host._state:
+            # A peer that introduced itself is also in the directory when static peers name
+            # it: same origin, same proxy, and two links would carry each of its messages
+            # twice. One entry per origin.
+            origins = {info.origin for info in found.values()}
             for pid, info in self._learned.items():
-                found.setdefault(pid, info)
+                if pid not in found and info.origin not in origins:
+                    found[pid] = info
+                    origins.add(info.origin)
         allowed = fed.allowed
         peers: dict[str, PeerInfo] = {}
         for pid, info in found.items():
@@ -404,6 +414,7 @@ class Federation:
             peers[pid] = info
         hello = {"peer": self.me.as_dict(), "pools": self._host.pools}
         states: dict[str, dict[str, Any]] = {}
+        named: dict[str, PeerInfo] = {}
         for pid, info in peers.items():
             reply = self._peer_request(info, "hello", PEER_TIMEOUT, **hello)
             old = self._peer_state.get(pid, {})
@@ -415,7 +426,19 @@ class Federation:
                                "alive": bool(old.get("alive")) and missed < MISSED_HELLOS}
                 if old.get("alive") and not states[pid]["alive"]:
                     log.warning("peer stopped answering", extra={"peer": pid})
+                named[pid] = info
                 continue
+            own = reply.get("peer")
+            if (isinstance(own, dict) and isinstance(own.get("id"), str) and own["id"]
+                    and own["id"][:200] != pid and own["id"][:200] not in peers):
+                # Known by address until now: from here on by the id it gives itself (what
+                # its reflected probes carry), under the origin and key configured here.
+                pid = own["id"][:200]
+                info = dataclasses.replace(info, id=pid)
+                old = self._peer_state.get(pid, old)
+                with self._host._state:
+                    self._named[info.origin] = pid
+            named[pid] = info
             if not old.get("alive"):
                 log.info("peer answering", extra={"peer": pid, "origin": info.origin})
             self._adopt_pools(reply.get("pools"), pid)
@@ -429,6 +452,7 @@ class Federation:
                                    if isinstance(v, str) and v.startswith("tcp://")},
                 "members": members if isinstance(members, dict) else {},
             }
+        peers = named
         with self._host._state:
             gone = set(self._peers) - set(peers)
             self._peers = peers
@@ -436,6 +460,18 @@ class Federation:
                 log.info("peer left the directory", extra={"peer": pid})
             self._peer_state = {p: st for p, st in self._peer_state.items()
                                 if st.get("refused")} | states
+
+    def _own_names(self, found: dict[str, PeerInfo]) -> dict[str, PeerInfo]:
+        """``found`` keyed, and its entries named, by the ids their proxies gave themselves
+        when that is known (the configured origin and key stay: the config is trusted, not
+        the reply)."""
+        with self._host._state:
+            named = dict(self._named)
+        out: dict[str, PeerInfo] = {}
+        for info in found.values():
+            name = named.get(info.origin, info.id)
+            out[name] = info if name == info.id else dataclasses.replace(info, id=name)
+        return out
 
     def _reconcile(self) -> None:
         """Start the links that should exist and stop those that should not (manager only)."""

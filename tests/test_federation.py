@@ -24,11 +24,13 @@ from zbus._control import wait_for_peers
 from zbus._transport import make_socket, wait_for_probe
 
 from .agents import Agent, Collector
+from .conftest import collect_deliveries
 from .federation_agents import (
     FedAgent,
     Host,
     free_port_pair,
     make_hosts,
+    peers_alive,
     until,
     wait_meshed,
     wait_pool_links,
@@ -338,3 +340,44 @@ def publish_all_from(world: World, host: Host, count: int) -> float:
     assert done[:3] == ["DONE", "1", str(count)], done
     assert pub.wait(10) == 0
     return float(done[3])
+
+
+def test_peers_with_their_own_node_ids_are_linked_once(world: World, key: bytes) -> None:
+    """Static peers are named by address, and a proxy started with --node-id introduces
+    itself by that id: still one proxy, so one link, and it goes by the id it gave itself
+    (what its reflected probes carry, which Subscriber.ready waits for). Before: two links,
+    each of B's messages reaching A twice (rejected there as replays), and ready() timing
+    out waiting for a peer named by address."""
+    a, b, _ = world.hosts
+    world.hosts = [a, b]
+    for host in (a, b):
+        host.port = free_port_pair(host.address)
+    a.start("--peer", b.peer_spec(), "--node-id", "node-a")
+    b.start("--peer", a.peer_spec(), "--node-id", "node-b")
+
+    def linked_by_node_id() -> bool:
+        for host, other in ((a, "node-b"), (b, "node-a")):
+            stats = host.stats()
+            links = [d for d in stats["devices"] if d.startswith("peer-")]
+            if peers_alive(host) != {other} or links != [f"peer-{other}"]:
+                return False
+        return True
+
+    until(linked_by_node_id, 20, "each proxy to link the other once, by its node id")
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind(EXCHANGE, "#", lambda d: None)
+    with zbus.Connection(a.run_dir) as conn_a, zbus.Connection(b.run_dir) as conn_b:
+        sub = conn_a.subscribe(dispatcher, key)
+        sub.ready(timeout=10)  # live at A and, through A's link, at B's origin
+        publisher = zbus.Publisher(conn_b.exchange(EXCHANGE), zbus.MessageFactory(key, "pb"))
+        for n in range(200):
+            publisher.send("node.x", {"n": n})
+        conn_b.flush()
+        got = [d.payload["n"] for d in collect_deliveries(sub, 200, 20)]
+        # The last message is in; a duplicate of any of them would have arrived before it.
+        assert got == list(range(200))
+        assert sub.stats.rejected == {} and sub.stats.received == 200
+        sub.close()
+    for host in (a, b):
+        links = [d for d in host.stats()["devices"] if d.startswith("peer-")]
+        assert len(links) == 1, (host.name, links)
