@@ -409,7 +409,8 @@ class Federation:
                 if pid not in self._peer_state or self._peer_state[pid].get("alive") is not None:
                     log.warning("ignoring a peer whose key is not on the allow-list",
                                 extra={"peer": pid})
-                self._peer_state[pid] = {"alive": None, "refused": True}
+                with self._host._state:  # others iterate it under the lock (stats, reflect)
+                    self._peer_state[pid] = {"alive": None, "refused": True}
                 continue
             peers[pid] = info
         hello = {"peer": self.me.as_dict(), "pools": self._host.pools}
