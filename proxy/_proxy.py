@@ -329,7 +329,8 @@ class Proxy:
             try:
                 push.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:
-                self.pool_startup_drops += 1
+                with self._state:  # pools start in their own device threads, maybe at once
+                    self.pool_startup_drops += 1
 
         try:
             wait_for_probe(sub, sender, token, 10.0, keep, "pool subscription")
