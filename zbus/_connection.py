@@ -420,32 +420,36 @@ class _LinkedConsumer(_Consumer, Linked):
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            if self._pending:
-                frames = self._pending.popleft()
-            else:
-                self._since_check += 1
-                if self._since_check >= CHECK_EVERY:
-                    self._check_link()
-                try:  # a message already waiting costs no poll
-                    frames = recv_frames(self._sock)
-                except zmq.Again:
-                    self._check_link()
-                    now = time.monotonic()
-                    if deadline is not None and now >= deadline:
-                        return None
-                    wait = self._link.max_wait()
-                    if deadline is not None:
-                        wait = min(wait, deadline - now)
-                    if not self._sock.poll(max(1, int(wait * 1000))):
-                        continue
-                    frames = recv_frames(self._sock)  # readable: a whole message is there
-                if len(frames) == 1 and self._link.took_probe(frames[0]):
-                    continue
-            delivery = self.core.accept(frames)
-            if delivery is not None:
-                return delivery
+            frames = self._read(None if deadline is None else deadline - time.monotonic())
+            if frames is not None:
+                delivery = self.core.accept(frames)
+                if delivery is not None:
+                    return delivery
             if deadline is not None and time.monotonic() >= deadline:
                 return None
+
+    def _read(self, wait: float | None) -> list[bytes] | None:
+        """The next message from the socket, waiting at most ``wait`` seconds (None: as long
+        as the link allows before its next look), or None; the link's probes are taken out
+        here."""
+        if self._pending:
+            return self._pending.popleft()
+        self._since_check += 1
+        if self._since_check >= CHECK_EVERY:
+            self._check_link()
+        try:  # a message already waiting costs no poll
+            frames = recv_frames(self._sock)
+        except zmq.Again:
+            self._check_link()
+            if wait is not None and wait <= 0:
+                return None
+            most = self._link.max_wait() if wait is None else min(wait, self._link.max_wait())
+            if not self._sock.poll(max(1, int(most * 1000))):
+                return None
+            frames = recv_frames(self._sock)  # readable: a whole message is there
+        if len(frames) == 1 and self._link.took_probe(frames[0]):
+            return None
+        return frames
 
     def _check_link(self) -> None:
         self._since_check = 0

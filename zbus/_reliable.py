@@ -34,7 +34,6 @@ from ._connection import Connection, _LinkedConsumer
 from ._dispatch import ConsumerCore, Delivery, Dispatcher
 from ._errors import ConfigError, ReplayError, Timeout
 from ._keys import KeyRing
-from ._link import CHECK_EVERY
 from ._names import validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints
@@ -144,18 +143,6 @@ class ReliableMember(_LinkedConsumer):
     def _replaced(self) -> None:
         self._hello()
 
-    def _next_frames(self, wait: float) -> list[bytes] | None:
-        """The next frame set from the pool within ``wait`` seconds, looking after the link."""
-        if self._pending:
-            return self._pending.popleft()
-        self._since_check += 1
-        if self._since_check >= CHECK_EVERY:
-            self._check_link()
-        if not self._sock.poll(max(1, int(min(wait, self._link.max_wait()) * 1000))):
-            self._check_link()
-            return None
-        return self._sock.recv_multipart()
-
     # -- talking to the pool -----------------------------------------------------------
 
     def _send(self, *frames: bytes) -> None:
@@ -187,7 +174,7 @@ class ReliableMember(_LinkedConsumer):
                     f"the at-least-once pool {self.pool!r} did not answer within {timeout:g}s: "
                     "is zbus-proxy running?"
                 )
-            if (frames := self._next_frames(min(left, 0.2))) is not None:
+            if (frames := self._read(min(left, 0.2))) is not None:
                 self._handle_control(frames)
             else:
                 self._hello()
@@ -229,7 +216,7 @@ class ReliableMember(_LinkedConsumer):
                 if now >= deadline:
                     return None
                 wait = min(wait, deadline - now)
-            if (frames := self._next_frames(wait)) is None:
+            if (frames := self._read(wait)) is None:
                 continue
             got = self._handle_control(frames)
             if got is None:
@@ -324,7 +311,7 @@ class ReliableMember(_LinkedConsumer):
                         f"drain: the pool {self.pool!r} did not confirm within {timeout:g}s "
                         f"({handled} handled); un-acked messages go back to the pool"
                     )
-                if (frames := self._next_frames(min(left, 0.2))) is None:
+                if (frames := self._read(min(left, 0.2))) is None:
                     continue
                 got = self._handle_control(frames)
                 if got is not None and (delivery := self._accept(*got)) is not None:
