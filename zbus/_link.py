@@ -1,23 +1,24 @@
 """A consumer's link to its proxy: its socket, watched, and replaced when libzmq gives up.
 
-A subscriber reads from a SUB, a fast-pool member from a PULL. libzmq reconnects either by
-itself after a connection error (proxy restart, heartbeat timeout), and a SUB re-sends its
-subscriptions. After a protocol error -- a frame above the
-socket's ZMQ_MAXMSGSIZE, as when a consumer's ``max_message_bytes`` is below its proxy's --
-it ends the session for good: the socket stays open and never hears again. Both begin with
-EVENT_DISCONNECTED; they differ in what follows, since libzmq announces a reconnect
+A subscriber reads from a SUB, a fast-pool member from a PULL, an at-least-once member from
+a DEALER. libzmq reconnects each by itself after a connection error (proxy restart,
+heartbeat timeout), and a SUB re-sends its subscriptions. After a protocol error -- a frame
+above the socket's ZMQ_MAXMSGSIZE, as when a consumer's ``max_message_bytes`` is below its
+proxy's -- it ends the session for good: the socket stays open and never hears again. Both
+begin with EVENT_DISCONNECTED; they differ in what follows, since libzmq announces a reconnect
 (CONNECT_RETRIED, or CONNECTED) at once. A disconnect with no such sign within
 ``ABANDONED_AFTER`` seconds therefore means libzmq gave up: the link keeps what the old
 socket had queued, closes it, and connects a new one (with the same subscriptions).
 
 After any reconnect a subscriber's link sends a probe through the proxy (the one
 ``ready()`` uses) until it returns: that proves the subscriptions live again; a pool
-member's link is live again at the handshake. What was published meanwhile is counted by
+member's link is live again at the handshake (an at-least-once member then greets its pool
+again: the consumer's ``_replaced`` hook). What was published meanwhile is counted by
 the consumer core as sequence gaps (``ConsumerStats.lost``), or for a pool by the proxy
 (``unaccounted``).
 
 Everything here is non-blocking (``poll(0)``, NOBLOCK) on plain pyzmq sockets of the
-backend's context, so the threads, eventlet and asyncio subscribers all drive it from their
+backend's context, so the threads, eventlet and asyncio consumers all drive it from their
 receive loops; the backend only says how to make its socket.
 """
 
