@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import re
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +15,7 @@ from hypothesis import strategies as st
 
 import zbus
 from zbus._names import (
+    TopicMatcher,
     TopicPattern,
     match_words,
     minimal_prefixes,
@@ -225,11 +229,37 @@ def test_pattern_parse_and_identity() -> None:
         TopicPattern.parse("a/b/c")
 
 
-def test_match_cache_is_bounded() -> None:
+def retained_bytes(work: Callable[[int], object], n: int) -> int:
+    """Bytes still allocated after ``work(i)`` ran for n distinct i (results dropped)."""
+    work(-1)  # first-call allocations (regex internals, DFA states) are not per-key memory
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            work(i)
+        gc.collect()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
+def test_name_checks_keep_nothing_per_key() -> None:
+    # Issue 13, item 7: per-key caches made a message cost ~10x more once the distinct keys
+    # outgrew them. 20,000 distinct keys through every name check leave nothing behind (the
+    # old 4,096-entry caches kept about a megabyte).
+    def work(i: int) -> object:
+        key = f"compute.instance.i{i}.end"
+        frame = topic_frame("notifications", key)
+        assert split_topic(frame) == ("notifications", key)
+        return validate_routing_key(key)
+
+    assert retained_bytes(work, 20_000) < 32_768
+
+
+def test_pattern_matching_keeps_nothing_per_key() -> None:
     p = TopicPattern("ex", "a.#")
-    for i in range(5000):
-        assert p.matches("ex", f"a.k{i}")
-    assert len(p._cache) <= 4096
+    assert retained_bytes(lambda i: p.matches("ex", f"a.k{i}"), 20_000) < 32_768
     assert p.matches("ex", "a.k1") and not p.matches("ex", "b.k1")
 
 
@@ -300,3 +330,121 @@ def test_minimal_prefixes_cover_every_pattern_without_redundancy(pws: list[list[
         assert any(p.prefix.startswith(q) for q in prefixes)
     for q in prefixes:
         assert not any(q != r and q.startswith(r) for r in prefixes)
+
+
+# -- many patterns at once: the compiled matcher -------------------------------------------
+
+
+@pytest.mark.parametrize(("pattern", "key", "expected"), MATCH_TABLE)
+def test_compiled_matcher_table(pattern: str, key: str, expected: bool) -> None:
+    m = TopicMatcher([(TopicPattern("ex", pattern), "v")])
+    assert m.match("ex", key) == (("v",) if expected else ())
+    assert m.match("ex", key) == (("v",) if expected else ())  # through built states
+    assert m.match("other", key) == ()
+
+
+def test_compiled_matcher_with_the_whole_table_bound_at_once() -> None:
+    patterns = sorted({p for p, _, _ in MATCH_TABLE})
+    m = TopicMatcher([(TopicPattern("ex", p), i) for i, p in enumerate(patterns)])
+    for key in sorted({k for _, k, _ in MATCH_TABLE}):
+        expected = tuple(i for i, p in enumerate(patterns) if reference_match(p, key))
+        assert m.match("ex", key) == expected, key
+
+
+# Words no pattern names ("x", "zz") stand for instance ids and host names in real keys.
+many_key_words = st.lists(st.sampled_from(["a", "b", "c", "x", "zz"]), min_size=1, max_size=9)
+bound = st.lists(st.tuples(st.sampled_from(["ex", "ex2"]), pattern_words), min_size=1,
+                 max_size=8)
+
+
+@given(bound, st.lists(many_key_words, min_size=1, max_size=10),
+       st.sampled_from([4096, 3, 8]))
+def test_compiled_matcher_agrees_with_reference(
+    binds: list[tuple[str, list[str]]], keys: list[list[str]], max_states: int
+) -> None:
+    # max_states 3 and 8 force the matcher to drop and rebuild its states mid-key.
+    patterns = [TopicPattern(ex, ".".join(pw)) for ex, pw in binds]
+    m = TopicMatcher([(p, i) for i, p in enumerate(patterns)], max_states=max_states)
+    for kw in keys + keys:  # the second pass walks states built by the first
+        key = ".".join(kw)
+        for exchange in ("ex", "ex2", "ex3"):
+            expected = tuple(
+                i for i, p in enumerate(patterns)
+                if p.exchange == exchange and reference_match(p.pattern, key)
+            )
+            assert m.match(exchange, key) == expected
+    assert m.state_count <= max(max_states, 2 + 1 + 3)  # roots, other, one state's words
+
+
+@given(pattern_words, st.lists(st.sampled_from(["a", "*", "#", "", "b-c"]), min_size=1,
+                               max_size=6))
+def test_compiled_matcher_agrees_with_match_words_on_odd_keys(
+    pw: list[str], kw: list[str]
+) -> None:
+    # route() is public: keys a consumer would have refused still route as match_words says.
+    m = TopicMatcher([(TopicPattern("ex", ".".join(pw)), 1)])
+    assert m.match("ex", ".".join(kw)) == ((1,) if match_words(tuple(pw), tuple(kw)) else ())
+
+
+def test_compiled_matcher_states_do_not_grow_with_keys() -> None:
+    patterns = ["compute.#", "compute.instance.*.end", "network.#", "*.*.error", "#.audit"]
+    m = TopicMatcher([(TopicPattern("ex", p), p) for p in patterns])
+    for i in range(1_000):
+        m.match("ex", f"compute.instance.i{i}.end")
+        m.match("ex", f"network.port.p{i}.create")
+        m.match("ex", f"h{i}.x.error")
+    states = m.state_count
+    assert states < 40  # a few per pattern word
+    for i in range(200_000):
+        m.match("ex", f"compute.instance.j{i}.end")
+    assert m.state_count == states
+    assert m.match("ex", "compute.instance.anything.end") == ("compute.#",
+                                                               "compute.instance.*.end")
+
+
+def test_compiled_matcher_memory_is_bounded_for_an_exponential_pattern() -> None:
+    # '#' followed by n '*'s needs 2**n DFA states; the bound holds and answers stay right.
+    pattern = TopicPattern("ex", "#.a.*.*.*.*.*.*.*.*")
+    m = TopicMatcher([(pattern, 1)], max_states=64)
+    keys = [".".join("ab"[(i >> b) & 1] for b in range(12)) for i in range(4096)]
+    for key in keys:
+        assert m.match("ex", key) == ((1,) if reference_match(pattern.pattern, key) else ())
+        assert m.state_count <= 64
+
+
+@given(st.binary(max_size=12).map(lambda b: b.replace(b"\x00", b"a"))
+       | st.lists(st.sampled_from([b"a", b"-", b".", b"/", b"*", b" ", b"\xc3", b"\n"]),
+                  max_size=10).map(b"".join))
+def test_split_topic_accepts_exactly_the_valid_frames(frame: bytes) -> None:
+    try:
+        exchange, key = frame.decode("ascii").split("/")
+        valid = validate_exchange(exchange) == exchange and validate_routing_key(key) == key
+    except (UnicodeDecodeError, ValueError):
+        valid = False
+    if valid:
+        assert split_topic(frame) == (exchange, key)
+        assert topic_frame(exchange, key) == frame
+    else:
+        with pytest.raises(zbus.InvalidName):
+            split_topic(frame)
+
+
+def test_long_topics_at_the_length_limits() -> None:
+    key = ".".join(["k"] * 128)  # 255 characters
+    assert split_topic(topic_frame("x" * 64, key)) == ("x" * 64, key)
+    for exchange, bad_key in (("x" * 65, "k"), ("x", key + "k")):
+        with pytest.raises(zbus.InvalidName):
+            topic_frame(exchange, bad_key)
+        with pytest.raises(zbus.InvalidName):
+            split_topic(f"{exchange}/{bad_key}".encode())
+
+
+class _Name(str):
+    pass
+
+
+def test_topic_frame_refuses_non_strings_and_takes_str_subclasses() -> None:
+    assert topic_frame(_Name("ex"), _Name("a.b")) == b"ex/a.b"
+    for exchange, key in ((1, "a"), ("ex", 1), (b"ex", "a"), ("ex", b"a")):
+        with pytest.raises(zbus.InvalidName):
+            topic_frame(exchange, key)  # type: ignore[arg-type]
