@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import tracemalloc
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import zbus
 from zbus import Delivery, Dispatcher
+from zbus._names import match_words
 from zbus._replay import ReplayGuard, ReplayPolicy
 
 KEY = bytes(range(32))
@@ -346,3 +351,52 @@ def test_stats_as_dict() -> None:
         "reordered": 0,
         "rejected": {"frame_count": 1},
     }
+
+
+# -- routing over many bindings and many keys (issue 13, item 7) ---------------------------
+
+ROUTE_PATTERNS = ["compute.#", "compute.instance.*.end", "network.#", "#.error", "*.*.error",
+                  "compute.#", "#"]
+
+
+@given(st.lists(st.tuples(st.sampled_from(["n", "m"]), st.sampled_from(ROUTE_PATTERNS)),
+                min_size=1, max_size=8),
+       st.lists(st.lists(st.sampled_from(["compute", "instance", "network", "end", "error",
+                                          "i-42", "host1"]), min_size=1, max_size=5),
+                min_size=1, max_size=8))
+def test_route_is_every_matching_binding_in_binding_order(
+    binds: list[tuple[str, str]], keys: list[list[str]]
+) -> None:
+    d = Dispatcher()
+    handlers = [d.bind(ex, pattern, lambda dl: None) for ex, pattern in binds]
+    for words in keys:
+        for exchange in ("n", "m", "other"):
+            expected = tuple(
+                h for h, (ex, pattern) in zip(handlers, binds, strict=True)
+                if ex == exchange and match_words(tuple(pattern.split(".")), tuple(words))
+            )
+            assert d.route(exchange, ".".join(words)) == expected
+
+
+def test_routing_many_distinct_keys_keeps_nothing_per_key() -> None:
+    # The old route cache kept up to 4,096 keys, then was cleared wholesale, and each
+    # message past it cost a pattern-by-pattern match: memory bounded, time not.
+    d = Dispatcher()
+    for pattern in ("compute.#", "compute.instance.*.end", "network.#", "#.error"):
+        d.bind("notifications", pattern, lambda dl: None)
+
+    def route(i: int) -> None:
+        assert len(d.route("notifications", f"compute.instance.i{i}.end")) == 2
+
+    route(-1)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(20_000):
+            route(i)
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 32_768

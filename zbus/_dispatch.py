@@ -35,7 +35,7 @@ from ._envelope import Envelope, decode_envelope, decode_topic, signature_key_id
 from ._errors import ConfigError, EnvelopeError, ReplayError, VersionError
 from ._keys import KeyRing
 from ._message import Message
-from ._names import CONTROL_PREFIX, TopicPattern, minimal_prefixes
+from ._names import CONTROL_PREFIX, TopicMatcher, TopicPattern, minimal_prefixes
 from ._replay import ReplayGuard
 
 __all__ = [
@@ -101,7 +101,9 @@ class Dispatcher:
     def __init__(self) -> None:
         self._bindings: list[Binding] = []
         self._classes: dict[str, type[Message]] = {}
-        self._route_cache: dict[tuple[str, str], tuple[Handler, ...]] = {}
+        # Rebuilt on bind (bindings are few and made at start-up); routing never fills a
+        # per-key cache, so its cost and memory do not grow with the keys seen (issue 13).
+        self._matcher: TopicMatcher[Handler] = TopicMatcher()
 
     def bind(
         self,
@@ -117,7 +119,7 @@ class Dispatcher:
         self._bindings.append(Binding(TopicPattern(exchange, pattern), handler))
         if message_class is not None:
             self.register(message_class)
-        self._route_cache.clear()
+        self._matcher = TopicMatcher((b.pattern, b.handler) for b in self._bindings)
         return handler
 
     def on(
@@ -152,16 +154,8 @@ class Dispatcher:
         return list(seen)
 
     def route(self, exchange: str, routing_key: str) -> tuple[Handler, ...]:
-        key = (exchange, routing_key)
-        handlers = self._route_cache.get(key)
-        if handlers is None:
-            handlers = tuple(
-                b.handler for b in self._bindings if b.pattern.matches(exchange, routing_key)
-            )
-            if len(self._route_cache) >= 4096:  # routing keys come from the network
-                self._route_cache.clear()
-            self._route_cache[key] = handlers
-        return handlers
+        """The handlers bound to patterns matching the key, in binding order."""
+        return self._matcher.match(exchange, routing_key)
 
     def decode(self, envelope: Envelope) -> Any:
         """The registered message class's instance for ``envelope``, or its raw payload."""
