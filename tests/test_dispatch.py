@@ -349,6 +349,7 @@ def test_stats_as_dict() -> None:
         "handler_errors": 0,
         "lost": 0,
         "reordered": 0,
+        "beacons": 0,
         "rejected": {"frame_count": 1},
     }
 

@@ -9,13 +9,19 @@ import msgpack
 import pytest
 
 import zbus
-from zbus._envelope import decode_envelope
+from zbus._envelope import decode_batch, decode_envelope
 
 KEY = bytes(range(32))
 
 
 def fields(frames: list[bytes]) -> zbus.Envelope:
     return decode_envelope(frames[1])
+
+
+def catch_all(exchange: str) -> zbus.Dispatcher:
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind(exchange, "#", lambda delivery: None, message_class=Meter)
+    return dispatcher
 
 
 class Meter(zbus.Message):
@@ -30,14 +36,21 @@ class Meter(zbus.Message):
 # -- sequences and ids -----------------------------------------------------------------------
 
 
-def test_sequence_increments_and_ids_are_run_plus_sequence() -> None:
+def test_each_topic_is_its_own_stream_and_ids_are_stream_plus_sequence() -> None:
     f = zbus.MessageFactory(KEY, "svc")
-    assert len(f.run_id) == 8
-    envs = [fields(f.frames("ex", "k", n)) for n in range(5)]
-    assert [e.sequence for e in envs] == [1, 2, 3, 4, 5]
-    for e in envs:
-        assert e.message_id == f.run_id + e.sequence.to_bytes(8, "big")
-        assert e.publisher_run == f.run_id
+    envs = [fields(f.frames("ex", "k" if n % 2 else "j", n)) for n in range(6)]
+    k_stream, k_next = f.stream("ex", "k")
+    j_stream, j_next = f.stream("ex", "j")
+    assert len(k_stream) == len(j_stream) == 8 and k_stream != j_stream
+    assert (k_next, j_next) == (4, 4)
+    assert [e.sequence for e in envs] == [1, 1, 2, 2, 3, 3]
+    for n, e in enumerate(envs):
+        stream = k_stream if n % 2 else j_stream
+        assert e.message_id == stream + e.sequence.to_bytes(8, "big")
+        assert e.stream_id == stream
+    # The same routing key on another exchange is another topic, so another stream.
+    assert fields(f.frames("other", "k", 0)).sequence == 1
+    assert f.stream("other", "k")[0] not in (k_stream, j_stream)
 
 
 def test_message_ids_are_unique_across_factories() -> None:
@@ -65,7 +78,8 @@ def test_forked_child_gets_a_new_run() -> None:
     os.close(read)
     os.waitpid(pid, 0)
     assert len(child_id) == 16
-    assert child_id[:8] != f.run_id  # otherwise parent and child would repeat message ids
+    # otherwise parent and child would repeat message ids
+    assert child_id[:8] != f.stream("ex", "k")[0]
     assert child_id[8:] == (1).to_bytes(8, "big")
     assert fields(f.frames("ex", "k", 1)).sequence == 2  # the parent's stream goes on
 
@@ -122,7 +136,8 @@ def test_integer_clock_is_sent_as_a_float() -> None:
     f = zbus.MessageFactory(KEY, "svc", clock=lambda: 17)
     envelope = f.frames("ex", "k", None)[1]
     raw = msgpack.unpackb(envelope, raw=False)
-    assert type(raw[4]) is float and raw[4] == 17.0
+    timestamp = raw[4][0][0]  # the first (only) message's first element
+    assert type(timestamp) is float and timestamp == 17.0
 
 
 @pytest.mark.parametrize("version", [-1, "2", 1.5, True])
@@ -224,3 +239,44 @@ def test_generate_key_is_random_and_long_enough() -> None:
     a, b = zbus.generate_key(), zbus.generate_key()
     assert len(a) == 32 and a != b
     zbus.KeyRing({"k": a})
+
+
+# -- batches and beacons ------------------------------------------------------------------------
+
+
+def test_a_batch_is_one_signed_range_of_one_stream() -> None:
+    f = zbus.MessageFactory(KEY, "svc")
+    f.frames("ex", "k", "before")
+    frames = f.batch("ex", "k", [Meter("h", 1.0), {"plain": True}, 3])
+    batch = decode_batch(frames[1])
+    assert batch.first_sequence == 2 and len(batch.entries) == 3
+    assert [e.sequence for e in batch.envelopes()] == [2, 3, 4]
+    assert [e.message_type for e in batch.envelopes()] == ["metering.cpu", "k", "k"]
+    assert f.stream("ex", "k")[1] == 5
+    core = zbus.ConsumerCore(catch_all("ex"), KEY)
+    first = core.accept(frames)
+    rest = [core.next_ready(), core.next_ready()]
+    assert first is not None and first.message == Meter("h", 1.0)
+    assert [d.payload for d in rest if d] == [{"plain": True}, 3]
+    assert core.next_ready() is None
+    # "before" never arrived, but the consumer joined the stream after it: no loss to count
+    assert core.stats.received == 3 and core.stats.lost == 0
+    with pytest.raises(zbus.ConfigError, match="at least one"):
+        f.batch("ex", "k", [])
+
+
+def test_beacons_announce_each_stream_once_per_idle_spell() -> None:
+    now = [100.0]
+    f = zbus.MessageFactory(KEY, "svc", clock=lambda: now[0])
+    f.frames("ex", "a", 1)
+    f.frames("ex", "b", 1)
+    now[0] += 0.5
+    f.frames("ex", "a", 2)
+    assert [b[0] for b in f.beacons(idle=1.0)] == []  # nobody idle long enough
+    now[0] += 0.6
+    beacons = f.beacons(idle=1.0)
+    assert [b[0] for b in beacons] == [b"ex/b"]  # 'a' sent 0.6 s ago
+    assert decode_batch(beacons[0][1])[2:] == (2, [])  # next sequence 2: sent up to 1
+    assert f.beacons(idle=1.0) == []  # announced: nothing new since
+    assert [b[0] for b in f.beacons()] == [b"ex/a"]
+    assert f.beacons() == []

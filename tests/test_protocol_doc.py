@@ -63,7 +63,7 @@ class Example:
         raw = _inputs()
         self.key_id = raw["key id"]
         self.key = bytes.fromhex(raw["key (hex)"])
-        self.run_id = bytes.fromhex(raw["run id (hex)"])
+        self.stream_id = bytes.fromhex(raw["stream id (hex)"])
         self.sequence = int(raw["sequence"])
         self.publisher_id = raw["publisher_id"]
         self.timestamp = float(raw["timestamp"])
@@ -85,7 +85,8 @@ def doc_frames() -> list[bytes]:
 
 
 def test_the_document_has_the_blocks_this_test_reads() -> None:
-    assert {"inputs", "topic", "envelope", "envelope-annotated", "mac-input", "signature"} <= set(
+    assert {"inputs", "topic", "envelope", "envelope-annotated", "mac-input", "signature",
+            "beacon"} <= set(
         _blocks()
     )
 
@@ -99,9 +100,10 @@ def test_message_factory_produces_the_documented_frames(
     factory = zbus.MessageFactory(
         zbus.KeyRing({ex.key_id: ex.key}), ex.publisher_id, clock=lambda: ex.timestamp
     )
-    factory.run_id = ex.run_id
-    for _ in range(ex.sequence - 1):  # reach the documented sequence through the public API
-        factory.frames(ex.exchange, ex.routing_key, None)
+    factory.frames(ex.exchange, ex.routing_key, None)  # opens the stream (sequence 1)
+    factory._streams[f"{ex.exchange}/{ex.routing_key}".encode()].next = ex.sequence
+    # The stream id is random; the document's is fixed. Set it on the stream's record.
+    factory._streams[f"{ex.exchange}/{ex.routing_key}".encode()].stream_id = ex.stream_id
     frames = factory.frames(
         ex.exchange, ex.routing_key, ex.payload, message_type=ex.message_type, version=ex.version
     )
@@ -119,6 +121,25 @@ def test_zbus_consumer_accepts_the_documented_frames(ex: Example, doc_frames: li
     assert delivery.key_id == ex.key_id
     assert delivery.envelope.timestamp == ex.timestamp
     assert delivery.payload == ex.payload
+    assert delivery.envelope.message_id == ex.stream_id + struct.pack(">Q", ex.sequence)
+
+
+def test_the_documented_beacon_counts_the_documented_tail(ex: Example) -> None:
+    """After message 1, the document's beacon (sent up to 3) makes 2 and 3 count as lost,
+    and zbus's own beacon for that stream is the same bytes."""
+    ring = zbus.KeyRing({ex.key_id: ex.key})
+    factory = zbus.MessageFactory(ring, ex.publisher_id, clock=lambda: ex.timestamp)
+    for _ in range(3):
+        factory.frames(ex.exchange, ex.routing_key, None)
+    factory._streams[f"{ex.exchange}/{ex.routing_key}".encode()].stream_id = ex.stream_id
+    (beacon,) = factory.beacons()
+    assert beacon[1] == _hex("beacon")
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind(ex.exchange, "#", lambda d: None)
+    core = zbus.ConsumerCore(dispatcher, ring, clock=lambda: ex.timestamp)
+    assert core.accept([_hex("topic"), _hex("envelope"), _hex("signature")]) is not None
+    assert core.accept(beacon) is None
+    assert (core.stats.lost, core.stats.beacons) == (2, 1)
 
 
 # -- (b) an independent implementation verifies the document --------------------------------
@@ -149,16 +170,13 @@ def test_independent_verifier_accepts_the_example(ex: Example, doc_frames: list[
     kid = ex.key_id.encode("ascii")
     assert sig[: 2 + len(kid)] == bytes([1, len(kid)]) + kid
     assert fields == [
-        1,
-        ex.run_id + struct.pack(">Q", ex.sequence),
+        2,
         ex.publisher_id,
+        ex.stream_id,
         ex.sequence,
-        ex.timestamp,
-        ex.message_type,
-        ex.version,
-        ex.payload,
+        [[ex.timestamp, ex.message_type, ex.version, ex.payload]],
     ]
-    assert type(fields[1]) is bytes  # message_id is msgpack bin, not str
+    assert type(fields[2]) is bytes  # stream_id is msgpack bin, not str
 
 
 def test_independent_verifier_rejects_a_changed_example(
@@ -196,7 +214,7 @@ def test_documented_lengths_match_the_bytes() -> None:
         label: int(n)
         for n, label in re.findall(r"(\d+) bytes(?:(?!```).)*```hex ([\w-]+)", _doc(), re.S)
     }
-    assert set(stated) == {"topic", "envelope", "mac-input", "signature"}
+    assert set(stated) == {"topic", "envelope", "mac-input", "signature", "beacon"}
     for label, n in stated.items():
         assert len(_hex(label)) == n, label
 
@@ -226,7 +244,7 @@ def test_document_code_sample_signs_and_verifies_the_example(
     fns = _doc_functions()
     topic, envelope, sig = doc_frames
     assert fns["sign"](ex.key_id, ex.key, topic, envelope) == sig
-    assert fns["verify"]({ex.key_id: ex.key}, doc_frames)[7] == ex.payload
+    assert fns["verify"]({ex.key_id: ex.key}, doc_frames)[4][0][3] == ex.payload
     with pytest.raises(ValueError):
         fns["verify"]({ex.key_id: ex.key}, [topic, envelope + b"\x00", sig])
     with pytest.raises(KeyError):

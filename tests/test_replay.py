@@ -1,4 +1,5 @@
-"""ReplayGuard: duplicates rejected, gaps counted exactly, memory bounded, clock windows."""
+"""ReplayGuard: duplicates rejected, gaps counted exactly (beacons too), memory bounded,
+clock windows."""
 
 from __future__ import annotations
 
@@ -12,53 +13,54 @@ from hypothesis import strategies as st
 from zbus import ConfigError, ReplayError
 from zbus._replay import ReplayGuard, ReplayPolicy
 
-RUN = b"\x01" * 8
+STREAM = b"\x01" * 8
 
 
 def test_in_order_stream_has_no_loss() -> None:
     guard = ReplayGuard()
-    assert [guard.observe("p", RUN, s) for s in range(1, 6)] == [(0, False)] * 5
+    assert [guard.observe("p", STREAM, s) for s in range(1, 6)] == [(0, False)] * 5
 
 
 def test_gap_then_late_arrival_settles_to_exact_loss() -> None:
     guard = ReplayGuard()
     lost = 0
     for seq in (1, 2, 5, 3, 6):
-        delta, _ = guard.observe("p", RUN, seq)
+        delta, _ = guard.observe("p", STREAM, seq)
         lost += delta
     assert lost == 1  # only 4 never arrived
 
 
 def test_duplicate_is_rejected_as_replay() -> None:
     guard = ReplayGuard()
-    guard.observe("p", RUN, 1)
-    guard.observe("p", RUN, 2)
+    guard.observe("p", STREAM, 1)
+    guard.observe("p", STREAM, 2)
     for seq in (1, 2):
         with pytest.raises(ReplayError) as err:
-            guard.observe("p", RUN, seq)
+            guard.observe("p", STREAM, seq)
         assert err.value.reason == "replay"
 
 
-def test_runs_are_independent() -> None:
+def test_streams_are_independent() -> None:
     guard = ReplayGuard()
-    guard.observe("p", RUN, 7)
-    assert guard.observe("p", b"\x02" * 8, 7) == (0, False)  # a restarted publisher
-    assert guard.observe("q", RUN, 7) == (0, False)
+    guard.observe("p", STREAM, 7)
+    # another topic, or a restarted publisher
+    assert guard.observe("p", b"\x02" * 8, 7) == (0, False)
+    assert guard.observe("q", STREAM, 7) == (0, False)
 
 
 def test_too_old_to_tell_is_rejected() -> None:
     guard = ReplayGuard(ReplayPolicy(sequence_window=8))
-    guard.observe("p", RUN, 90)
-    guard.observe("p", RUN, 100)
+    guard.observe("p", STREAM, 90)
+    guard.observe("p", STREAM, 100)
     with pytest.raises(ReplayError):
-        guard.observe("p", RUN, 92)
-    assert guard.observe("p", RUN, 93) == (-1, True)  # fills one of the 9 missing
+        guard.observe("p", STREAM, 92)
+    assert guard.observe("p", STREAM, 93) == (-1, True)  # fills one of the 9 missing
 
 
-def test_run_table_is_bounded() -> None:
-    guard = ReplayGuard(ReplayPolicy(max_runs=3))
+def test_stream_table_is_bounded() -> None:
+    guard = ReplayGuard(ReplayPolicy(max_streams=3))
     for i in range(10):
-        guard.observe(f"p{i}", RUN, 1)
+        guard.observe(f"p{i}", STREAM, 1)
     assert len(guard) == 3
 
 
@@ -83,7 +85,7 @@ def test_books_balance_for_any_arrival_order(seqs: list[int], rnd: random.Random
     lost = accepted = rejected = 0
     for seq in seqs:
         try:
-            delta, _ = guard.observe("p", RUN, seq)
+            delta, _ = guard.observe("p", STREAM, seq)
         except ReplayError:
             rejected += 1
             continue
@@ -95,30 +97,30 @@ def test_books_balance_for_any_arrival_order(seqs: list[int], rnd: random.Random
     assert accepted + lost == max(seqs) - min(seqs) + 1
 
 
-def run(i: int) -> bytes:
+def stream(i: int) -> bytes:
     return i.to_bytes(8, "big")
 
 
-def flood(guard: ReplayGuard, publisher_id: str, runs: int) -> None:
-    for i in range(runs):
-        guard.observe(publisher_id, run(10_000 + i), 1)
+def flood(guard: ReplayGuard, publisher_id: str, streams: int) -> None:
+    for i in range(streams):
+        guard.observe(publisher_id, stream(10_000 + i), 1)
 
 
 @pytest.mark.parametrize("per_publisher", [4, 100])
-def test_one_publisher_flooding_runs_evicts_only_its_own(per_publisher: int) -> None:
+def test_one_publisher_flooding_streams_evicts_only_its_own(per_publisher: int) -> None:
     """With the per-publisher bound, a flood of run ids under one publisher id (all a key
     bound to it can make) leaves the other publishers' runs alone; without it (bound as
     large as the table) the flood pushes them out and their old messages pass again."""
-    guard = ReplayGuard(ReplayPolicy(max_runs=20, max_runs_per_publisher=per_publisher))
+    guard = ReplayGuard(ReplayPolicy(max_streams=20, max_streams_per_publisher=per_publisher))
     honest = [f"h{i}" for i in range(10)]
     for pid in honest:
-        guard.observe(pid, RUN, 1)
-        guard.observe(pid, RUN, 2)
+        guard.observe(pid, STREAM, 1)
+        guard.observe(pid, STREAM, 2)
     flood(guard, "x", 1000)
     replays = 0
     for pid in honest:
         try:
-            guard.observe(pid, RUN, 1)  # a replay of the honest run's first message
+            guard.observe(pid, STREAM, 1)  # a replay of the honest run's first message
         except ReplayError:
             replays += 1
     if per_publisher == 4:
@@ -127,21 +129,21 @@ def test_one_publisher_flooding_runs_evicts_only_its_own(per_publisher: int) -> 
         assert replays == 0
 
 
-def test_a_publisher_s_oldest_run_goes_first() -> None:
-    guard = ReplayGuard(ReplayPolicy(max_runs_per_publisher=2))
-    guard.observe("p", run(1), 5)
-    guard.observe("p", run(2), 5)
-    guard.observe("p", run(1), 6)  # seen again: creation order, not recency, decides
-    guard.observe("p", run(3), 5)  # evicts run 1
+def test_a_publisher_s_oldest_stream_goes_first() -> None:
+    guard = ReplayGuard(ReplayPolicy(max_streams_per_publisher=2))
+    guard.observe("p", stream(1), 5)
+    guard.observe("p", stream(2), 5)
+    guard.observe("p", stream(1), 6)  # seen again: creation order, not recency, decides
+    guard.observe("p", stream(3), 5)  # evicts run 1
     assert len(guard) == 2
     with pytest.raises(ReplayError):
-        guard.observe("p", run(2), 5)  # run 2 kept
-    assert guard.observe("p", run(1), 5) == (0, False)  # run 1 forgotten: a new baseline
+        guard.observe("p", stream(2), 5)  # run 2 kept
+    assert guard.observe("p", stream(1), 5) == (0, False)  # run 1 forgotten: a new baseline
 
 
-def test_max_runs_per_publisher_must_be_positive() -> None:
-    with pytest.raises(ConfigError, match="max_runs_per_publisher"):
-        ReplayGuard(ReplayPolicy(max_runs_per_publisher=0))
+def test_max_streams_per_publisher_must_be_positive() -> None:
+    with pytest.raises(ConfigError, match="max_streams_per_publisher"):
+        ReplayGuard(ReplayPolicy(max_streams_per_publisher=0))
 
 
 @given(
@@ -150,14 +152,90 @@ def test_max_runs_per_publisher_must_be_positive() -> None:
     st.integers(1, 12),
     st.integers(1, 5),
 )
-def test_run_tables_stay_bounded_and_consistent(
-    ops: list[tuple[str, int, int]], max_runs: int, per_publisher: int
+def test_stream_tables_stay_bounded_and_consistent(
+    ops: list[tuple[str, int, int]], max_streams: int, per_publisher: int
 ) -> None:
-    guard = ReplayGuard(ReplayPolicy(max_runs=max_runs, max_runs_per_publisher=per_publisher))
+    guard = ReplayGuard(
+        ReplayPolicy(max_streams=max_streams, max_streams_per_publisher=per_publisher)
+    )
     for pid, r, seq in ops:
         with contextlib.suppress(ReplayError):
-            guard.observe(pid, run(r), seq)
+            guard.observe(pid, stream(r), seq)
         by_publisher = guard._by_publisher
-        assert {(p, k) for p, runs in by_publisher.items() for k in runs} == set(guard._runs)
+        assert {(p, k) for p, runs in by_publisher.items() for k in runs} == set(guard._streams)
         assert all(0 < len(runs) <= per_publisher for runs in by_publisher.values())
-        assert len(guard) <= max_runs
+        assert len(guard) <= max_streams
+
+
+@given(
+    st.lists(
+        st.one_of(st.integers(min_value=1, max_value=120),
+                  st.tuples(st.just("beacon"), st.integers(min_value=0, max_value=130))),
+        min_size=1, max_size=300),
+    st.integers(min_value=1, max_value=64),
+)
+def test_books_match_a_reference_for_any_order_window_and_beacons(
+    ops: list[int | tuple[str, int]], window: int
+) -> None:
+    """Against a plain-set reference model: whatever arrives (repeats, any order, beacons),
+    the guard accepts a sequence exactly when the reference says it is new and within the
+    window, and at every step accepted + lost == highest - floor + 1."""
+    guard = ReplayGuard(ReplayPolicy(sequence_window=window))
+    seen: set[int] = set()
+    highest = floor = None
+    lost = accepted = 0
+    for op in ops:
+        if isinstance(op, tuple):
+            lost += guard.observe_beacon("p", STREAM, op[1])
+            if highest is not None:
+                highest = max(highest, op[1])
+        else:
+            new = highest is None or (op not in seen and op > highest - window)
+            try:
+                delta, _ = guard.observe("p", STREAM, op)
+            except ReplayError:
+                assert not new, op
+                continue
+            assert new, op
+            seen.add(op)
+            lost += delta
+            accepted += 1
+            highest = op if highest is None else max(highest, op)
+            floor = op if floor is None else min(floor, op)
+        if highest is not None and floor is not None:
+            state = guard._streams[("p", STREAM)]
+            assert (state.highest, state.floor) == (highest, floor)
+            assert accepted + lost == highest - floor + 1
+
+
+def test_a_beacon_reveals_a_lost_tail_and_late_messages_still_fill_it() -> None:
+    guard = ReplayGuard()
+    assert guard.observe_beacon("p", STREAM, 10) == 0  # no baseline: nothing to count
+    for seq in (1, 2, 3):
+        guard.observe("p", STREAM, seq)
+    assert guard.observe_beacon("p", STREAM, 6) == 3  # 4, 5 and 6 never came
+    assert guard.observe_beacon("p", STREAM, 6) == 0  # said once, counted once
+    assert guard.observe_beacon("p", STREAM, 2) == 0  # an old beacon tells nothing new
+    assert guard.observe("p", STREAM, 5) == (-1, True)  # late, not a replay
+    assert guard.observe("p", STREAM, 7) == (0, False)  # the stream goes on
+    with pytest.raises(ReplayError):
+        guard.observe("p", STREAM, 5)
+
+
+def test_a_huge_jump_costs_no_memory() -> None:
+    """A signed sequence far ahead (up to 2^64 - 1) must not shift a bitmap by that much."""
+    guard = ReplayGuard()
+    guard.observe("p", STREAM, 1)
+    assert guard.observe("p", STREAM, 2**64 - 1) == (2**64 - 3, False)
+    state = guard._streams[("p", STREAM)]
+    assert state.missing.bit_length() <= guard.window
+    assert guard.observe_beacon("p", b"\x02" * 8, 2**64 - 1) == 0
+
+
+def test_a_whole_stream_keeps_no_bitmap() -> None:
+    """The usual case, a stream that arrives whole, keeps a bitmap of 0 whatever the window:
+    memory per stream stays a few small ints (a million topics stay affordable)."""
+    guard = ReplayGuard(ReplayPolicy(sequence_window=1 << 16))
+    for seq in range(1, 5000):
+        guard.observe("p", STREAM, seq)
+    assert guard._streams[("p", STREAM)].missing == 0

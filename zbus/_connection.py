@@ -418,6 +418,8 @@ class _LinkedConsumer(_Consumer, Linked):
         Rejected and unmatched messages are counted and skipped. The wait also looks after
         the link to the proxy (zbus._link), at least every 0.25 s.
         """
+        if self.core.ready:  # the rest of a batch comes first
+            return self.core.ready.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             frames = self._read(None if deadline is None else deadline - time.monotonic())
@@ -507,6 +509,14 @@ class Subscriber(_LinkedConsumer):
         left = max(0.1, deadline - time.monotonic())
         wait_for_peers(conn.endpoints, conn.settings, conn.ctx, left)
 
+    def _run_ready(self) -> int:
+        """Run the handlers of every delivery accepted and not yet handled; how many."""
+        handled = 0
+        while (delivery := self.core.next_ready()) is not None:
+            self.core.run_handlers(delivery)
+            handled += 1
+        return handled
+
     def drain(self, timeout: float = 10.0) -> int:
         """Run the handlers of every message that reached the proxy before this call, then
         close; returns how many were handled.
@@ -525,11 +535,10 @@ class Subscriber(_LinkedConsumer):
         handled = 0
         done = False
         try:
+            handled += self._run_ready()
             while self._pending:
-                delivery = self.core.accept(self._pending.popleft())
-                if delivery is not None:
-                    self.core.run_handlers(delivery)
-                    handled += 1
+                self.core.feed(self._pending.popleft())
+                handled += self._run_ready()
             interval, resend = 0.005, 0.0
             while not done and (left := deadline - time.monotonic()) > 0:
                 if time.monotonic() >= resend:
@@ -543,10 +552,8 @@ class Subscriber(_LinkedConsumer):
                 if len(frames) == 1 and frames[0] == marker:
                     done = True
                     break
-                delivery = self.core.accept(frames)
-                if delivery is not None:
-                    self.core.run_handlers(delivery)
-                    handled += 1
+                self.core.feed(frames)
+                handled += self._run_ready()
         finally:
             push.close(linger=0)
             self.close()
@@ -668,13 +675,13 @@ class PoolMember(_LinkedConsumer):
     def receipts(self) -> int:
         """Every 3-frame message this member read from the pool socket: accepted, rejected,
         or abandoned by drain() (what the proxy's ``reported`` sums)."""
-        return self.core.stats.received + self._dropped
+        return self.core.envelopes + self._dropped
 
     @property
     def frames_read(self) -> int:
         """Every frame read from the pool socket, whatever the message's shape: what the
         proxy compares with the frames it handed out."""
-        return 3 * self.core.stats.received + self.core.odd_frames + self._dropped_frames
+        return 3 * self.core.envelopes + self.core.odd_frames + self._dropped_frames
 
     @property
     def bindings(self) -> list[str]:

@@ -25,13 +25,14 @@ another publisher's replay window (docs/SECURITY.md).
 from __future__ import annotations
 
 import logging
+import struct
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ._envelope import Envelope, decode_envelope, decode_topic, signature_key_id, verify_frames
+from ._envelope import Envelope, decode_batch, decode_topic, signature_key_id, verify_frames
 from ._errors import ConfigError, EnvelopeError, ReplayError, VersionError
 from ._keys import KeyRing
 from ._message import Message
@@ -177,11 +178,16 @@ class Dispatcher:
 
 @dataclass
 class ConsumerStats:
-    """What a consumer saw. ``lost`` counts sequence gaps: messages that never arrived.
+    """What a consumer saw. ``lost`` counts messages that never arrived: gaps in a stream
+    (one publisher run's messages on one topic, numbered 1, 2, 3...), revealed by a later
+    message of the same stream or by the stream's beacon.
 
-    ``received`` counts the 3-frame messages read; a message with another frame count is
-    counted only as ``rejected["frame_count"]``, so ``received == delivered + unmatched +
-    sum(rejected.values()) - rejected["frame_count"]`` once handlers have run.
+    ``received`` counts messages read: every message of a verified envelope (an envelope may
+    carry a batch of one stream's messages), and one for each 3-frame envelope rejected
+    before its messages could be told apart. A message with another frame count is counted
+    only as ``rejected["frame_count"]``, so ``received == delivered + unmatched +
+    sum(rejected.values()) - rejected["frame_count"]`` once handlers have run. ``beacons``
+    counts the streams' signed "sent up to N" announcements read (no message in them).
     """
 
     received: int = 0
@@ -190,6 +196,7 @@ class ConsumerStats:
     handler_errors: int = 0
     lost: int = 0
     reordered: int = 0
+    beacons: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
 
     def as_dict(self) -> dict[str, Any]:
@@ -200,12 +207,23 @@ class ConsumerStats:
             "handler_errors": self.handler_errors,
             "lost": self.lost,
             "reordered": self.reordered,
+            "beacons": self.beacons,
             "rejected": dict(self.rejected),
         }
 
 
+_U64 = struct.Struct(">Q")
+
+
 class ConsumerCore:
-    """The I/O-free heart of every subscriber and pool member, whatever the backend."""
+    """The I/O-free heart of every subscriber and pool member, whatever the backend.
+
+    Bytes in, deliveries out (as h11 does it): :meth:`feed` takes one received multipart
+    message and appends its deliveries (several when its envelope carries a batch) to
+    :attr:`ready`; :meth:`next_ready` takes them out. A backend empties :attr:`ready` before
+    it reads its socket again, so deliveries keep their stream order. :meth:`accept` is
+    both in one call, returning the first delivery.
+    """
 
     def __init__(
         self,
@@ -224,8 +242,11 @@ class ConsumerCore:
         # consumers raises false duplicates (jupyter_client #252).
         self._guard = replay if replay is not None else ReplayGuard()
         self._count_gaps = track_sequences
-        # Frames of messages that were not 3 frames long (a fast-pool member reports every
-        # frame it read: docs/RELIABILITY.md, "Fast pools: the receipts").
+        self.ready: deque[Delivery] = deque()
+        # 3-frame envelopes read, whatever became of them, and the frames of messages that
+        # were not 3 frames long: what a fast-pool member reports (docs/RELIABILITY.md,
+        # "Fast pools: the receipts"), counted in the proxy's units.
+        self.envelopes = 0
         self.odd_frames = 0
         self._clock = clock
         self._warned: set[str] = set()
@@ -236,18 +257,30 @@ class ConsumerCore:
         self._warned.add(reason)
         log.log(level, "zbus: rejected a message (%s): %s", reason, detail)
 
+    def next_ready(self) -> Delivery | None:
+        """The next delivery of a batch already accepted, or None."""
+        return self.ready.popleft() if self.ready else None
+
     def accept(self, frames: list[bytes]) -> Delivery | None:
-        """Verify, decode, account and route one received multipart message."""
+        """Verify, decode, account and route one received multipart message; return its
+        first delivery (the rest of a batch wait in :attr:`ready`)."""
+        self.feed(frames)
+        return self.ready.popleft() if self.ready else None
+
+    def feed(self, frames: list[bytes]) -> None:
+        """Verify, decode, account and route one received multipart message, appending its
+        deliveries to :attr:`ready`."""
         if len(frames) != 3:
             self.odd_frames += len(frames)
             if len(frames) == 1 and frames[0].startswith(CONTROL_PREFIX):
-                return None  # a one-frame readiness probe, seen by a catch-all subscription
+                return  # a one-frame readiness probe, seen by a catch-all subscription
             self.reject("frame_count", f"{len(frames)} frames, expected 3")
-            return None
+            return
         # A three-frame message is a user message whatever its topic: a forged one whose
         # topic starts with NUL is rejected and counted like any other forgery.
         topic, raw, signature = frames
-        self.stats.received += 1
+        self.envelopes += 1
+        stats = self.stats
         keys = self.keys
         try:
             if keys is not None:
@@ -257,39 +290,49 @@ class ConsumerCore:
             exchange, routing_key = decode_topic(topic)
             if keys is not None:  # a genuine signature, but by a key allowed here?
                 keys.check_exchange(exchange, key_id)
-            envelope = decode_envelope(raw)
+            batch = decode_batch(raw)
             # ... and allowed to speak for this publisher? Before the replay guard sees the
-            # run. An unbound ring (the default) pays one truth test here.
+            # stream. An unbound ring (the default) pays one truth test here.
             if keys is not None and keys._bound:
-                keys.check_publisher(envelope.publisher_id, key_id)
+                keys.check_publisher(batch.publisher_id, key_id)
         except EnvelopeError as exc:
+            stats.received += 1
             self.reject(exc.reason, str(exc))
-            return None
-        # Account the sequence before the payload is judged: a verified message rejected for
-        # its type version or payload did arrive, and must not also be counted as lost.
-        try:
-            self._guard.check_time(envelope.timestamp, self._clock())
-            missing, late = self._guard.observe(
-                envelope.publisher_id, envelope.message_id[:8], envelope.sequence
-            )
-        except ReplayError as exc:
-            self.reject(exc.reason, str(exc))
-            return None
-        if self._count_gaps:  # a pool member sees a share of each stream: gaps mean nothing
-            self.stats.lost += missing
-            self.stats.reordered += late
+            return
+        publisher_id, stream, first, entries = batch
+        guard = self._guard
+        if not entries:
+            stats.beacons += 1
+            if self._count_gaps:
+                stats.lost += guard.observe_beacon(publisher_id, stream, first - 1)
+            return
+        stats.received += len(entries)
         handlers = self.dispatcher.route(exchange, routing_key)
-        try:
-            message = self.dispatcher.decode(envelope) if handlers else None
-        except EnvelopeError as exc:
-            self.reject(exc.reason, str(exc))
-            return None
-        if not handlers:
-            self.stats.unmatched += 1
-            return None
-        return Delivery(
-            exchange, routing_key, envelope, key_id, message, handlers, keys is not None
-        )
+        now = self._clock()
+        for sequence, (timestamp, message_type, version, payload) in enumerate(entries, first):
+            # Account the sequence before the payload is judged: a verified message rejected
+            # for its type version or payload did arrive, and must not also count as lost.
+            try:
+                guard.check_time(timestamp, now)
+                missing, late = guard.observe(publisher_id, stream, sequence)
+            except ReplayError as exc:
+                self.reject(exc.reason, str(exc))
+                continue
+            if self._count_gaps:  # a pool member sees a share of each stream: gaps mean nothing
+                stats.lost += missing
+                stats.reordered += late
+            if not handlers:
+                stats.unmatched += 1
+                continue
+            envelope = Envelope(stream + _U64.pack(sequence), publisher_id, sequence,
+                                float(timestamp), message_type, version, payload)
+            try:
+                message = self.dispatcher.decode(envelope)
+            except EnvelopeError as exc:
+                self.reject(exc.reason, str(exc))
+                continue
+            self.ready.append(Delivery(exchange, routing_key, envelope, key_id, message,
+                                       handlers, keys is not None))
 
     def run_handlers(self, delivery: Delivery) -> None:
         """Call each handler in turn; one that raises is logged and counted, never fatal."""

@@ -2,19 +2,29 @@
 
 docs/PROTOCOL.md is the normative description; keep the two in step. Invariants:
 
-* A message is exactly three frames: topic, envelope, signature.
+* A message frame set is exactly three frames: topic, envelope, signature.
 * The signature covers the *received bytes* of frames 1 and 2, never a re-serialisation:
   ``HMAC-SHA256(key, u32be(len(topic)) || topic || envelope)``. The length prefix makes the
   split between the two frames unambiguous.
 * Verification happens before any msgpack decoding: unauthenticated bytes are never parsed.
 * Decoding is bounded: msgpack limits derive from the frame length (which the socket caps
-  with ZMQ_MAXMSGSIZE), ext types are refused, map keys must be strings.
+  with ZMQ_MAXMSGSIZE), ext types are refused (the timestamp ext too), map keys must be
+  strings.
+* Numbering follows what a consumer can see. ZeroMQ filters by topic, so a publisher numbers
+  each topic separately: a *stream* is one publisher run's messages on one topic, named by a
+  random 8-byte stream id, numbered 1, 2, 3... A consumer that receives a topic at all
+  receives all of that topic's stream, so a gap in it is a real loss, whatever else the
+  consumer filters out. The stream is also the unit of batching (one envelope carries a
+  contiguous range of one stream, under one signature) and of repair (a gap is named by
+  stream id and sequence range).
+* ``message_id`` is not sent: it is ``stream_id || u64be(sequence)``, unique by construction.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import struct
 from typing import Any, NamedTuple
 
@@ -27,23 +37,38 @@ from ._names import is_routing_key, split_topic
 __all__ = [
     "ENVELOPE_FORMAT",
     "SIGNATURE_SCHEME",
+    "Batch",
     "Envelope",
+    "decode_batch",
     "decode_envelope",
     "decode_topic",
+    "encode_batch",
     "encode_envelope",
     "mac",
+    "message_id",
     "signature_frame",
     "signature_key_id",
     "verify_frames",
 ]
 
-ENVELOPE_FORMAT = 1
+ENVELOPE_FORMAT = 2
 SIGNATURE_SCHEME = 1  # HMAC-SHA256
 MAC_BYTES = 32
+STREAM_ID_BYTES = 8
 MESSAGE_ID_BYTES = 16
 MAX_PUBLISHER_ID = 255
+MAX_SEQUENCE = (1 << 64) - 1
 _U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
 _compare = hmac.compare_digest
+# msgpack decodes ext type -1 (timestamp) itself, without calling ext_hook; its three
+# encodings start with these bytes. Only a frame that holds one of them is walked in full.
+_TIMESTAMP_EXT_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+
+
+def message_id(stream_id: bytes, sequence: int) -> bytes:
+    """``stream_id || u64be(sequence)``: the 16-byte id of one message of a stream."""
+    return stream_id + _U64.pack(sequence)
 
 
 class Envelope(NamedTuple):
@@ -59,26 +84,50 @@ class Envelope(NamedTuple):
     payload: Any
 
     @property
-    def publisher_run(self) -> bytes:
-        """The random run id (epoch) of the publisher that sent this: the first 8 id bytes."""
-        return self.message_id[:8]
+    def stream_id(self) -> bytes:
+        """The random id of the stream (publisher run and topic) this message belongs to:
+        the first 8 bytes of its message id."""
+        return self.message_id[:STREAM_ID_BYTES]
 
 
-def encode_envelope(env: Envelope) -> bytes:
+class Batch(NamedTuple):
+    """One decoded envelope frame: a contiguous range of one stream.
+
+    ``entries`` are ``[timestamp, message_type, message_type_version, payload]`` lists,
+    type-checked; entry ``i`` has sequence ``first_sequence + i``. No entries: a *beacon*,
+    saying that the stream's messages up to ``first_sequence - 1`` were sent.
+    """
+
+    publisher_id: str
+    stream_id: bytes
+    first_sequence: int
+    entries: list[list[Any]]
+
+    def envelopes(self) -> list[Envelope]:
+        pid, sid, first = self.publisher_id, self.stream_id, self.first_sequence
+        return [
+            Envelope(sid + _U64.pack(first + i), pid, first + i, float(ts), mtype, version,
+                     payload)
+            for i, (ts, mtype, version, payload) in enumerate(self.entries)
+        ]
+
+
+def encode_batch(publisher_id: str, stream_id: bytes, first_sequence: int,
+                 entries: list[tuple[float, str, int, Any]] | list[list[Any]]) -> bytes:
+    """The envelope frame of a batch (no entries: a beacon)."""
     data: bytes = msgpack.packb(
-        [
-            ENVELOPE_FORMAT,
-            env.message_id,
-            env.publisher_id,
-            env.sequence,
-            env.timestamp,
-            env.message_type,
-            env.message_type_version,
-            env.payload,
-        ],
+        [ENVELOPE_FORMAT, publisher_id, stream_id, first_sequence, [list(e) for e in entries]],
         use_bin_type=True,
     )
     return data
+
+
+def encode_envelope(env: Envelope) -> bytes:
+    """The envelope frame carrying the one message ``env``."""
+    return encode_batch(
+        env.publisher_id, env.stream_id, env.sequence,
+        [(env.timestamp, env.message_type, env.message_type_version, env.payload)],
+    )
 
 
 class _HmacSha256:
@@ -153,7 +202,25 @@ def _refuse_ext(code: int, data: bytes) -> Any:
     raise EnvelopeError(f"msgpack ext type {code} is not allowed", reason="malformed")
 
 
-def decode_envelope(data: bytes) -> Envelope:
+def _holds_timestamp(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+            stack.extend(item.keys())
+        elif isinstance(item, msgpack.Timestamp):
+            return True
+    return False
+
+
+def _wrong(what: str) -> EnvelopeError:
+    return EnvelopeError(what, reason="wrong_type")
+
+
+def decode_batch(data: bytes) -> Batch:
     """Decode and type-check an envelope frame (call only after verify_frames)."""
     try:
         fields = msgpack.unpackb(
@@ -170,31 +237,42 @@ def decode_envelope(data: bytes) -> Envelope:
         raise VersionError(
             f"envelope format {fields[0]!r} is not supported (this reads {ENVELOPE_FORMAT})"
         )
-    if len(fields) != 8:
-        raise EnvelopeError(f"envelope has {len(fields)} fields, expected 8")
-    _, message_id, publisher_id, sequence, timestamp, message_type, version, payload = fields
-    if type(message_id) is not bytes or len(message_id) != MESSAGE_ID_BYTES:
-        raise EnvelopeError("message_id must be 16 bytes", reason="wrong_type")
+    if len(fields) != 5:
+        raise EnvelopeError(f"envelope has {len(fields)} fields, expected 5")
+    if any(head in data for head in _TIMESTAMP_EXT_HEADS) and _holds_timestamp(fields):
+        raise EnvelopeError("msgpack ext type -1 (timestamp) is not allowed", reason="malformed")
+    _, publisher_id, stream_id, first, entries = fields
     if type(publisher_id) is not str or not 0 < len(publisher_id) <= MAX_PUBLISHER_ID:
-        raise EnvelopeError(
-            f"publisher_id must be a string of 1 to {MAX_PUBLISHER_ID} characters",
-            reason="wrong_type",
-        )
-    if type(sequence) is not int or sequence < 0:
-        raise EnvelopeError("sequence must be a non-negative integer", reason="wrong_type")
-    if type(timestamp) is not float and type(timestamp) is not int:
-        raise EnvelopeError("timestamp must be a number", reason="wrong_type")
-    if type(message_type) is not str:
-        raise EnvelopeError("message_type must be a string", reason="wrong_type")
-    if type(version) is not int or version < 0:
-        raise EnvelopeError(
-            "message_type_version must be a non-negative integer", reason="wrong_type"
-        )
-    if not is_routing_key(message_type):
-        raise EnvelopeError("message_type is not a valid name", reason="wrong_type")
-    return Envelope(
-        message_id, publisher_id, sequence, float(timestamp), message_type, version, payload
-    )
+        raise _wrong(f"publisher_id must be a string of 1 to {MAX_PUBLISHER_ID} characters")
+    if type(stream_id) is not bytes or len(stream_id) != STREAM_ID_BYTES:
+        raise _wrong(f"stream_id must be {STREAM_ID_BYTES} bytes")
+    if type(entries) is not list:
+        raise _wrong("messages must be an array")
+    if type(first) is not int or first < 1 or first + max(len(entries), 1) - 1 > MAX_SEQUENCE:
+        raise _wrong("first sequence must be an integer from 1, the batch's last below 2^64")
+    for entry in entries:
+        if type(entry) is not list or len(entry) != 4:
+            raise _wrong("each message must be an array of 4 elements")
+        timestamp, message_type, version, _ = entry
+        if type(timestamp) is float:
+            if not math.isfinite(timestamp):  # NaN passes both freshness comparisons
+                raise _wrong("timestamp must be a finite number")
+        elif type(timestamp) is not int:
+            raise _wrong("timestamp must be a number")
+        if type(message_type) is not str or not is_routing_key(message_type):
+            raise _wrong("message_type must be a valid routing key")
+        if type(version) is not int or version < 0:
+            raise _wrong("message_type_version must be a non-negative integer")
+    return Batch(publisher_id, stream_id, first, entries)
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Decode an envelope frame that carries exactly one message (a batch or a beacon raises
+    EnvelopeError: use :func:`decode_batch` for those)."""
+    batch = decode_batch(data)
+    if len(batch.entries) != 1:
+        raise EnvelopeError(f"envelope carries {len(batch.entries)} messages, expected 1")
+    return batch.envelopes()[0]
 
 
 def decode_topic(topic: bytes) -> tuple[str, str]:

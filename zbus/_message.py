@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 import msgpack
 
-from ._envelope import ENVELOPE_FORMAT, SIGNATURE_SCHEME, mac
+from ._envelope import ENVELOPE_FORMAT, SIGNATURE_SCHEME, STREAM_ID_BYTES, mac
 from ._errors import ConfigError
 from ._keys import KeyRing
 from ._names import topic_frame, validate_routing_key
@@ -63,7 +63,7 @@ _factories: weakref.WeakSet[MessageFactory] = weakref.WeakSet()
 
 
 def _new_runs_after_fork() -> None:
-    # A forked child must not reuse its parent's run id, or message ids would repeat.
+    # A forked child must not reuse its parent's stream ids, or message ids would repeat.
     for factory in list(_factories):
         factory._new_run()
 
@@ -71,22 +71,38 @@ def _new_runs_after_fork() -> None:
 os.register_at_fork(after_in_child=_new_runs_after_fork)
 
 
+class _Stream:
+    """One topic's stream of a factory run: its random id and its numbering."""
+
+    __slots__ = ("exchange", "next", "sent_at", "stream_id")
+
+    def __init__(self, exchange: str) -> None:
+        self.stream_id = os.urandom(STREAM_ID_BYTES)
+        self.exchange = exchange
+        self.next = 1  # the sequence the next message takes
+        self.sent_at = 0.0  # the clock when a message last took a number
+
+
 class MessageFactory:
     """Creates signed messages for one publisher.
 
-    ``publisher_id`` names the publishing service (e.g. ``"ceilometer.host1"``). Each factory
-    run has a random 8-byte *run id* (the publisher's epoch) and a sequence counter;
-    ``message_id`` is run id + sequence, unique without a uuid4 per message. Consumers count
-    gaps per (publisher_id, run id).
+    ``publisher_id`` names the publishing service (e.g. ``"ceilometer.host1"``). A factory
+    numbers each topic (exchange and routing key) it publishes on as its own *stream*: a
+    random 8-byte stream id, chosen afresh for each factory and in a child after ``fork``,
+    and sequences 1, 2, 3... ``message_id`` is stream id + sequence, unique without a uuid4
+    per message. Consumers count gaps per stream, which is what they can check whatever
+    topics they filter (docs/PROTOCOL.md).
 
-    A factory is one ordered stream: use one per sending thread, greenlet or task, so the
-    sequence numbers leave in order.
+    A factory's streams must leave in order: use one factory per sending thread, greenlet or
+    task.
 
     If the ring binds a key to publisher ids (``KeyRing(publishers=...)``), the factory
     refuses to sign for a ``publisher_id`` that key may not claim, with :class:`ConfigError`:
     for the active key at construction and on :meth:`rekey`; for an exchange's own key
     (``KeyRing(exchanges=...)``) at the first message to that exchange, before a sequence
     number is used. Consumers would reject those messages as ``publisher_not_allowed``.
+
+    Memory: one small record per topic the factory has published on (about 150 bytes).
     """
 
     def __init__(
@@ -106,8 +122,8 @@ class MessageFactory:
         _factories.add(self)
 
     def rekey(self, signing_key: bytes | KeyRing) -> None:
-        """Sign from now on with ``signing_key`` (rotation): the stream, its run id and its
-        sequence numbers go on unchanged, so consumers see no gap.
+        """Sign from now on with ``signing_key`` (rotation): the streams and their sequence
+        numbers go on unchanged, so consumers see no gap.
 
         Raises :class:`ConfigError`, keeping the current keys, if the new ring's active key is
         bound to publisher ids that do not include this factory's ``publisher_id``."""
@@ -137,8 +153,28 @@ class MessageFactory:
         return signer
 
     def _new_run(self) -> None:
-        self.run_id = os.urandom(8)
-        self._next_seq = 1
+        self._streams: dict[bytes, _Stream] = {}
+        # Topics that took a number since their last beacon (a dict as an ordered set).
+        self._unannounced: dict[bytes, None] = {}
+
+    def stream(self, exchange: str, routing_key: str) -> tuple[bytes, int]:
+        """(stream id, next sequence) of the stream ``exchange``/``routing_key``."""
+        stream = self._streams.get(topic_frame(exchange, routing_key))
+        return (b"", 1) if stream is None else (stream.stream_id, stream.next)
+
+    def _entry(self, routing_key: str, obj: Message | Any, message_type: str | None,
+               version: int | None, now: float) -> list[Any]:
+        if isinstance(obj, Message):
+            mtype = getattr(obj, "message_type", None)
+            if mtype is None:
+                raise ConfigError(f"{type(obj).__name__} declares no message_type")
+            return [now, mtype, obj.version, obj.__json__()]
+        mtype = routing_key if message_type is None else validate_routing_key(message_type)
+        mversion = 1 if version is None else version
+        if type(mversion) is not int or mversion < 0:
+            # Consumers reject anything else; fail here, where the caller can fix it.
+            raise ConfigError(f"version must be a non-negative int, not {mversion!r}")
+        return [now, mtype, mversion, obj]
 
     def frames(
         self,
@@ -154,43 +190,72 @@ class MessageFactory:
         ``obj`` is a :class:`Message` or a plain payload; a plain payload's message type is
         ``message_type`` or else the routing key, and its version ``version`` or else 1.
         """
+        now = float(self._clock())  # always a msgpack float 64 (PROTOCOL.md)
+        return self._seal(exchange, routing_key,
+                          [self._entry(routing_key, obj, message_type, version, now)], now)
+
+    def batch(
+        self,
+        exchange: str,
+        routing_key: str,
+        objs: list[Message | Any],
+        *,
+        message_type: str | None = None,
+        version: int | None = None,
+    ) -> list[bytes]:
+        """The three signed frames of one envelope carrying every one of ``objs``, in order,
+        as consecutive messages of the stream ``exchange``/``routing_key``: one signature
+        and one frame set for all of them. Consumers deliver them one by one."""
+        if not objs:
+            raise ConfigError("a batch needs at least one message")
+        now = float(self._clock())
+        entries = [self._entry(routing_key, obj, message_type, version, now) for obj in objs]
+        return self._seal(exchange, routing_key, entries, now)
+
+    def _seal(self, exchange: str, routing_key: str, entries: list[list[Any]],
+              now: float) -> list[bytes]:
         topic = topic_frame(exchange, routing_key)
         # The signer first: a key that may not sign here must fail before a sequence is used.
         head, key = self._signers.get(exchange) or self._signer(exchange)
-        if isinstance(obj, Message):
-            mtype = getattr(obj, "message_type", None)
-            if mtype is None:
-                raise ConfigError(f"{type(obj).__name__} declares no message_type")
-            mversion = obj.version
-            payload = obj.__json__()
-        else:
-            mtype = routing_key if message_type is None else validate_routing_key(message_type)
-            mversion = 1 if version is None else version
-            if type(mversion) is not int or mversion < 0:
-                # Consumers reject anything else; fail here, where the caller can fix it.
-                raise ConfigError(f"version must be a non-negative int, not {mversion!r}")
-            payload = obj
-        seq = self._next_seq
+        stream = self._streams.get(topic)
+        if stream is None:
+            stream = self._streams[topic] = _Stream(exchange)
+        first = stream.next
         try:
             envelope = self._packb(
-                [
-                    ENVELOPE_FORMAT,
-                    self.run_id + seq.to_bytes(8, "big"),
-                    self.publisher_id,
-                    seq,
-                    float(self._clock()),  # always a msgpack float 64 (PROTOCOL.md)
-                    mtype,
-                    mversion,
-                    payload,
-                ]
+                [ENVELOPE_FORMAT, self.publisher_id, stream.stream_id, first, entries]
             )
         except (TypeError, ValueError, OverflowError) as exc:
             raise ConfigError(
-                f"payload of {mtype!r} cannot be packed as msgpack ({exc}); make __json__ "
-                "return dicts, lists, strings, bytes, numbers, booleans or None"
+                f"payload of {entries[0][1]!r} cannot be packed as msgpack ({exc}); make "
+                "__json__ return dicts, lists, strings, bytes, numbers, booleans or None"
             ) from None
-        self._next_seq = seq + 1  # only now: a payload that fails to pack leaves no gap
+        stream.next = first + len(entries)  # only now: a payload that fails leaves no gap
+        stream.sent_at = now
+        self._unannounced[topic] = None
         return [topic, envelope, head + mac(key, topic, envelope)]
+
+    def beacons(self, idle: float = 0.0, now: float | None = None) -> list[list[bytes]]:
+        """Signed beacons ("this stream sent up to N") for every stream that took a number
+        since its last beacon and has been idle ``idle`` seconds or more (by the factory's
+        clock): send them behind the messages, so that a consumer that lost a stream's tail
+        learns it (docs/RELIABILITY.md, "Beacons"). Each stream is announced once per idle
+        spell; 0 announces every stream with news."""
+        if not self._unannounced:
+            return []
+        now = float(self._clock()) if now is None else now
+        out: list[list[bytes]] = []
+        for topic in list(self._unannounced):
+            stream = self._streams[topic]
+            if now - stream.sent_at < idle:
+                continue
+            del self._unannounced[topic]
+            head, key = self._signers.get(stream.exchange) or self._signer(stream.exchange)
+            envelope = self._packb(
+                [ENVELOPE_FORMAT, self.publisher_id, stream.stream_id, stream.next, []]
+            )
+            out.append([topic, envelope, head + mac(key, topic, envelope)])
+        return out
 
     def __repr__(self) -> str:
         return f"MessageFactory(publisher_id={self.publisher_id!r}, keys={self.keys!r})"

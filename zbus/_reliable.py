@@ -80,17 +80,21 @@ class _DuplicateError(ReplayError):
 
 class _PoolGuard(ReplayGuard):
     """The member's replay guard: a message this member handled is a duplicate (acked, not
-    run again); one it handed back with NACK may come back once per NACK; the rest is judged
-    as by any consumer. A message id is its publisher's run id followed by u64be(sequence)
-    (docs/PROTOCOL.md), so the guard can name it without the envelope."""
+    run again); one it handed back with NACK may come back once per NACK; a redelivery (the
+    pool's own resend of a message it holds un-acked, attempt > 1) too far behind its
+    stream's newest for the sequence window to judge is taken, since the pool, not the
+    window, knows it is owed; the rest is judged as by any consumer. A message id is its
+    stream id followed by u64be(sequence) (docs/PROTOCOL.md), so the guard can name it
+    without the envelope."""
 
     def __init__(self, member: ReliableMember) -> None:
         super().__init__(member.connection.settings.replay)
         self.member = member
         self.duplicate: bytes | None = None
+        self.redelivery = False  # the message being judged came with attempt > 1
 
-    def observe(self, publisher_id: str, run: bytes, sequence: int) -> tuple[int, bool]:
-        mid = run + _U64.pack(sequence)
+    def observe(self, publisher_id: str, stream: bytes, sequence: int) -> tuple[int, bool]:
+        mid = stream + _U64.pack(sequence)
         if mid in self.member._dedup or mid in self.member._ids:
             self.duplicate = mid
             raise _DuplicateError(
@@ -99,7 +103,15 @@ class _PoolGuard(ReplayGuard):
         if mid in self.member._retry:
             self.member._retry.discard(mid)
             return 0, True
-        return super().observe(publisher_id, run, sequence)
+        if self.redelivery:
+            # Members share a stream, so while a dead member's messages wait for the pool
+            # to notice, the others may move that stream's window past them. Rejecting
+            # them as "too old to tell" would ack work nobody did (issue: 9 of 16,001
+            # handled by no one, books balanced). Only the pool sets the attempt count.
+            state = self._streams.get((publisher_id, stream))
+            if state is not None and sequence <= state.highest - self.window:
+                return 0, True
+        return super().observe(publisher_id, stream, sequence)
 
 
 class ReliableMember(_LinkedConsumer):
@@ -229,6 +241,7 @@ class ReliableMember(_LinkedConsumer):
         if attempt > 1:
             self.reliable.redelivered += 1
         self._guard.duplicate = None
+        self._guard.redelivery = attempt > 1
         delivery = self.core.accept(frames)
         mid = self._guard.duplicate
         if mid is not None:

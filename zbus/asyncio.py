@@ -327,6 +327,8 @@ class _Consumer(Linked):
     async def receive(self, timeout: float | None = None) -> Delivery | None:
         """The next verified, matching delivery (handlers not run); None after ``timeout``
         or once stopped. Rejected and unmatched messages are counted and skipped."""
+        if self.core.ready:  # the rest of a batch comes first
+            return self.core.ready.popleft()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
@@ -411,6 +413,9 @@ class _Consumer(Linked):
             await self._idle.wait()
         drained = 0
         if drain and not self._sock.closed:
+            while (delivery := self.core.next_ready()) is not None:
+                await self.dispatch(delivery)
+                drained += 1
             for _ in range(self._hwm + len(self._pending)):
                 if self._pending:
                     frames = self._pending.popleft()
@@ -419,8 +424,8 @@ class _Consumer(Linked):
                         frames = await self._sock.recv_multipart(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-                delivery = self.core.accept(frames)
-                if delivery is not None:
+                self.core.feed(frames)
+                while (delivery := self.core.next_ready()) is not None:
                     await self.dispatch(delivery)
                     drained += 1
         self.close()
@@ -553,8 +558,9 @@ class PoolMember(_Consumer):
         return None
 
     def _read_counts(self) -> tuple[int, int]:
-        """3-frame messages, and frames of any message, read from the pool socket."""
-        received = self.core.stats.received
+        """3-frame messages (envelopes), and frames of any message, read from the pool
+        socket."""
+        received = self.core.envelopes
         return received, 3 * received + self.core.odd_frames
 
     async def aclose(self, *, drain: bool = True) -> int:

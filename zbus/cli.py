@@ -165,10 +165,11 @@ def cmd_pub(args: argparse.Namespace) -> int:
     with Connection(args.run_dir) as conn:
         _ping(conn)
         conn.send_many(frames)
-    first = factory._next_seq - args.count
+    stream_id, following = factory.stream(args.exchange, args.routing_key)
+    first = following - args.count
     print(
         f"published {args.count} message(s) to {args.exchange}/{args.routing_key} as "
-        f"{args.publisher_id!r} (run {factory.run_id.hex()}, sequence {first}"
+        f"{args.publisher_id!r} (stream {stream_id.hex()}, sequence {first}"
         + (f"..{first + args.count - 1})" if args.count > 1 else ")")
         + f" signed with key {keys.active_id!r}"
     )
@@ -196,17 +197,18 @@ class Tap:
     def prefixes(self) -> list[bytes]:
         return minimal_prefixes(self.patterns)
 
-    def accept(self, frames: list[bytes]) -> tuple[dict[str, Any] | None, str | None]:
-        """(record, None) for a message to show, (None, reason) for a rejection, or
-        (None, None) for control traffic and topics no pattern matches."""
+    def accept(self, frames: list[bytes]) -> tuple[list[dict[str, Any]], list[str]]:
+        """The records to show for one received message (several for a batch, none for
+        control traffic, beacons and topics no pattern matches), and the reasons of what
+        was rejected."""
         before = Counter(self.core.stats.rejected)
-        delivery = self.core.accept(frames)
-        if delivery is not None:
+        self.core.feed(frames)
+        records = []
+        while (delivery := self.core.next_ready()) is not None:
             self.core.stats.delivered += 1
-            return _record(delivery.exchange, delivery.routing_key, delivery.envelope,
-                           delivery.key_id, verified=delivery.verified), None
-        moved = self.core.stats.rejected - before
-        return None, (next(iter(moved)) if moved else None)
+            records.append(_record(delivery.exchange, delivery.routing_key, delivery.envelope,
+                                   delivery.key_id, verified=delivery.verified))
+        return records, list((self.core.stats.rejected - before).elements())
 
 
 def _noop(delivery: Delivery) -> None:
@@ -289,14 +291,13 @@ def cmd_tap(args: argparse.Namespace) -> int:
                     if not sub.poll(wait):
                         continue
                     frames = sub.recv_multipart()
-                record, reason = tap.accept(frames)
-                if reason is not None:
+                records, reasons = tap.accept(frames)
+                for reason in reasons:
                     print(f"REJECTED {reason}", file=sys.stderr, flush=True)
-                if record is None:
-                    continue
-                out.write((_dumps(record) if args.json else format_record(record)) + "\n")
+                for record in records:
+                    out.write((_dumps(record) if args.json else format_record(record)) + "\n")
+                    shown += 1
                 out.flush()
-                shown += 1
         except (KeyboardInterrupt, _StopRequested):
             pass
         finally:
@@ -482,7 +483,9 @@ def _demo_child(role: str, name: str, run_dir: str, key: bytes, ready: Any, stop
 
     def handle(delivery: Delivery) -> None:
         per_key[delivery.routing_key] += 1
-        sequences.append(delivery.sequence)
+        # The publisher numbers the demo's messages in the payload: an independent count
+        # (zbus's own sequences are per topic).
+        sequences.append(delivery.payload["n"])
 
     try:
         dispatcher = Dispatcher()

@@ -83,9 +83,11 @@ class MemoryConsumer:
         return any(topic.startswith(prefix) for prefix in self.prefixes)
 
     def deliver(self, frames: list[bytes]) -> None:
-        delivery = self.core.accept(frames)
-        if delivery is None:
-            return
+        self.core.feed(frames)
+        while (delivery := self.core.next_ready()) is not None:
+            self._run(delivery)
+
+    def _run(self, delivery: Delivery) -> None:
         self.deliveries.append(delivery)
         if not self.bus.raise_handler_errors:
             self.core.run_handlers(delivery)
