@@ -533,10 +533,11 @@ def agent_main(argv: Sequence[str]) -> int:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--send-timeout", type=float, default=0.5)
+    parser.add_argument("--hwm", type=int, default=100_000, help="Settings.subscriber_hwm")
     args = parser.parse_args(argv)
     stop = threading.Event()
     _watch_stdin(stop)
-    settings = zbus.Settings(send_timeout=args.send_timeout)
+    settings = zbus.Settings(send_timeout=args.send_timeout, subscriber_hwm=args.hwm)
     with zbus.Connection(args.run_dir, settings=settings) as conn:
         if args.role == "publish":
             return _publish(args, conn, stop)

@@ -112,10 +112,12 @@ def alive_after(lab: Lab, moment: float, timeout: float = 30.0) -> float:
 # -- scenarios ------------------------------------------------------------------------------------
 
 
-def network_fault(kind: str, seconds: float, rate: int = 2000) -> list[Row]:
+def network_fault(kind: str, seconds: float, rate: int = 2000,
+                  heartbeat: tuple[float, float] | None = None) -> list[Row]:
     """A partition (silent drop) or a pulled cable between host A (publisher, a pool member)
-    and host B (a subscriber, a pool member) for ``seconds``."""
-    with Lab(2) as lab:
+    and host B (a subscriber, a pool member) for ``seconds``; ``heartbeat`` (interval,
+    timeout) for the proxies, default theirs (2 s, 6 s)."""
+    with Lab(2, heartbeat=heartbeat) as lab:
         a, b = lab.hosts
         until(lab.meshed, 30, "the mesh")
         sub = lab.agent(b, "subscribe", "subB")
@@ -155,6 +157,8 @@ def network_fault(kind: str, seconds: float, rate: int = 2000) -> list[Row]:
             dups += w.record.duplicates()
         dups += len(workers[0].record.seen.keys() & workers[1].record.seen.keys())
         what = "partition" if kind == "partition" else "cable pull"
+        if heartbeat is not None:
+            what += f" (heartbeat timeout {heartbeat[1]:g} s)"
         rec_pool = workers[1].record.caught_up(healed)
         return [
             subscriber_row(f"{what} {seconds:g} s: subscriber across it", sub, "pubA", sent,
@@ -221,6 +225,15 @@ def member_sigkill(mode: str, rate: int = 5000) -> list[Row]:
         sent = pub.stop()["sent"]
         took = time.monotonic() - started
         settle([w.record for w in workers], quiet=1.5, timeout=60)
+        if mode == "reliable":
+            # The component redelivers the dead member's messages once it notices the death
+            # (heartbeat timeout, 6 s by default): books are read once it holds nothing.
+            def idle() -> bool:
+                rp = a.stats()["reliable_pools"][POOL]
+                return bool(rp["members_lost"]) and not rp["in_flight"] and not rp["queued"]
+
+            until(idle, 30, "the at-least-once pool to be idle")
+            settle([w.record for w in workers], quiet=1.0, timeout=60)
         workers[1].stop()
         stats = a.stats()
         seen = workers[0].record.poll().seen + workers[1].record.poll().seen
@@ -246,10 +259,10 @@ def member_sigkill(mode: str, rate: int = 5000) -> list[Row]:
 
 def subscriber_fault(kind: str, seconds: float = 4.0, rate: int = 4000) -> list[Row]:
     """A subscriber too slow for the stream (handler 1 ms), or SIGSTOPped for ``seconds``,
-    beside a normal one; the proxy's ``subscriber_hwm`` is 2,000."""
+    beside a normal one; ``subscriber_hwm`` is 2,000 in the proxy and that subscriber."""
     with Lab(1, proxy_args=("--subscriber-hwm", "2000")) as lab:
         (a,) = lab.hosts
-        extra = ("--delay", "0.001") if kind == "slow" else ()
+        extra = ("--hwm", "2000", *(("--delay", "0.001") if kind == "slow" else ()))
         odd = lab.agent(a, "subscribe", "subX", *extra)
         normal = lab.agent(a, "subscribe", "subN")
         for sub in (odd, normal):
@@ -279,21 +292,27 @@ def subscriber_fault(kind: str, seconds: float = 4.0, rate: int = 4000) -> list[
         ]
 
 
-def publisher_sigterm() -> list[Row]:
-    """A publisher sending flat out, SIGTERMed (Python's default: it dies at once)."""
+def publisher_sigterm(rate: int = 5000) -> list[Row]:
+    """A publisher SIGTERMed (Python's default: it dies at once) with messages queued: its
+    proxy was frozen for 1 s, so its queue held about ``rate`` messages."""
     with Lab(1) as lab:
         (a,) = lab.hosts
+        assert a.proxy is not None
         sub = lab.agent(a, "subscribe", "subA")
         sub.wait_ready()
-        pub = lab.agent(a, "publish", "pubA")
+        pub = lab.agent(a, "publish", "pubA", "--rate", str(rate), "--send-timeout", "5")
         pub.wait_ready()
-        until(flowing([sub], 5000), 30, "the stream to flow")
+        until(flowing([sub], rate), 30, "the stream to flow")
+        a.proxy.signal(signal.SIGSTOP)
+        time.sleep(1.0)  # the publisher's queue fills this long
         pub.proc.signal(signal.SIGTERM)
         pub.proc.wait(10)
+        a.proxy.signal(signal.SIGCONT)
         sent = pub.sent()
         settle([sub.record], quiet=1.5)
         sub.stop()
-        return [subscriber_row("publisher SIGTERM sending flat out", sub, "pubA", sent, None,
+        return [subscriber_row(f"publisher SIGTERM at {rate:,} msg/s, ~1 s queued", sub,
+                               "pubA", sent, None,
                                "sent: sends that returned, from the publisher's own file")]
 
 
