@@ -23,12 +23,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import msgpack
 import zmq
+import zmq.utils.monitor
 
 from zbus import ConfigError, Endpoints, ProxyError, Settings
 from zbus._names import CONTROL_PREFIX
@@ -42,9 +45,10 @@ from ._directory import (
     StaticDirectory,
     ZapHandler,
 )
-from ._members import PoolMembers
+from ._members import FRAMES_PER_MESSAGE, PoolMembers
 
-__all__ = ["PEER_TIMEOUT", "PROBE_PREFIX", "Federation", "FederationHost"]
+__all__ = ["LINK_CONNECT_TIMEOUT", "PEER_TIMEOUT", "PROBE_PREFIX", "Federation",
+           "FederationHost"]
 
 log = logging.getLogger("zbus.proxy")
 
@@ -52,6 +56,18 @@ PEER_TIMEOUT = 1.0
 """Seconds a request to a peer's control socket may take before that peer counts as away."""
 PROBE_PREFIX = CONTROL_PREFIX + b"probe/"
 MISSED_HELLOS = 3
+LINK_CONNECT_TIMEOUT = 0.5
+"""Seconds a link's tcp connect may wait for an answer (ZMQ_CONNECT_TIMEOUT). Without it a
+connect to a peer behind a silent drop sits in SYN-SENT under the kernel's retry back-off
+(1, 2, 4, 8 ... s) and finds a healed path 12-14 s late; with it, libzmq gives the attempt up
+and starts a fresh one (a SYN at once) every LINK_CONNECT_TIMEOUT + LINK_RECONNECT_IVL_MAX."""
+LINK_RECONNECT_IVL = 0.1
+LINK_RECONNECT_IVL_MAX = 0.5
+AWAY_SYNC = 0.25
+"""Seconds between hellos while a peer does not answer: it is noticed soon after it is back."""
+_LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+RUNS_KEPT = 64
+"""Runs of each peer whose pool-link reports are kept (a peer restarts with a new run)."""
 
 
 class FederationHost(Protocol):
@@ -65,6 +81,7 @@ class FederationHost(Protocol):
     _tag: str
     _pools: dict[str, list[str]]
     _pool_members: PoolMembers
+    _devices: dict[str, Device]
 
     @property
     def pools(self) -> dict[str, list[str]]: ...
@@ -97,6 +114,23 @@ class Federation:
         self._links: dict[str, tuple[tuple[Any, ...], Device]] = {}
         self._retired: dict[str, dict[str, int]] = {}
         self.reflected = 0
+        # This proxy's run: peers key what their pool links took from us by it.
+        self.run = os.urandom(8).hex()
+        # Per link: its tcp connection is up (handshake done, no disconnect since); a link
+        # with no tcp side (from this host's own pool origin) is always up. Under _state.
+        self._link_up: dict[str, bool] = {}
+        self.link_restarts = 0
+        # Pool-link books (docs/RELIABILITY.md): frames that stopped pool links took, by
+        # (source endpoint, source run); and per peer origin, per run of that peer, the frames
+        # its pool links took from our pool origins, as its last hello reply said. Under _state.
+        self._taken_retired: dict[tuple[str, str], int] = {}
+        self._peer_taken: dict[str, dict[str, dict[str, int]]] = {}
+        # Manager thread only: each link's monitor reader, the peer it comes from, and when
+        # its current connection was made (monotonic).
+        self._link_monitors: dict[str, zmq.Socket[Any]] = {}
+        self._link_source: dict[str, str] = {}
+        self._link_since: dict[str, float] = {}
+        self._link_seq = 0
 
     # -- lifecycle (the proxy calls these in the order of its start and stop) ------------
 
@@ -153,13 +187,28 @@ class Federation:
     def link_statistics(self) -> dict[str, dict[str, int]]:
         return {name: d.statistics() for name, (_, d) in list(self._links.items())}
 
+    def _alive(self, pid: str, state: dict[str, Any]) -> bool:
+        """A peer is alive when it answers hellos *and* its data link is connected (caller
+        holds _state): a peer that answers while its data cannot flow is not."""
+        return bool(state.get("answering")) and self._link_up.get(f"peer-{pid}", False)
+
     def stats(self) -> dict[str, Any]:
+        books = self._pool_link_books()
         with self._host._state:
+            peers = {}
+            for p, info in self._peers.items():
+                state = self._peer_state.get(p, {})
+                peers[p] = {"origin": info.origin,
+                            **{k: v for k, v in state.items() if k != "away_since"},
+                            "alive": self._alive(p, state),
+                            "link_up": self._link_up.get(f"peer-{p}", False)}
             return {
                 "node": self.me.id,
                 "origin": self.me.origin,
-                "peers": {p: {"origin": info.origin, **self._peer_state.get(p, {})}
-                          for p, info in self._peers.items()},
+                "run": self.run,
+                "peers": peers,
+                "link_restarts": self.link_restarts,
+                "pool_links": books,
                 "members": dict(self._host._pool_members.counts),
                 "pool_endpoints": dict(self.pool_endpoints),
                 "retired_links": {k: dict(v) for k, v in self._retired.items()},
@@ -172,12 +221,52 @@ class Federation:
         """Where pool ``name``'s deliver-side PULL binds, and its pool links push into."""
         return f"inproc://zbus-pool-{name}-in-{self._host._tag}"
 
+    def _taken(self, endpoint: str, run: str) -> int:
+        """Frames this host's pool links took from pool origin ``endpoint`` (of that proxy's
+        ``run``), stopped links included."""
+        with self._host._state:
+            total = self._taken_retired.get((endpoint, run), 0)
+            live = [device for key, device in self._links.values()
+                    if key[0] == "pool" and key[2] == endpoint and key[4] == run]
+        for device in live:
+            total += device.statistics().get("frontend_frames_in", 0)
+        return total
+
+    def _pool_link_books(self) -> dict[str, dict[str, Any]]:
+        """Per pool: what this host's pool origin handed to pool links (its own and the
+        peers'), what those links took in, as they last said, and the difference:
+        messages that died between the two (a partitioned peer's connection and queues, a
+        link stopped with messages in it), in flight until quiet."""
+        ep = self._host.endpoints
+        with self._host._state:
+            endpoints = dict(self.pool_endpoints)
+            reports = [dict(runs) for runs in self._peer_taken.values()]
+        out: dict[str, dict[str, Any]] = {}
+        for pool in endpoints:
+            device = self._host._devices.get(f"pool-{pool}-origin")
+            sent = device.statistics().get("backend_frames_out") if device else None
+            if sent is None:  # the device did not answer: no number rather than a wrong one
+                out[pool] = {"sent": None, "taken": None, "unaccounted": None}
+                continue
+            taken = self._taken(ep.pool_origin(pool), self.run)
+            taken += sum(pools.get(pool, 0) for runs in reports for pools in runs.values())
+            out[pool] = {"sent": sent // FRAMES_PER_MESSAGE, "taken": taken // FRAMES_PER_MESSAGE,
+                         "unaccounted": -(-(sent - taken) // FRAMES_PER_MESSAGE)}
+        return out
+
+    def _taken_for(self, endpoints: Any, run: Any) -> dict[str, int]:
+        """For a hello: frames our pool links took from the asking peer's pool origins."""
+        if not isinstance(endpoints, dict) or not isinstance(run, str):
+            return {}
+        return {pool: self._taken(endpoint, run) for pool, endpoint in endpoints.items()
+                if isinstance(pool, str) and isinstance(endpoint, str)}
+
     def pass_on_declaration(self, name: str, bindings: list[str], created: bool) -> None:
         """Pass a pool declaration a client made here on to every peer that answered lately
         (the others get it with their next hello)."""
         with self._host._state:
             live = [self._peers[p] for p, st in self._peer_state.items()
-                    if st.get("alive") and p in self._peers]
+                    if st.get("answering") and p in self._peers]
         for peer in live:
             reply = self._peer_request(peer, "declare_pool", name=name, bindings=bindings)
             if reply is None or not reply.get("ok"):
@@ -219,7 +308,7 @@ class Federation:
         caller waits for one copy per returned peer id on the delivery plane."""
         with self._host._state:
             live = [self._peers[p] for p, st in self._peer_state.items()
-                    if st.get("alive") and p in self._peers]
+                    if self._alive(p, st) and p in self._peers]
         acked = []
         for peer in live:
             reply = self._peer_request(peer, "reflect", token=token)
@@ -323,14 +412,13 @@ class Federation:
                     log.info("a peer not in our list introduced itself; linking to it",
                              extra={"peer": info.id})
                 self._learned[info.id] = info
-        return self._hello_reply()
-
-    def _hello_reply(self) -> dict[str, Any]:
+        taken = self._taken_for(request.get("pool_endpoints"), request.get("run"))
         pools = self._host.pools  # before _state: _declare_pool takes _pool_lock, then _state
         with self._host._state:
             return {"ok": True, "peer": self.me.as_dict(), "pools": pools,
                     "pool_endpoints": dict(self.pool_endpoints),
-                    "members": dict(self._host._pool_members.counts)}
+                    "members": dict(self._host._pool_members.counts),
+                    "run": self.run, "pool_taken": taken}
 
     def _adopt_pools(self, pools: Any, source: str) -> None:
         if not isinstance(pools, dict):
@@ -364,32 +452,41 @@ class Federation:
                 poller.register(wake, zmq.POLLIN)
                 for reader in monitors:
                     poller.register(reader, zmq.POLLIN)
+                links = {reader: name for name, reader in self._link_monitors.items()}
+                for reader in links:
+                    poller.register(reader, zmq.POLLIN)
                 wait = max(0.0, min(next_sync - time.monotonic(), 0.1))
                 for sock, _ in poller.poll(int(wait * 1000)):
                     if sock is wake:
                         wake.recv()
-                        continue
-                    host._pool_members.event(monitors[sock], sock.recv_multipart())
+                    elif sock in links:
+                        self._link_event(links[sock], sock.recv_multipart())
+                    else:
+                        host._pool_members.event(monitors[sock], sock.recv_multipart())
                 if time.monotonic() >= next_sync:
+                    away = False
                     try:
-                        self._sync()
+                        away = self._sync()
                     except Exception:
                         log.exception("peer sync failed; retrying")
-                    next_sync = time.monotonic() + interval
+                    next_sync = time.monotonic() + (min(AWAY_SYNC, interval) if away
+                                                    else interval)
                 try:
                     self._reconcile()
                 except Exception:
                     log.exception("link reconcile failed; retrying")
         finally:
-            for reader in monitors:
+            for reader in [*monitors, *self._link_monitors.values()]:
                 reader.close(linger=0)
+            self._link_monitors.clear()
             wake.close(linger=0)
             if self._directory is not None:
                 self._directory.close()
 
-    def _sync(self) -> None:
+    def _sync(self) -> bool:
         """Ask the directory who is there, then hello each one (learning its pools and pool
-        endpoints, and telling it ours)."""
+        endpoints, and telling it ours); restart the links of a peer that answers again
+        while they are down. True when some peer did not answer."""
         assert self._directory is not None
         fed = self.config
         found = self._own_names(self._directory.refresh())
@@ -406,26 +503,34 @@ class Federation:
         peers: dict[str, PeerInfo] = {}
         for pid, info in found.items():
             if fed.curve is not None and info.public_key not in allowed:
-                if pid not in self._peer_state or self._peer_state[pid].get("alive") is not None:
+                if pid not in self._peer_state or \
+                        self._peer_state[pid].get("answering") is not None:
                     log.warning("ignoring a peer whose key is not on the allow-list",
                                 extra={"peer": pid})
                 with self._host._state:  # others iterate it under the lock (stats, reflect)
-                    self._peer_state[pid] = {"alive": None, "refused": True}
+                    self._peer_state[pid] = {"answering": None, "alive": None, "refused": True}
                 continue
             peers[pid] = info
-        hello = {"peer": self.me.as_dict(), "pools": self._host.pools}
+        pools = self._host.pools  # before _state: _declare_pool takes _pool_lock, then _state
+        with self._host._state:
+            hello = {"peer": self.me.as_dict(), "pools": pools, "run": self.run,
+                     "pool_endpoints": dict(self.pool_endpoints)}
         states: dict[str, dict[str, Any]] = {}
         named: dict[str, PeerInfo] = {}
+        back: list[str] = []
         for pid, info in peers.items():
-            reply = self._peer_request(info, "hello", PEER_TIMEOUT, **hello)
             old = self._peer_state.get(pid, {})
+            # A peer that missed its last hello is asked with a shorter wait, and more
+            # often (AWAY_SYNC): on a healed path its answer takes milliseconds.
+            wait = PEER_TIMEOUT / 2 if old.get("missed") else PEER_TIMEOUT
+            reply = self._peer_request(info, "hello", wait, **hello)
             if reply is None or not reply.get("ok"):
                 # One slow answer on a loaded host is not a dead peer: it counts as away after
                 # MISSED_HELLOS in a row (links stay regardless; heartbeats own the data path).
                 missed = old.get("missed", 0) + 1
                 states[pid] = {**old, "missed": missed,
-                               "alive": bool(old.get("alive")) and missed < MISSED_HELLOS}
-                if old.get("alive") and not states[pid]["alive"]:
+                               "answering": bool(old.get("answering")) and missed < MISSED_HELLOS}
+                if old.get("answering") and not states[pid]["answering"]:
                     log.warning("peer stopped answering", extra={"peer": pid})
                 named[pid] = info
                 continue
@@ -440,13 +545,19 @@ class Federation:
                 with self._host._state:
                     self._named[info.origin] = pid
             named[pid] = info
-            if not old.get("alive"):
+            if not old.get("answering"):
                 log.info("peer answering", extra={"peer": pid, "origin": info.origin})
+            if old.get("missed"):
+                back.append(pid)
             self._adopt_pools(reply.get("pools"), pid)
             endpoints = reply.get("pool_endpoints")
             members = reply.get("members")
+            run = reply.get("run")
+            run = run[:64] if isinstance(run, str) else ""
+            self._record_taken(info.origin, run, reply.get("pool_taken"))
             states[pid] = {
-                "alive": True,
+                "answering": True,
+                "run": run,
                 "missed": 0,
                 "last_hello": time.time(),
                 "pool_endpoints": {k: v for k, v in (endpoints or {}).items()
@@ -461,6 +572,35 @@ class Federation:
                 log.info("peer left the directory", extra={"peer": pid})
             self._peer_state = {p: st for p, st in self._peer_state.items()
                                 if st.get("refused")} | states
+        for pid in back:
+            self._restart_down_links(pid)
+        return any(st.get("missed") for st in states.values())
+
+    def _record_taken(self, origin: str, run: str, taken: Any) -> None:
+        """Keep a peer's report of what its pool links took from our pool origins."""
+        if not isinstance(taken, dict):
+            return  # a proxy from before pool-link books: its share shows as unaccounted
+        clean = {pool: frames for pool, frames in taken.items()
+                 if isinstance(pool, str) and isinstance(frames, int) and frames >= 0}
+        with self._host._state:
+            runs = self._peer_taken.setdefault(origin, {})
+            runs[run] = clean
+            while len(runs) > RUNS_KEPT:
+                del runs[next(iter(runs))]
+
+    def _restart_down_links(self, pid: str) -> None:
+        """``pid`` answers again after missing hellos: a link of its that is not connected
+        now is given a fresh socket (a connect at once) rather than left to libzmq's retry,
+        so its data flows as soon as its control does (manager only)."""
+        with self._host._state:
+            down = [(name, key, device) for name, (key, device) in self._links.items()
+                    if self._link_source.get(name) == pid and not self._link_up.get(name)]
+        for name, key, device in down:
+            log.info("peer back while its link is down: restarting the link",
+                     extra={"peer": pid, "link": name})
+            self._retire(name, key, device)
+            with self._host._state:
+                self.link_restarts += 1
 
     def _own_names(self, found: dict[str, PeerInfo]) -> dict[str, PeerInfo]:
         """``found`` keyed, and its entries named, by the ids their proxies gave themselves
@@ -479,11 +619,13 @@ class Federation:
         host = self._host
         fed, s, ep = self.config, host.settings, host.endpoints
         want: dict[str, tuple[tuple[Any, ...], SocketSpec, SocketSpec]] = {}
+        sources: dict[str, str] = {}
         with host._state:
             peers = dict(self._peers)
             states = {p: dict(st) for p, st in self._peer_state.items()}
             members = dict(host._pool_members.counts)
         for pid, info in peers.items():
+            sources[f"peer-{pid}"] = pid
             want[f"peer-{pid}"] = (
                 ("origin", info.origin, info.public_key),
                 SocketSpec(zmq.XSUB, connect=(info.origin,), rcvhwm=s.subscriber_hwm,
@@ -493,14 +635,19 @@ class Federation:
         for pool in host.pools:
             if members.get(pool, 0) <= 0:
                 continue  # no live member here: take none of this pool's messages
-            sources: dict[str, tuple[str, bytes]] = {"local": (ep.pool_origin(pool), b"")}
+            origins: dict[str, tuple[str, bytes, str]] = {
+                "local": (ep.pool_origin(pool), b"", self.run)}
             for pid, info in peers.items():
-                endpoint = states.get(pid, {}).get("pool_endpoints", {}).get(pool)
+                state = states.get(pid, {})
+                endpoint = state.get("pool_endpoints", {}).get(pool)
                 if endpoint:
-                    sources[pid] = (endpoint, info.public_key)
-            for source, (endpoint, public) in sources.items():
+                    origins[pid] = (endpoint, info.public_key, state.get("run", ""))
+            for source, (endpoint, public, run) in origins.items():
+                sources[f"pool-{pool}-from-{source}"] = source
+                # The source's run is part of the key: a restarted origin is a new link, and
+                # what a link took is booked against the run it took it from.
                 want[f"pool-{pool}-from-{source}"] = (
-                    ("pool", pool, endpoint, public),
+                    ("pool", pool, endpoint, public, run),
                     SocketSpec(zmq.PULL, connect=(endpoint,), rcvhwm=s.pool_link_hwm,
                                curve=fed.curve if public else None, server_key=public or None),
                     # Linger: what this link already took is flushed into the pool on stop.
@@ -514,23 +661,93 @@ class Federation:
             if name in self._links:
                 continue
             assert host._ctx is not None
-            device = Device(name, host._ctx, host._make, front, back)
+            tcp = any(endpoint.startswith("tcp://") for endpoint in front.connect)
+            make: Callable[[SocketSpec], zmq.Socket[Any]] = host._make
+            reader: zmq.Socket[Any] | None = None
+            if tcp:
+                # The reader connects before the link's socket binds the monitor (inproc
+                # allows it), so the first handshake is never missed.
+                self._link_seq += 1
+                monitor = f"inproc://zbus-link-{self._link_seq}-{host._tag}"
+                reader = host._ctx.socket(zmq.PAIR)
+                reader.setsockopt(zmq.LINGER, 0)
+                reader.connect(monitor)
+                make = self._link_factory(monitor)
+            device = Device(name, host._ctx, make, front, back)
             try:
                 device.start()
             except Exception as exc:
+                if reader is not None:
+                    reader.close(linger=0)
                 log.warning("cannot start a link", extra={"link": name, "error": str(exc)})
                 continue
+            if reader is not None:
+                self._link_monitors[name] = reader
+            self._link_source[name] = sources[name]
             with host._state:
                 self._links[name] = (key, device)
-            log.info("link up", extra={"link": name, "endpoint": key[-2]})
+                self._link_up[name] = not tcp
+            log.info("link started", extra={"link": name, "endpoint": key[2]})
+
+    def _link_factory(self, monitor: str) -> Callable[[SocketSpec], zmq.Socket[Any]]:
+        """A link device's socket factory: its tcp side gets bounded connect and reconnect
+        times and a monitor on ``monitor``, attached before it connects."""
+        host = self._host
+
+        def make(spec: SocketSpec) -> zmq.Socket[Any]:
+            if not any(endpoint.startswith("tcp://") for endpoint in spec.connect):
+                return host._make(spec)
+            assert host._ctx is not None
+            # connect=[]: every option of a connecting socket (heartbeats, CURVE client
+            # keys), but no connection before the monitor and the timeouts are in place.
+            sock = make_socket(host._ctx, spec.kind, host.settings, sndhwm=spec.sndhwm,
+                               rcvhwm=spec.rcvhwm, connect=[], curve=spec.curve,
+                               server_key=spec.server_key)
+            try:
+                sock.setsockopt(zmq.CONNECT_TIMEOUT, int(LINK_CONNECT_TIMEOUT * 1000))
+                sock.setsockopt(zmq.RECONNECT_IVL, int(LINK_RECONNECT_IVL * 1000))
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(LINK_RECONNECT_IVL_MAX * 1000))
+                sock.monitor(monitor, _LINK_EVENTS)
+                for endpoint in spec.connect:
+                    sock.connect(endpoint)
+            except zmq.ZMQError:
+                sock.close(linger=0)
+                raise
+            return sock
+
+        return make
+
+    def _link_event(self, name: str, frames: list[bytes]) -> None:
+        """One event of link ``name``'s monitor (manager only)."""
+        event = zmq.utils.monitor.parse_monitor_message(frames)["event"]
+        if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            up = True
+            self._link_since[name] = time.monotonic()
+        elif event == zmq.EVENT_DISCONNECTED:
+            up = False
+        else:
+            return
+        with self._host._state:
+            if name in self._links:
+                self._link_up[name] = up
+        log.info("link connected" if up else "link disconnected", extra={"link": name})
 
     def _retire(self, name: str, key: tuple[Any, ...], device: Device) -> None:
         stats = device.statistics()
         device.stop()
+        reader = self._link_monitors.pop(name, None)
+        if reader is not None:
+            reader.close(linger=0)
+        self._link_source.pop(name, None)
+        self._link_since.pop(name, None)
         with self._host._state:
             self._links.pop(name, None)
+            self._link_up.pop(name, None)
             if key[0] == "pool":
                 total = self._retired.setdefault(key[1], {})
                 for counter, value in stats.items():
                     total[counter] = total.get(counter, 0) + value
-        log.info("link down", extra={"link": name})
+                taken = (key[2], key[4])
+                self._taken_retired[taken] = (self._taken_retired.get(taken, 0)
+                                              + stats.get("frontend_frames_in", 0))
+        log.info("link stopped", extra={"link": name})
