@@ -2,7 +2,7 @@
 
 A subscriber reads from a SUB, a fast-pool member from a PULL, an at-least-once member from
 a DEALER. libzmq reconnects each by itself after a connection error (proxy restart,
-heartbeat timeout), and a SUB re-sends its subscriptions. After a protocol error -- a frame
+the proxy dropping it), and a SUB re-sends its subscriptions. After a protocol error -- a frame
 above the socket's ZMQ_MAXMSGSIZE, as when a consumer's ``max_message_bytes`` is below its
 proxy's -- it ends the session for good: the socket stays open and never hears again. Both
 begin with EVENT_DISCONNECTED; they differ in what follows, since libzmq announces a reconnect
@@ -10,12 +10,23 @@ begin with EVENT_DISCONNECTED; they differ in what follows, since libzmq announc
 ``ABANDONED_AFTER`` seconds therefore means libzmq gave up: the link keeps what the old
 socket had queued, closes it, and connects a new one (with the same subscriptions).
 
+A proxy that hangs (SIGSTOP, a stuck host) closes nothing, so the consumer's socket alone
+would never hear of it. The consumer's socket cannot time its peer out either: libzmq reads
+no input while the socket's receive queue is full (a slow consumer), so a ZMTP heartbeat
+timeout would cut a healthy connection, and a SUB reading on after that reconnect aborts
+the process (libzmq #3937). That socket therefore only pings (IVL, and TTL: the proxy drops
+a consumer that stops pinging), and the link keeps a second connection to the same proxy
+with the full heartbeats: a PUSH to the proxy's ingress that never carries data (only this
+link's probes), so nothing ever fills its queues. Its heartbeat timeout, or a disconnect of
+either socket, is one outage: ``disconnects`` counts it and :attr:`ConsumerLink.live` is
+False until both connections are up again and, for a subscriber, the probe came back.
+
 After any reconnect a subscriber's link sends a probe through the proxy (the one
 ``ready()`` uses) until it returns: that proves the subscriptions live again; a pool
-member's link is live again at the handshake (an at-least-once member then greets its pool
-again: the consumer's ``_replaced`` hook). What was published meanwhile is counted by
-the consumer core as sequence gaps (``ConsumerStats.lost``), or for a pool by the proxy
-(``unaccounted``).
+member's link is live again when both connections are (an at-least-once member then greets
+its pool again if its socket was replaced: the consumer's ``_replaced`` hook). What was
+published meanwhile is counted by the consumer core as sequence gaps
+(``ConsumerStats.lost``), or for a pool by the proxy (``unaccounted``).
 
 Everything here is non-blocking (``poll(0)``, NOBLOCK) on plain pyzmq sockets of the
 backend's context, so the threads, eventlet and asyncio consumers all drive it from their
@@ -70,13 +81,14 @@ SocketT = TypeVar("SocketT", bound=zmq.Socket[Any])
 class LinkStats:
     """What a consumer's connection to its proxy went through (see docs/RELIABILITY.md).
 
-    ``disconnects``: the proxy went away (crash, restart, heartbeat timeout), or this
-    socket refused a frame; ``reconnects``: the connection came back; ``replaced``: libzmq
+    ``disconnects``: outages: the proxy went away (crash, restart), stopped answering
+    heartbeats (hung), or this socket refused a frame; ``reconnects``: the connections
+    came back (the proxy answers again); ``replaced``: libzmq
     gave up on the connection (a protocol error, such as a frame above
     ``max_message_bytes``) and the socket was replaced by a new one; ``resubscribed``
     (subscribers): a re-probe proved the subscriptions live again after a reconnect;
-    ``last_outage``: seconds from the last disconnect until the link was live again
-    (subscribers: that proof; pool members: the handshake), None until the first one.
+    ``last_outage``: seconds from the last outage's start until the link was live again
+    (subscribers: that proof; pool members: the handshakes), None until the first one.
     Loss during an outage is in ``ConsumerStats.lost`` (as sequence gaps), not here.
     """
 
@@ -127,9 +139,12 @@ class ConsumerLink(Generic[SocketT]):
         self._down_since: float | None = None
         self._abandoned_at: float | None = None  # when to give the connection up for lost
         self._probe: bytes | None = None
-        self._probe_push: zmq.Socket[Any] | None = None
         self._probe_next = 0.0
         self._probe_interval = 0.0
+        self._up = False  # the consumer's socket has a live connection
+        self._beat_up = False  # ... and so has the heartbeat socket
+        self._returning = False  # both came back after an outage (a probe may be out)
+        self._beat, self._beat_monitor = self._open_beat()
         self.sock, self.monitor = self._open()
 
     @property
@@ -147,20 +162,32 @@ class ConsumerLink(Generic[SocketT]):
         if self._kind == zmq.SUB:
             sock = self._new_socket(
                 kind=zmq.SUB, sndhwm=_SUB_SLACK + 2 * len(self._prefixes),
-                rcvhwm=self._settings.subscriber_hwm,
+                rcvhwm=self._settings.subscriber_hwm, heartbeat_timeout=False,
             )
         elif self._kind == zmq.PULL:
-            sock = self._new_socket(kind=zmq.PULL, rcvhwm=self._settings.pool_hwm)
+            sock = self._new_socket(kind=zmq.PULL, rcvhwm=self._settings.pool_hwm,
+                                    heartbeat_timeout=False)
         else:
-            sock = self._new_socket(kind=self._kind)
-        address = f"inproc://zbus-link-{os.urandom(8).hex()}"
-        sock.monitor(address, _EVENTS)
-        monitor = self._ctx.socket(zmq.PAIR)
-        monitor.connect(address)  # before the socket connects: no link event is missed
+            sock = self._new_socket(kind=self._kind, heartbeat_timeout=False)
+        monitor = self._watch(sock)
         sock.connect(self._endpoint)
         for prefix in self._prefixes:
             sock.subscribe(prefix)
         return sock, monitor
+
+    def _open_beat(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
+        beat = make_socket(self._ctx, zmq.PUSH, self._settings)  # full heartbeats
+        monitor = self._watch(beat)
+        beat.connect(self._ingress)
+        return beat, monitor
+
+    def _watch(self, sock: zmq.Socket[Any]) -> zmq.Socket[Any]:
+        """A monitor on ``sock``, connected before ``sock`` connects: no event is missed."""
+        address = f"inproc://zbus-link-{os.urandom(8).hex()}"
+        sock.monitor(address, _EVENTS)
+        monitor: zmq.Socket[Any] = self._ctx.socket(zmq.PAIR)
+        monitor.connect(address)
+        return monitor
 
     def check(self) -> bool:
         """Read link events, re-send an outstanding probe when due, and replace the socket
@@ -169,27 +196,41 @@ class ConsumerLink(Generic[SocketT]):
         while self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_DISCONNECTED:
-                self.stats.disconnects += 1
-                if self._down_since is None:
-                    self._down_since = now
+                self._up = False
+                self._lost(now)
                 self._abandoned_at = now + ABANDONED_AFTER
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._abandoned_at = None
-                self.connected = True
-                if self._down_since is not None:
-                    self.stats.reconnects += 1
-                    if self._kind == zmq.SUB:
-                        self._start_probe()
-                    else:
-                        self._back(now)
+                self.connected = self._up = True
             else:  # CONNECT_RETRIED, CONNECTED: libzmq is reconnecting by itself
                 self._abandoned_at = None
+        while self._beat_monitor.poll(0):
+            event = parse_monitor_message(self._beat_monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_DISCONNECTED:  # the proxy hung, or went away
+                self._beat_up = False
+                self._lost(now)
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._beat_up = True
+        if self._down_since is not None and not self._returning and self._up and self._beat_up:
+            self._returning = True
+            self.stats.reconnects += 1
+            if self._kind == zmq.SUB:
+                self._start_probe()
+            else:
+                self._back(now)
         replaced = self._abandoned_at is not None and now >= self._abandoned_at
         if replaced:
             self._replace()
-        if self._probe is not None and now >= self._probe_next:
+        if self._probe is not None and self._returning and now >= self._probe_next:
             self._send_probe(now)
         return replaced
+
+    def _lost(self, now: float) -> None:
+        """One of the two connections went down: an outage begins, unless one is on."""
+        self._returning = False
+        if self._down_since is None:
+            self._down_since = now
+            self.stats.disconnects += 1
 
     def took_probe(self, frame: bytes) -> bool:
         """True when ``frame`` (a one-frame message) is this link's probe, back: the
@@ -202,6 +243,7 @@ class ConsumerLink(Generic[SocketT]):
         return True
 
     def _back(self, now: float) -> None:
+        self._returning = False
         if self._down_since is not None:
             self.stats.last_outage = now - self._down_since
             self._down_since = None
@@ -224,26 +266,23 @@ class ConsumerLink(Generic[SocketT]):
                 self._pending.append(view.recv_multipart(zmq.NOBLOCK))
         self._close_monitor()
         old.close(linger=0)
+        self._up = self._returning = False
         self.sock, self.monitor = self._open()
 
     def _start_probe(self) -> None:
         # libzmq re-sends the subscriptions on reconnect (a new socket sends them on
         # connect); the probe, subscribed after them on the same pipe, proves they arrived.
+        # The heartbeat socket carries it to the proxy's ingress: it is up, as we are here.
         if self._probe is None:
             self._probe = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
             self.sock.subscribe(self._probe)
-        if self._probe_push is not None:
-            self._probe_push.close(linger=0)
-        self._probe_push = make_socket(
-            self._ctx, zmq.PUSH, self._settings, connect=self._ingress
-        )
         self._probe_interval = 0.005
         self._probe_next = 0.0
 
     def _send_probe(self, now: float) -> None:
-        assert self._probe is not None and self._probe_push is not None
+        assert self._probe is not None
         with contextlib.suppress(zmq.Again):
-            self._probe_push.send(self._probe, zmq.NOBLOCK)
+            self._beat.send(self._probe, zmq.NOBLOCK)
         self._probe_next = now + self._probe_interval
         self._probe_interval = min(self._probe_interval * 2, 0.2)
 
@@ -251,9 +290,6 @@ class ConsumerLink(Generic[SocketT]):
         if self._probe is not None and not self.sock.closed:
             self.sock.unsubscribe(self._probe)
         self._probe = None
-        if self._probe_push is not None:
-            self._probe_push.close(linger=0)
-            self._probe_push = None
 
     def _close_monitor(self) -> None:
         if not self.monitor.closed:
@@ -262,10 +298,12 @@ class ConsumerLink(Generic[SocketT]):
             self.monitor.close(linger=0)
 
     def close(self) -> None:
-        """Close the probe and monitor sockets (not :attr:`sock`: its owner closes it)."""
-        if self._probe_push is not None:
-            self._probe_push.close(linger=0)
-            self._probe_push = None
+        """Close the heartbeat and monitor sockets (not :attr:`sock`: its owner closes it)."""
+        if not self._beat.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                self._beat.disable_monitor()
+            self._beat_monitor.close(linger=0)
+            self._beat.close(linger=0)
         self._close_monitor()
 
 

@@ -1,8 +1,9 @@
 """The one place that creates pyzmq sockets and sets their options.
 
 Rules kept here: every socket gets an explicit, bounded LINGER; every receiving socket a
-ZMQ_MAXMSGSIZE; every connecting socket, and every tcp listener, ZeroMQ heartbeats. Sockets
-never cross threads, greenlets or tasks: whoever creates one owns it.
+ZMQ_MAXMSGSIZE; every connecting socket (including one made without an endpoint, which its
+caller connects), and every tcp listener, ZeroMQ heartbeats. Sockets never cross threads,
+greenlets or tasks: whoever creates one owns it.
 
 CURVE is per endpoint, not per socket: libzmq copies a socket's options into each listener or
 connecter when ``bind``/``connect`` is called. ``make_socket`` therefore binds ipc and inproc
@@ -161,9 +162,16 @@ def make_socket(
     bind: str | Sequence[str] | None = None,
     curve: CurveKeys | None = None,
     server_key: bytes | None = None,
+    heartbeat_timeout: bool = True,
 ) -> zmq.Socket[Any]:
     """A socket with zbus's options. With ``curve``, tcp binds are CURVE servers; with
-    ``curve`` and ``server_key``, connects are CURVE clients of that server."""
+    ``curve`` and ``server_key``, connects are CURVE clients of that server.
+
+    A socket made with neither ``bind`` nor ``connect`` is one its caller connects (after
+    attaching a monitor): it gets a connecting socket's heartbeats. ``heartbeat_timeout=False``
+    keeps the pings (IVL) and their TTL, so the far side drops this socket when it goes
+    silent, but never times the connection out here: for a socket whose receive queue fills
+    in normal use (a consumer's), which then watches its peer another way (zbus._link)."""
     sock: zmq.Socket[Any] = ctx.socket(kind)
     binds = [bind] if isinstance(bind, str) else list(bind or ())
     # ipc/inproc first: they must not inherit the CURVE server options set for tcp below.
@@ -184,8 +192,8 @@ def make_socket(
             sock.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm is not None:
             sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        if connect is not None or any(b.startswith("tcp://") for b in binds):
-            _heartbeats(sock, settings)
+        if connect is not None or not binds or any(b.startswith("tcp://") for b in binds):
+            _heartbeats(sock, settings, timeout=heartbeat_timeout)
         for endpoint in binds:
             if endpoint.startswith("tcp://") and curve is not None and not sock.curve_server:
                 sock.curve_secretkey = curve.secret
@@ -206,11 +214,16 @@ def make_socket(
     return sock
 
 
-def _heartbeats(sock: zmq.Socket[Any], settings: Settings) -> None:
+def _heartbeats(sock: zmq.Socket[Any], settings: Settings, *, timeout: bool) -> None:
     # IVL: ping when idle; TIMEOUT: drop the connection when no traffic came for that long;
     # TTL: tells the far side to drop us when our pings stop (a half-open peer goes away).
     sock.setsockopt(zmq.HEARTBEAT_IVL, int(settings.heartbeat_ivl * 1000))
-    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(settings.heartbeat_timeout * 1000))
+    # Without a timeout, 0, never libzmq's default (-1: the interval). libzmq 4.3.5 reads no
+    # input while a socket's receive queue is full, so a slow consumer's connection times
+    # out although its peer is fine; for a SUB, reading on after that reconnect aborts the
+    # process (assertion "_input_stopped", libzmq #3937, open).
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT,
+                    int(settings.heartbeat_timeout * 1000) if timeout else 0)
     # TTL is carried in deciseconds on the wire (max 6553.5 s).
     sock.setsockopt(zmq.HEARTBEAT_TTL, min(int(settings.heartbeat_timeout * 1000), 6_553_500))
 
