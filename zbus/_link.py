@@ -202,6 +202,7 @@ class ConsumerLink(Generic[SocketT]):
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._abandoned_at = None
                 self.connected = self._up = True
+                self._rejoin(now)
             else:  # CONNECT_RETRIED, CONNECTED: libzmq is reconnecting by itself
                 self._abandoned_at = None
         while self._beat_monitor.poll(0):
@@ -211,19 +212,26 @@ class ConsumerLink(Generic[SocketT]):
                 self._lost(now)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._beat_up = True
-        if self._down_since is not None and not self._returning and self._up and self._beat_up:
-            self._returning = True
-            self.stats.reconnects += 1
-            if self._kind == zmq.SUB:
-                self._start_probe()
-            else:
-                self._back(now)
+                self._rejoin(now)
         replaced = self._abandoned_at is not None and now >= self._abandoned_at
         if replaced:
             self._replace()
         if self._probe is not None and self._returning and now >= self._probe_next:
             self._send_probe(now)
         return replaced
+
+    def _rejoin(self, now: float) -> None:
+        """After an outage, both connections are up: a member is back; a subscriber probes.
+        Called at each handshake, in the order of events: a connection that comes back and
+        is lost again before the next look is two outages, as it was."""
+        if self._down_since is None or self._returning or not (self._up and self._beat_up):
+            return
+        self._returning = True
+        self.stats.reconnects += 1
+        if self._kind == zmq.SUB:
+            self._start_probe()
+        else:
+            self._back(now)
 
     def _lost(self, now: float) -> None:
         """One of the two connections went down: an outage begins, unless one is on."""
