@@ -13,6 +13,9 @@ counted under ``stats()["refused"]`` and dropped, the member is never trusted fu
     pool -> member: WELCOME run(8) | CREDITED u32 window | WHO | MSG u64 id, u32 attempt,
                     topic, envelope, signature   (the message's three frames, untouched)
 
+WELCOME also comes unasked, with the same run, to a member already welcomed: the pool checks
+which members' connections are still there after one closed (a member ignores it).
+
 Invariants a maintainer must keep:
 
 * a member has at most ``window`` messages in flight (credit): it only receives what it asked
@@ -24,7 +27,13 @@ Invariants a maintainer must keep:
   dropped and counted as ``overflow``), dead letters <= ``dead_letter_max`` (the oldest is
   evicted and counted);
 * the state lives in this process's memory only: a proxy crash loses what was queued or in
-  flight (docs/RELIABILITY.md); members then see a new ``run`` in WELCOME.
+  flight (docs/RELIABILITY.md); members then see a new ``run`` in WELCOME;
+* a member is lost (its in-flight messages go back to the front of the queue) when a send to
+  it finds its connection gone, or when it was silent for ``member_timeout``. A send is
+  made on purpose when the ROUTER's monitor reports a closed connection (a repeated
+  WELCOME to every member: ROUTER_MANDATORY answers EHOSTUNREACH for the one gone), so a
+  dead member is found at once even with its window full, when nothing else is sent to
+  it; the timeout remains for a member that hangs with its connection open.
 
 The daemon runs one per declared at-least-once pool (``Proxy.declare_reliable_pool``, the
 control op ``declare_reliable_pool``; re-created from ``pools.json`` on start).
@@ -34,6 +43,7 @@ control op ``declare_reliable_pool``; re-created from ``pools.json`` on start).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
@@ -57,6 +67,12 @@ __all__ = ["DEFAULT_ACK_TIMEOUT", "DEFAULT_MAX_ATTEMPTS", "DeadLetter", "Reliabl
            "ReliablePool"]
 
 log = logging.getLogger("zbus.proxy")
+
+# When a member connection closes, the check for which member it was runs at once and again
+# after these delays (s): libzmq takes the ROUTER's route to a closed connection away only
+# once the socket has processed the pipe's termination, a few I/O-thread steps after the
+# monitor's event.
+_GONE_CHECKS = (0.0, 0.002, 0.01, 0.05, 0.25, 1.0)
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -143,6 +159,9 @@ class ReliableCore:
 
     def known(self, member: bytes) -> bool:
         return member in self._members
+
+    def members(self) -> list[bytes]:
+        return list(self._members)
 
     def hello(self, member: bytes, window: int, now: float) -> None:
         state = self._members.get(member)
@@ -364,6 +383,14 @@ class ReliablePool:
             socks.append(router)
             # Sending to a member that is gone raises instead of dropping in silence.
             router.setsockopt(zmq.ROUTER_MANDATORY, 1)
+            # libzmq reports a closed connection to the monitor attached at that moment,
+            # whenever it was made: none is missed, even one made before this line.
+            address = f"inproc://zbus-rpool-{self.name}-{os.urandom(8).hex()}"
+            router.monitor(address, zmq.EVENT_DISCONNECTED)
+            closed = self._ctx.socket(zmq.PAIR)
+            socks.insert(0, closed)
+            closed.setsockopt(zmq.LINGER, 0)
+            closed.connect(address)
             self._probe(sub)
         except BaseException as exc:  # reported to start()
             self._error = exc
@@ -373,12 +400,14 @@ class ReliablePool:
             return
         self._ready.set()
         try:
-            self._loop(sub, router)
+            self._loop(sub, router, closed)
         except zmq.ContextTerminated:
             pass
         except Exception:
             log.exception("reliable pool %s stopped on an error", self.name)
         finally:
+            with contextlib.suppress(zmq.ZMQError):
+                router.disable_monitor()
             for sock in socks:
                 sock.close(linger=0)
 
@@ -397,14 +426,22 @@ class ReliablePool:
             with self._lock:
                 self.core.offer(frames)
 
-    def _loop(self, sub: zmq.Socket[Any], router: zmq.Socket[Any]) -> None:
+    def _loop(self, sub: zmq.Socket[Any], router: zmq.Socket[Any],
+              closed: zmq.Socket[Any]) -> None:
         poller = zmq.Poller()
         poller.register(sub, zmq.POLLIN)
         poller.register(router, zmq.POLLIN)
+        poller.register(closed, zmq.POLLIN)
         next_tick = 0.0
+        checks: list[float] = []  # when to look for members whose connection is gone
         while not self._stopping.is_set():
-            events = dict(poller.poll(50))
+            wait = 50 if not checks else max(0, int((checks[0] - time.monotonic()) * 1000) + 1)
+            events = dict(poller.poll(min(wait, 50)))
             now = time.monotonic()
+            if closed in events:
+                while closed.poll(0):
+                    closed.recv_multipart()  # only DISCONNECTED is asked for
+                checks = sorted({*checks, *(now + delay for delay in _GONE_CHECKS)})
             with self._lock:
                 if sub in events:
                     # Bounded batch: members' acks must not starve behind a busy stream.
@@ -415,6 +452,7 @@ class ReliablePool:
                             break
                         if len(frames) == 3:
                             self.core.offer(frames)
+                read_all = True
                 if router in events:
                     for _ in range(1000):
                         try:
@@ -422,6 +460,12 @@ class ReliablePool:
                         except zmq.Again:
                             break
                         self._member_said(router, frames, now)
+                    else:
+                        read_all = False
+                # What a dead member said before it died (its last acks) is read first.
+                if checks and now >= checks[0] and read_all:
+                    checks = [t for t in checks if t > now]
+                    self._find_gone(router)
                 if now >= next_tick:
                     self.core.tick(now)
                     next_tick = now + 0.05
@@ -435,6 +479,16 @@ class ReliablePool:
                         )
                     except zmq.ZMQError:  # EHOSTUNREACH: gone; EAGAIN: not reading
                         self.core.remove(member)
+
+    def _find_gone(self, router: zmq.Socket[Any]) -> None:
+        """Remove the members whose connection is gone: a send to each tells."""
+        for member in self.core.members():
+            try:
+                router.send_multipart([member, b"WELCOME", self.run_id], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EHOSTUNREACH:
+                    self.core.remove(member)
+                # EAGAIN: its queue is full, so it is there (and not reading just now)
 
     def _member_said(self, router: zmq.Socket[Any], frames: list[bytes], now: float) -> None:
         core = self.core
