@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from . import _transport
 from ._control import ControlClient, encode_request, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
@@ -28,7 +29,7 @@ from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
-from ._transport import context, make_socket, recv_frames, wait_for_probe
+from ._transport import abandon, context, make_socket, recv_frames, wait_for_probe
 
 if TYPE_CHECKING:
     from ._reliable import ReliableMember
@@ -81,6 +82,10 @@ class Connection:
     """The sockets one thread uses to reach its host's zbus-proxy (no global state).
 
     ``run_dir`` is the proxy's run directory (default: :func:`zbus.default_run_dir`).
+
+    After ``fork()`` (``multiprocessing``'s fork start method included), the child's first
+    use makes its own context and socket; the parent's are left untouched (a ``context``
+    passed in belongs to the parent too: the child uses its own process context).
     """
 
     def __init__(
@@ -92,17 +97,34 @@ class Connection:
     ) -> None:
         self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
         self.settings = settings or Settings()
-        self._ctx = context
+        self._base_ctx = context
+        self._ctx: zmq.Context[Any] | None = None
         self._push: zmq.Socket[Any] | None = None
         self._owner: int | None = None
         self._unflushed = False
         self._closed = False
+        self._forks = _transport.forks  # the process the context and socket belong to
 
     @property
     def ctx(self) -> zmq.Context[Any]:
+        if self._forks != _transport.forks:
+            self._leave_parent()
         if self._ctx is None:
-            self._ctx = context()
+            self._ctx = self._new_context()
         return self._ctx
+
+    def _new_context(self) -> zmq.Context[Any]:
+        return self._base_ctx or context()
+
+    def _leave_parent(self) -> None:
+        """In a forked child: forget the parent's socket and context without touching them
+        (zbus._transport.abandon says why); the next use makes this process's own. What the
+        parent had queued is the parent's to deliver, not the child's."""
+        abandon(self._push, self._ctx, self._base_ctx)
+        self._push = self._ctx = self._base_ctx = None
+        self._owner = None
+        self._unflushed = False
+        self._forks = _transport.forks
 
     @property
     def control(self) -> ControlClient:
@@ -129,7 +151,9 @@ class Connection:
 
     def send_frames(self, frames: list[bytes]) -> None:
         """Send already-signed frames (from :meth:`MessageFactory.frames`) to the proxy."""
-        sock = self._push or self._publish_socket()
+        sock = self._push
+        if sock is None or self._forks != _transport.forks:
+            sock = self._publish_socket()
         self._check_owner()
         self._unflushed = True
         try:
@@ -146,7 +170,9 @@ class Connection:
         on Timeout, the messages before the one that timed out were sent)."""
         if not batch:
             return
-        sock = self._push or self._publish_socket()
+        sock = self._push
+        if sock is None or self._forks != _transport.forks:
+            sock = self._publish_socket()
         self._check_owner()
         self._unflushed = True
         for frames in batch:
@@ -162,6 +188,8 @@ class Connection:
         through the proxy's delivery plane; one path in order, so when it is back, everything
         before it was handed to every consumer's queue at the proxy. Raises Timeout.
         """
+        if self._forks != _transport.forks:
+            self._leave_parent()
         if self._push is None or not self._unflushed:
             return
         self._check_owner()
@@ -248,6 +276,8 @@ class Connection:
         if self._closed:
             return
         self._closed = True
+        if self._forks != _transport.forks:
+            self._leave_parent()
         if self._push is None:
             return
         linger = self.settings.linger
@@ -340,6 +370,15 @@ class _Consumer:
                                  replay=ReplayGuard(connection.settings.replay))
         self._pending: deque[list[bytes]] = deque()
         self._stop = threading.Event()
+        self._forks = _transport.forks  # a consumer's sockets never work in a forked child
+
+    def _check_process(self) -> None:
+        if self._forks != _transport.forks:
+            raise TransportError(
+                f"this {type(self).__name__} was made before fork(): its socket belongs to the "
+                f"parent process and cannot receive here; make consumers in the process that "
+                f"uses them (in the child, after the fork)"
+            )
 
     @property
     def stats(self) -> ConsumerStats:
@@ -387,6 +426,8 @@ class _Consumer:
         return CONTROL_PREFIX + b"drain/" + os.urandom(8).hex().encode()
 
     def close(self) -> None:
+        if self._forks != _transport.forks:
+            return  # the parent's socket: not this process's to close (_transport.abandon)
         self._sock.close(linger=0)
 
     def __enter__(self: Any) -> Any:
@@ -434,6 +475,8 @@ class _LinkedConsumer(_Consumer, Linked):
         """The next message from the socket, waiting at most ``wait`` seconds (None: as long
         as the link allows before its next look), or None; the link's probes are taken out
         here."""
+        if self._forks != _transport.forks:
+            self._check_process()
         if self._pending:
             return self._pending.popleft()
         self._since_check += 1
@@ -466,6 +509,8 @@ class _LinkedConsumer(_Consumer, Linked):
         return {**super().counters(), "link": self.link.as_dict(), "live": self.live}
 
     def close(self) -> None:
+        if self._forks != _transport.forks:
+            return  # the parent's sockets: not this process's to close (_transport.abandon)
         self._link.close()
         super().close()
 
@@ -495,6 +540,7 @@ class Subscriber(_LinkedConsumer):
         """Return once the subscription is live at this host's proxy and at every peer proxy
         that answers: nothing published after this returns, on any host, is lost to the
         slow-joiner effect. Raises Timeout."""
+        self._check_process()
         deadline = time.monotonic() + timeout
         token = CONTROL_PREFIX + b"probe/" + os.urandom(8).hex().encode()
         self._sock.subscribe(token)
@@ -527,6 +573,7 @@ class Subscriber(_LinkedConsumer):
         What arrives after the marker is not taken (closed with the socket). Raises Timeout
         (after closing) when the marker is not back within ``timeout``.
         """
+        self._check_process()
         deadline = time.monotonic() + timeout
         marker = self._drain_marker()
         self._sock.subscribe(marker)
@@ -689,6 +736,7 @@ class PoolMember(_LinkedConsumer):
 
     def ready(self, timeout: float = 10.0) -> None:
         """Declare the pool (idempotent) and return once this member is connected to it."""
+        self._check_process()
         deadline = time.monotonic() + timeout
         self.connection.declare_pool(self.pool, self.bindings, timeout)
         while not self._link.connected:
@@ -718,6 +766,7 @@ class PoolMember(_LinkedConsumer):
         """Report this member's receipts now and wait up to ``timeout`` s for the proxy to
         take them; True when it did (the receive loop reports by itself: this is for a
         caller that needs the proxy's count current, e.g. before a planned stop)."""
+        self._check_process()
         return (self._receipts.report(self.receipts, self.frames_read, time.monotonic())
                 and self._receipts.read_replies(timeout))
 
@@ -757,6 +806,8 @@ class PoolMember(_LinkedConsumer):
         return {**super().counters(), "abandoned": self.abandoned}
 
     def close(self) -> None:
+        if self._forks != _transport.forks:
+            return  # the parent's sockets: not this process's to close (_transport.abandon)
         if not self._sock.closed:
             super().close()  # first: nothing more arrives, so the final count is final
             frames = self.frames_read

@@ -29,8 +29,8 @@ from ._errors import ConfigError, Timeout, TransportError
 from ._settings import Settings
 
 __all__ = [
-    "ZAP_DOMAIN", "CurveKeys", "context", "make_socket", "read_public_keys", "recv_frames",
-    "wait_for_probe",
+    "ZAP_DOMAIN", "CurveKeys", "abandon", "context", "forks", "make_socket", "read_public_keys",
+    "recv_frames", "wait_for_probe",
 ]
 
 ZAP_DOMAIN = b"zbus"
@@ -133,6 +133,37 @@ def context() -> zmq.Context[Any]:
     """This process's shared context, made lazily (pyzmq makes a new one after fork)."""
     ctx: zmq.Context[Any] = zmq.Context.instance()
     return ctx
+
+
+forks = 0
+"""How many forks separate this process from the one that imported zbus: a socket or a
+context made while it had another value belongs to an ancestor process. An object compares
+the value it recorded with this one (an int, unlike ``os.getpid()``, which is a system call
+on every publish)."""
+
+_inherited: list[object] = []
+
+
+def _forked() -> None:
+    global forks
+    forks += 1
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def abandon(*objects: object) -> None:
+    """Keep an ancestor process's sockets and contexts referenced in this child, never
+    closed nor finalised here.
+
+    libzmq's state does not survive fork: the I/O thread stays in the parent, so a child's
+    send queues where nothing reads it, and once the queue is full libzmq's fork guard answers
+    EINTR, which pyzmq retries for ever (a busy loop that ignores SNDTIMEO). Closing is no
+    cure: pyzmq skips ``zmq_close`` in another process, and a green socket's close would
+    unregister its fd from the epoll set the child shares with its parent. Dropping the last
+    reference would close them, so they stay here for the child's life.
+    """
+    _inherited.extend(obj for obj in objects if obj is not None)
 
 
 _RECV_NOBLOCK = int(zmq.NOBLOCK)

@@ -41,6 +41,7 @@ from typing import Any, cast
 import zmq
 import zmq.asyncio
 
+from . import _transport
 from ._connection import ReceiptsReporter
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
@@ -51,8 +52,8 @@ from ._message import Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
+from ._transport import abandon, make_socket, recv_frames
 from ._transport import context as _process_context
-from ._transport import make_socket, recv_frames
 
 __all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
 
@@ -64,6 +65,9 @@ class Connection:
 
     ``context`` (any pyzmq context; default the process's) is shadowed by a
     ``zmq.asyncio.Context``: asyncio and plain sockets share libzmq's I/O thread.
+
+    After ``fork()``, the child's first use makes its own context and socket, leaving the
+    parent's untouched (as :class:`zbus.Connection` does).
     """
 
     def __init__(
@@ -79,12 +83,22 @@ class Connection:
         self._ctx: zmq.asyncio.Context | None = None
         self._push: zmq.asyncio.Socket | None = None
         self._closed = False
+        self._forks = _transport.forks  # the process the context and socket belong to
 
     @property
     def ctx(self) -> zmq.asyncio.Context:
+        if self._forks != _transport.forks:
+            self._leave_parent()
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context(self._base_ctx or _process_context())
         return self._ctx
+
+    def _leave_parent(self) -> None:
+        """In a forked child: forget the parent's socket and context untouched
+        (zbus._transport.abandon says why); the next use makes this process's own."""
+        abandon(self._push, self._ctx, self._base_ctx)
+        self._push = self._ctx = self._base_ctx = None
+        self._forks = _transport.forks
 
     def socket(self, kind: int, **options: Any) -> zmq.asyncio.Socket:
         """A new asyncio socket set up by :func:`zbus._transport.make_socket`; caller owns it."""
@@ -93,7 +107,7 @@ class Connection:
     async def send_frames(self, frames: list[bytes]) -> None:
         """Send already-signed frames; Timeout after ``settings.send_timeout`` when stuck."""
         sock = self._push
-        if sock is None:
+        if sock is None or self._forks != _transport.forks:
             if self._closed:
                 raise TransportError("this Connection is closed")
             sock = self._push = self.socket(
@@ -139,6 +153,8 @@ class Connection:
     async def flush(self, timeout: float = 10.0) -> None:
         """Return once everything sent on this Connection has passed through the proxy (as
         :meth:`zbus.Connection.flush`: a probe behind the queue, back through the proxy)."""
+        if self._forks != _transport.forks:
+            self._leave_parent()
         if self._push is None:
             return
         token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
@@ -178,6 +194,8 @@ class Connection:
 
     def close(self) -> None:
         self._closed = True
+        if self._forks != _transport.forks:
+            self._leave_parent()
         if self._push is not None:
             self._push.close()
             self._push = None

@@ -120,15 +120,13 @@ class Connection(_threads.Connection):
         self._green_context, self.eventlet = _green()
         if handler_pool_size < 1:
             raise ConfigError("handler_pool_size must be at least 1")
-        super().__init__(run_dir, settings=settings, context=None)
-        self._base_ctx = context
+        super().__init__(run_dir, settings=settings, context=context)
         self.handler_pool_size = handler_pool_size
 
-    @property
-    def ctx(self) -> zmq.Context[Any]:
-        if self._ctx is None:
-            self._ctx = self._green_context(self._base_ctx or _process_context())
-        return self._ctx
+    def _new_context(self) -> zmq.Context[Any]:
+        # Also asked in a forked child, once the base class has dropped the parent's green
+        # context untouched (the child should reset its hub: eventlet.hubs.use_hub()).
+        return self._green_context(self._base_ctx or _process_context())
 
     def subscribe(self, dispatcher: Dispatcher, keys: bytes | KeyRing) -> Subscriber:
         return Subscriber(self, dispatcher, keys)
