@@ -6,7 +6,9 @@ the proxy, its pools' members or its federation. A control request never kills t
 errors become ``{"ok": False, "error": ...}``.
 
 Without federation this thread also reads the fast pools' member monitors (with federation
-the manager thread reads them, and reconciles links on each event).
+the manager thread reads them, and reconciles links on each event), and it publishes again
+the beacons publishers left with the proxy (``_beacons``), through its own PUSH on the
+ingress.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -22,6 +25,7 @@ import zmq
 from zbus import ConfigError, ProxyError
 from zbus._transport import make_socket
 
+from ._beacons import BeaconStore
 from ._federation import PROBE_PREFIX
 from ._members import FRAMES_PER_MESSAGE
 
@@ -33,7 +37,7 @@ __all__ = ["CONTROL_OPS", "ControlServer"]
 log = logging.getLogger("zbus.proxy")
 
 CONTROL_OPS = ("ping", "stats", "pools", "declare_pool", "declare_reliable_pool",
-               "dead_letters", "reflect", "pool_receipts")
+               "dead_letters", "reflect", "pool_receipts", "beacons")
 """Every op the local control socket serves (named in the unknown-op error)."""
 _RELIABLE_FIELDS = {"op", "name", "bindings", "ack_timeout", "max_attempts"}
 
@@ -45,6 +49,8 @@ class ControlServer:
         self._proxy = proxy
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
+        self.beacons = BeaconStore()
+        self.beacons_dropped = 0  # due again, but the ingress took nothing (proxy overloaded)
 
     def start(self) -> None:
         """Start the thread; return once the socket is bound."""
@@ -62,6 +68,9 @@ class ControlServer:
         proxy = self._proxy
         assert proxy._ctx is not None
         sock = make_socket(proxy._ctx, zmq.REP, proxy.settings, bind=proxy.endpoints.control)
+        # Beacons go out again through the ingress, like any publisher's message.
+        again = make_socket(proxy._ctx, zmq.PUSH, proxy.settings, sndhwm=1000,
+                            connect=proxy.endpoints.ingress)
         # Without federation there is no manager thread: the pools' member monitors are read
         # here (with federation the manager reads them, and reconciles links on each event).
         monitors: dict[zmq.Socket[Any], str] = {}
@@ -75,6 +84,7 @@ class ControlServer:
                         monitors[reader] = name
                         poller.register(reader, zmq.POLLIN)
                 ready = dict(poller.poll(100))
+                self._publish_beacons(again)
                 for reader, name in monitors.items():
                     while reader in ready:
                         try:
@@ -100,6 +110,17 @@ class ControlServer:
             for reader in monitors:
                 reader.close(linger=0)
             sock.close(linger=0)
+            again.close(linger=0)
+
+    def _publish_beacons(self, again: zmq.Socket[Any]) -> None:
+        for frames in self.beacons.due(time.monotonic()):
+            try:
+                again.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                self.beacons_dropped += 1
+
+    def beacon_stats(self) -> dict[str, int]:
+        return {**self.beacons.stats(), "dropped": self.beacons_dropped}
 
     def _handle(self, raw: bytes) -> dict[str, Any]:
         proxy = self._proxy
@@ -144,6 +165,9 @@ class ControlServer:
             if op == "pool_receipts":
                 self._pool_receipts(request)
                 return {"ok": True}
+            if op == "beacons":
+                refused = self.beacons.add(request.get("beacons"), time.monotonic())
+                return {"ok": True, "refused": refused}
             raise ConfigError(
                 f"unknown control op {op!r} (known: {', '.join(CONTROL_OPS)})"
             )

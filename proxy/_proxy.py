@@ -495,6 +495,7 @@ class Proxy:
             "fast_pools": self._pool_members.stats(self.pools, devices),
             "pool_startup_drops": self.pool_startup_drops,
             "reliable_pools": self._reliable_stats(),
+            "beacons": self._control.beacon_stats(),
         }
         if self._federation is not None:
             result["federation"] = self._federation.stats()
