@@ -70,6 +70,7 @@ class ProxyProcess:
                     return self
                 except zbus.Timeout:
                     if time.monotonic() > deadline:
+                        self.stop(signal.SIGKILL)  # a test ends every process it starts
                         raise
         finally:
             conn.close()

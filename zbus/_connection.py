@@ -25,7 +25,7 @@ from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
-from ._message import Message, MessageFactory
+from ._message import Announcer, Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
@@ -104,6 +104,12 @@ class Connection:
         self._unflushed = False
         self._closed = False
         self._forks = _transport.forks  # the process the context and socket belong to
+        self._announcer = Announcer()
+        self._held_beacons: list[list[bytes]] = []  # sent, not yet handed to the proxy
+        self._since_flush = 0  # messages sent since the last confirmed flush
+        self.unconfirmed_at_close = 0
+        """Messages the proxy had not confirmed taking when :meth:`close` gave up (0 when
+        the close flushed everything): what this connection may have dropped."""
 
     @property
     def ctx(self) -> zmq.Context[Any]:
@@ -124,6 +130,8 @@ class Connection:
         self._push = self._ctx = self._base_ctx = None
         self._owner = None
         self._unflushed = False
+        self._since_flush = 0
+        self._held_beacons = []
         self._forks = _transport.forks
 
     @property
@@ -158,6 +166,7 @@ class Connection:
         self._unflushed = True
         try:
             _send(sock, frames)
+            self._since_flush += 1
         except zmq.Again:
             raise Timeout(
                 f"the proxy at {self.endpoints.run_dir} took no message for "
@@ -168,6 +177,10 @@ class Connection:
     def send_many(self, batch: list[list[bytes]]) -> None:
         """Send several already-signed messages in one call (same errors as send_frames;
         on Timeout, the messages before the one that timed out were sent)."""
+        self._send_many(batch)
+        self._since_flush += len(batch)
+
+    def _send_many(self, batch: list[list[bytes]]) -> None:
         if not batch:
             return
         sock = self._push
@@ -181,6 +194,35 @@ class Connection:
             except zmq.Again:
                 self.send_frames(frames)  # raises the same Timeout, with its explanation
 
+    def publish(self, factory: MessageFactory, frames: list[bytes]) -> None:
+        """Send ``frames`` made by ``factory``; the connection then also announces the
+        factory's streams once they go idle, and on flush and close (their beacons:
+        docs/RELIABILITY.md, "Beacons"). Exchange, Publisher and Router send this way."""
+        self.send_frames(frames)
+        self._announce(factory)
+
+    def publish_many(self, factory: MessageFactory, batch: list[list[bytes]]) -> None:
+        """:meth:`publish` for several messages of ``factory`` (as :meth:`send_many`)."""
+        self.send_many(batch)
+        self._announce(factory)
+
+    def _announce(self, factory: MessageFactory) -> None:
+        announcer = self._announcer
+        due = announcer.note(factory)
+        due += announcer.due(time.monotonic())
+        if due:
+            self._send_many(due)
+
+    def _hand_over(self, beacons: list[list[bytes]], timeout: float) -> None:
+        """Leave ``beacons`` with the proxy, which publishes them again after this
+        connection is gone (a subscriber still behind then learns its lost tail)."""
+        if not beacons:
+            return
+        try:
+            self.control.request("beacons", timeout, beacons=beacons)
+        except ZbusError as exc:  # an older proxy, or none: the data-path beacons remain
+            log.debug("zbus: the proxy did not take %d beacons: %s", len(beacons), exc)
+
     def flush(self, timeout: float = 10.0) -> None:
         """Return once everything sent on this Connection has passed through the proxy.
 
@@ -193,14 +235,27 @@ class Connection:
         if self._push is None or not self._unflushed:
             return
         self._check_owner()
+        deadline = time.monotonic() + timeout
+        # The streams' beacons go behind their messages, ahead of the probe.
+        beacons = self._announcer.all()
+        self._send_many(beacons)
         token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
         sub = make_socket(self.ctx, zmq.SUB, self.settings, connect=self.endpoints.deliver)
         try:
             sub.subscribe(token)
             wait_for_probe(sub, self._push, token, timeout, lambda frames: None, "flush")
+        except Timeout:
+            self._held_beacons = beacons + self._held_beacons
+            raise
         finally:
             sub.close(linger=0)
         self._unflushed = False
+        self._since_flush = 0
+        # Handed over only now that the messages they announce have passed the proxy, so
+        # that a beacon published again can never overtake its own messages.
+        self._hand_over(beacons + self._held_beacons,
+                        max(0.1, deadline - time.monotonic()))
+        self._held_beacons = []
 
     def exchange(self, name: str) -> Exchange:
         return Exchange(name, self)
@@ -285,9 +340,15 @@ class Connection:
             try:
                 self.flush(linger)
             except Timeout:
+                self.unconfirmed_at_close = self._since_flush
+                # Whatever of them is lost, subscribers count it exactly: the beacons,
+                # handed to the proxy, announce every number this connection's streams took.
+                self._hand_over(self._held_beacons, min(linger, 1.0))
                 log.warning(
-                    "zbus: closing a Connection to %s with messages the proxy did not take "
-                    "within linger=%gs: they are dropped", self.endpoints.run_dir, linger,
+                    "zbus: closing a Connection to %s: %d messages sent since the last "
+                    "confirmed flush were not confirmed by the proxy within linger=%gs and "
+                    "are dropped if still queued here; subscribers count those lost from the "
+                    "streams' beacons", self.endpoints.run_dir, self._since_flush, linger,
                 )
         self._push.close(linger=0)
         self._push = None
@@ -307,7 +368,7 @@ class Exchange:
         self.connection = connection
 
     def send(self, routing_key: str, obj: Message | Any, factory: MessageFactory) -> None:
-        self.connection.send_frames(factory.frames(self.name, routing_key, obj))
+        self.connection.publish(factory, factory.frames(self.name, routing_key, obj))
 
     def __repr__(self) -> str:
         return f"Exchange({self.name!r})"
@@ -323,13 +384,14 @@ class Publisher:
     def send(self, routing_key: str, obj: Message | Any, *, exchange: str | None = None) -> None:
         """Publish ``obj`` under ``routing_key`` (on another ``exchange`` when given)."""
         name = self.exchange.name if exchange is None else exchange
-        self.exchange.connection.send_frames(self.factory.frames(name, routing_key, obj))
+        self.exchange.connection.publish(self.factory, self.factory.frames(name, routing_key, obj))
 
     def send_many(self, routing_key: str, objs: list[Any], *, exchange: str | None = None) -> None:
         """Publish each of ``objs`` under ``routing_key``, in order, signing each one."""
         name = self.exchange.name if exchange is None else exchange
         frames = self.factory.frames
-        self.exchange.connection.send_many([frames(name, routing_key, obj) for obj in objs])
+        self.exchange.connection.publish_many(
+            self.factory, [frames(name, routing_key, obj) for obj in objs])
 
     def publish(self, message: Message) -> None:
         """Publish a :class:`Message` under its own message type as the routing key."""
@@ -354,7 +416,7 @@ class Router:
             if not isinstance(obj, Message):
                 raise ConfigError("a plain payload needs an explicit routing_key")
             routing_key = obj.message_type
-        self.connection.send_frames(self.factory.frames(exchange, routing_key, obj))
+        self.connection.publish(self.factory, self.factory.frames(exchange, routing_key, obj))
 
 
 class _Consumer:

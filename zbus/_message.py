@@ -259,3 +259,47 @@ class MessageFactory:
 
     def __repr__(self) -> str:
         return f"MessageFactory(publisher_id={self.publisher_id!r}, keys={self.keys!r})"
+
+
+BEACON_IDLE = 1.0
+"""Seconds a stream must have been idle before its beacon goes out (docs/RELIABILITY.md)."""
+
+
+class Announcer:
+    """The factories one connection has published for, and their streams' beacons when due
+    (no I/O, no clock: ``now`` is a monotonic time passed in).
+
+    A connection calls :meth:`note` for each message it sends and sends what :meth:`due`
+    returns (at most every ``BEACON_IDLE / 2`` seconds, the beacons of the streams idle for
+    ``BEACON_IDLE``), and :meth:`all` when it flushes or closes.
+    """
+
+    MAX_FACTORIES = 64
+
+    def __init__(self) -> None:
+        self._factories: dict[int, MessageFactory] = {}
+        self._last: MessageFactory | None = None
+        self._next = 0.0
+
+    def note(self, factory: MessageFactory) -> list[list[bytes]]:
+        """Remember ``factory``; returns the beacons of a factory forgotten to stay bounded
+        (send them: they are that factory's last word on this connection)."""
+        if factory is self._last:
+            return []
+        self._last = factory
+        if id(factory) in self._factories:
+            return []
+        self._factories[id(factory)] = factory
+        if len(self._factories) <= self.MAX_FACTORIES:
+            return []
+        oldest = self._factories.pop(next(iter(self._factories)))
+        return oldest.beacons()
+
+    def due(self, now: float) -> list[list[bytes]]:
+        if now < self._next or not self._factories:
+            return []
+        self._next = now + BEACON_IDLE / 2
+        return [b for f in self._factories.values() for b in f.beacons(BEACON_IDLE)]
+
+    def all(self) -> list[list[bytes]]:
+        return [b for f in self._factories.values() for b in f.beacons()]

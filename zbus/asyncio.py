@@ -45,10 +45,10 @@ from . import _transport
 from ._connection import ReceiptsReporter
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
-from ._errors import ConfigError, Timeout, TransportError
+from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
-from ._message import Message, MessageFactory
+from ._message import Announcer, Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
@@ -84,6 +84,7 @@ class Connection:
         self._push: zmq.asyncio.Socket | None = None
         self._closed = False
         self._forks = _transport.forks  # the process the context and socket belong to
+        self._announcer = Announcer()  # the factories' streams, for their beacons
 
     @property
     def ctx(self) -> zmq.asyncio.Context:
@@ -122,6 +123,15 @@ class Connection:
                 f"{self.settings.send_timeout:g}s; the message was not sent"
             ) from None
 
+    async def publish(self, factory: MessageFactory, frames: list[bytes]) -> None:
+        """Send ``frames`` made by ``factory``, and announce the factory's streams once they
+        go idle and on flush (as :meth:`zbus.Connection.publish`)."""
+        await self.send_frames(frames)
+        due = self._announcer.note(factory)
+        due += self._announcer.due(time.monotonic())
+        for beacon in due:
+            await self.send_frames(beacon)
+
     def exchange(self, name: str) -> Exchange:
         return Exchange(name, self)
 
@@ -157,6 +167,9 @@ class Connection:
             self._leave_parent()
         if self._push is None:
             return
+        beacons = self._announcer.all()  # behind their streams' messages, ahead of the probe
+        for beacon in beacons:
+            await self.send_frames(beacon)
         token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
         sub = self.socket(zmq.SUB, connect=self.endpoints.deliver)
         loop = asyncio.get_running_loop()
@@ -170,12 +183,22 @@ class Connection:
                 until = loop.time() + interval
                 while (left := until - loop.time()) > 0 and await sub.poll(int(left * 1000) + 1):
                     if (await sub.recv_multipart())[0] == token:
+                        await self._hand_over(beacons)
                         return
                 if loop.time() > deadline:
                     raise Timeout(f"flush: the proxy took nothing within {timeout:g}s")
                 interval = min(interval * 2, 0.2)
         finally:
             sub.close(linger=0)
+
+    async def _hand_over(self, beacons: list[list[bytes]]) -> None:
+        """Leave ``beacons`` with the proxy, now that their messages have passed it (as
+        :meth:`zbus.Connection.flush` does)."""
+        if beacons:
+            try:
+                await self.request("beacons", 1.0, beacons=beacons)
+            except ZbusError as exc:
+                log.debug("zbus: the proxy did not take %d beacons: %s", len(beacons), exc)
 
     async def aclose(self) -> None:
         """Flush for up to ``settings.linger`` seconds, then close; what is still queued is
@@ -215,7 +238,7 @@ class Exchange:
         self.connection = connection
 
     async def send(self, routing_key: str, obj: Message | Any, factory: MessageFactory) -> None:
-        await self.connection.send_frames(factory.frames(self.name, routing_key, obj))
+        await self.connection.publish(factory, factory.frames(self.name, routing_key, obj))
 
     def __repr__(self) -> str:
         return f"zbus.asyncio.Exchange({self.name!r})"
@@ -236,7 +259,8 @@ class Publisher:
                         exchange: str | None = None) -> None:
         name = self.exchange.name if exchange is None else exchange
         for obj in objs:
-            await self.exchange.connection.send_frames(self.factory.frames(name, routing_key, obj))
+            await self.exchange.connection.publish(
+                self.factory, self.factory.frames(name, routing_key, obj))
 
     async def publish(self, message: Message) -> None:
         await self.send(message.message_type, message)
@@ -254,7 +278,7 @@ class Router:
             if not isinstance(obj, Message):
                 raise ConfigError("a plain payload needs an explicit routing_key")
             routing_key = obj.message_type
-        await self.connection.send_frames(self.factory.frames(exchange, routing_key, obj))
+        await self.connection.publish(self.factory, self.factory.frames(exchange, routing_key, obj))
 
 
 class _Consumer(Linked):
