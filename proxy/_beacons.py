@@ -19,20 +19,26 @@ No clock inside: ``now`` is passed in. No message of the data path passes throug
 
 from __future__ import annotations
 
+import contextlib
+import os
+import stat
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from zbus._names import split_topic
 
-__all__ = ["REPUBLISH_AFTER", "BeaconStore"]
+__all__ = ["MAX_FILE_BYTES", "REPUBLISH_AFTER", "BeaconStore"]
 
 REPUBLISH_AFTER = (1.0, 2.0, 4.0, 8.0, 16.0)
 """Seconds after it was handed over at which a beacon is published again."""
 MAX_BEACON_FRAME = 512  # a beacon's envelope is about 30 bytes plus the publisher id
 MAX_PER_REQUEST = 1000
+MAX_FILE_BYTES = 1 << 20
+MAX_FILES_PER_SCAN = 100
 
 
 @dataclass(slots=True)
@@ -94,6 +100,40 @@ class BeaconStore:
         self.republished += len(out)
         return out
 
+    def take_files(self, directory: Path, now: float) -> None:
+        """Keep the beacons of the files publishers left in ``directory`` (written when they
+        could not reach this proxy as they closed: it was hung, restarting or gone), then
+        delete each file. Only regular files owned by this user and at most
+        ``MAX_FILE_BYTES`` are read; the rest are deleted unread and counted as refused."""
+        try:
+            names = sorted(os.listdir(directory))[:MAX_FILES_PER_SCAN]
+        except OSError:
+            return
+        for name in names:
+            path = directory / name
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            except OSError:  # a symlink, gone meanwhile, or not ours to read
+                self.refused += 1
+                _unlink(path)
+                continue
+            try:
+                info = os.fstat(fd)
+                if (not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid()
+                        or info.st_size > MAX_FILE_BYTES):
+                    self.refused += 1
+                    continue
+                data = os.read(fd, MAX_FILE_BYTES + 1)
+            finally:
+                os.close(fd)
+                _unlink(path)
+            try:
+                items = msgpack.unpackb(data, raw=False)
+            except Exception:  # whatever the file holds: refused, never raised
+                self.refused += 1
+                continue
+            self.add(items, now)
+
     def __len__(self) -> int:
         return len(self._kept)
 
@@ -123,3 +163,8 @@ def _parse(frames: Any) -> tuple[tuple[bytes, str, bytes], int] | None:
             or fields[4] != []):
         return None
     return (topic, fields[1], fields[2]), fields[3]
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

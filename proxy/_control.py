@@ -51,6 +51,7 @@ class ControlServer:
         self._ready = threading.Event()
         self.beacons = BeaconStore()
         self.beacons_dropped = 0  # due again, but the ingress took nothing (proxy overloaded)
+        self._next_scan = 0.0  # when to look for beacon files again
 
     def start(self) -> None:
         """Start the thread; return once the socket is bound."""
@@ -113,7 +114,11 @@ class ControlServer:
             again.close(linger=0)
 
     def _publish_beacons(self, again: zmq.Socket[Any]) -> None:
-        for frames in self.beacons.due(time.monotonic()):
+        now = time.monotonic()
+        if now >= self._next_scan:
+            self._next_scan = now + 1.0
+            self.beacons.take_files(self._proxy.endpoints.beacons_dir, now)
+        for frames in self.beacons.due(now):
             try:
                 again.send_multipart(frames, zmq.NOBLOCK)
             except zmq.Again:

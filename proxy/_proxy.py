@@ -106,6 +106,7 @@ class Proxy:
         run_dir = self.endpoints.run_dir
         run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.endpoints.beacons_dir.mkdir(mode=0o700, exist_ok=True)
         self._acquire_lock()
         try:
             self._remove_sockets()

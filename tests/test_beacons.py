@@ -106,3 +106,39 @@ def test_a_closed_publisher_s_tail_reaches_a_subscriber_that_was_behind(
         conn.close()
     finally:
         proxy.stop()
+
+
+def test_beacon_files_are_read_once_and_hostile_ones_refused(tmp_path: Path) -> None:
+    from zbus._connection import leave_beacons
+
+    directory = tmp_path / "beacons"
+    directory.mkdir(mode=0o700)
+    factory = zbus.MessageFactory(KEY, "svc")
+    factory.frames("ex", "a", 1)
+    assert leave_beacons(directory, factory.beacons())
+    (directory / "garbage").write_bytes(b"\xc1\xc1")
+    (directory / "huge").write_bytes(b"\x00" * ((1 << 20) + 1))
+    target = tmp_path / "secret"
+    target.write_bytes(b"not yours")
+    (directory / "link").symlink_to(target)
+    store = BeaconStore()
+    store.take_files(directory, now=0.0)
+    assert len(store) == 1
+    assert store.stats()["refused"] == 3
+    assert list(directory.iterdir()) == []  # every file taken away, the link's target kept
+    assert target.read_bytes() == b"not yours"
+    store.take_files(directory, now=1.0)
+    assert store.stats()["stored"] == 1
+
+
+def test_no_beacon_file_goes_into_a_directory_others_can_write(tmp_path: Path) -> None:
+    from zbus._connection import leave_beacons
+
+    directory = tmp_path / "beacons"
+    directory.mkdir()
+    directory.chmod(0o777)
+    factory = zbus.MessageFactory(KEY, "svc")
+    factory.frames("ex", "a", 1)
+    assert not leave_beacons(directory, factory.beacons())
+    assert not leave_beacons(tmp_path / "missing", factory.beacons())
+    assert list(directory.iterdir()) == []

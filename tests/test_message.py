@@ -280,3 +280,17 @@ def test_beacons_announce_each_stream_once_per_idle_spell() -> None:
     assert f.beacons(idle=1.0) == []  # announced: nothing new since
     assert [b[0] for b in f.beacons()] == [b"ex/a"]
     assert f.beacons() == []
+
+
+def test_a_withdrawn_message_gives_its_number_back() -> None:
+    f = zbus.MessageFactory(KEY, "svc")
+    f.frames("ex", "a", 1)
+    f.frames("ex", "a", 2)  # say its send failed
+    f.withdraw()
+    assert fields(f.frames("ex", "a", 2)).sequence == 2
+    f.withdraw()
+    f.withdraw()  # twice: only the last frames' numbers, once
+    assert f.stream("ex", "a")[1] == 2
+    f.batch("ex", "b", [1, 2, 3])
+    f.withdraw()
+    assert f.stream("ex", "b")[1] == 1

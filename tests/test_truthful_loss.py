@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import zbus
@@ -133,4 +137,73 @@ def test_a_closing_publisher_counts_what_it_could_not_deliver(run_dir: Path, key
             os.kill(proxy.pid, signal.SIGCONT)
         assert conn.unconfirmed_at_close == 100
     finally:
+        proxy.stop()
+
+
+_SIGTERMED_PUBLISHER = """
+import os, struct, sys, zbus
+run_dir, key, out = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
+zbus.exit_on_sigterm()
+fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+conn = zbus.Connection(run_dir, settings=zbus.Settings(linger=0.5, send_timeout=30))
+pub = zbus.Publisher(conn.exchange("notifications"), zbus.MessageFactory(key, "dying"))
+sent = 0
+while True:
+    pub.send("compute.instance.create.end", sent + 1)
+    sent += 1
+    os.pwrite(fd, struct.pack(">Q", sent), 0)
+    if sent == 200:
+        print("FLOWING", flush=True)
+"""
+
+
+def test_a_sigtermed_publisher_s_queued_loss_is_counted_exactly(
+    run_dir: Path, key: bytes, tmp_path: Path
+) -> None:
+    """The issue's case: a publisher SIGTERMed with messages queued behind a hung proxy.
+    With ``zbus.exit_on_sigterm()`` its Connection closes at exit; the proxy cannot answer,
+    so the beacons go to the run directory, where the proxy finds them once it runs again:
+    the subscriber's lost equals exactly what the publisher sent and it never got."""
+    proxy = ProxyProcess(run_dir).start()
+    count_file = tmp_path / "sent"
+    child = None
+    try:
+        conn = zbus.Connection(run_dir)
+        dispatcher, seen = counting("compute.#")
+        sub = conn.subscribe(dispatcher, key)
+        sub.ready()
+        child = subprocess.Popen(
+            [sys.executable, "-c", _SIGTERMED_PUBLISHER, str(run_dir), key.hex(),
+             str(count_file)], stdout=subprocess.PIPE)
+        assert child.stdout is not None and child.stdout.readline() == b"FLOWING\n"
+        os.kill(proxy.pid, signal.SIGSTOP)
+        try:
+            # Until its queue is full (publish_hwm) and its send blocks, the publisher goes on.
+            deadline = time.monotonic() + 10
+            last = -1
+            while time.monotonic() < deadline:
+                now = struct.unpack(">Q", count_file.read_bytes())[0]
+                if now == last:
+                    break
+                last = now
+                time.sleep(0.2)  # sampling the publisher's own count, not synchronising
+            child.send_signal(signal.SIGTERM)
+            assert child.wait(10) == 128 + signal.SIGTERM
+        finally:
+            os.kill(proxy.pid, signal.SIGCONT)
+        sent = struct.unpack(">Q", count_file.read_bytes())[0]
+        numbers = seen.setdefault(TOPICS[0], [])
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and (
+                not sub.stats.beacons or len(numbers) + sub.stats.lost < sent):
+            sub.process(0.1)
+        assert numbers == sorted(set(numbers)) and numbers[0] == 1
+        assert len(numbers) < sent  # the queue did die with the publisher
+        assert sub.stats.lost == sent - len(numbers), (sent, len(numbers), sub.counters())
+        sub.close()
+        conn.close()
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+            child.wait()
         proxy.stop()

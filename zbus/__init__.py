@@ -11,6 +11,7 @@ from ._connection import (
     Publisher,
     Router,
     Subscriber,
+    exit_on_sigterm,
 )
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._envelope import Envelope
@@ -77,5 +78,6 @@ __all__ = [
     "ZbusError",
     "__version__",
     "default_run_dir",
+    "exit_on_sigterm",
     "generate_key",
 ]

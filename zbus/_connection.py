@@ -8,15 +8,20 @@ Make one Connection per thread that publishes; they share the process's ZeroMQ c
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import signal
+import stat
 import threading
 import time
+import weakref
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import zmq
 
 from . import _transport
@@ -76,6 +81,42 @@ def _send(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
         send(frame, _SNDMORE)
     if last:
         send(frames[last])
+
+
+# Connections with a publishing socket, closed (flushed) at interpreter exit.
+_publishing: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+
+def _close_at_exit() -> None:
+    me = threading.get_ident()
+    for conn in list(_publishing):
+        if conn._forks != _transport.forks or conn._owner != me:
+            continue  # another process's, or a thread's that cannot be flushed from here
+        try:
+            conn.close()
+        except Exception:  # exiting: say it, never hide the exit's own cause
+            log.exception("zbus: closing a Connection at exit failed")
+
+
+atexit.register(_close_at_exit)
+
+
+def exit_on_sigterm() -> None:
+    """Let SIGTERM end this process as ``sys.exit`` does, so that open Connections close at
+    exit (flushing within ``linger``, counting what they could not deliver, leaving their
+    streams' beacons with the proxy) instead of dying with their queues.
+
+    Python's default SIGTERM action kills the process at once, and no library code runs:
+    call this early in the main thread of a program that has no SIGTERM handler of its own
+    (a framework that handles SIGTERM, such as oslo.service, exits through ``sys.exit``
+    already). A handler already installed is left as it is.
+    """
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _exit_on_signal)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 class Connection:
@@ -148,6 +189,7 @@ class Connection:
         sock.setsockopt(zmq.SNDTIMEO, int(self.settings.send_timeout * 1000))
         self._push = sock
         self._owner = threading.get_ident()
+        _publishing.add(self)
         return sock
 
     def _check_owner(self) -> None:
@@ -197,8 +239,14 @@ class Connection:
     def publish(self, factory: MessageFactory, frames: list[bytes]) -> None:
         """Send ``frames`` made by ``factory``; the connection then also announces the
         factory's streams once they go idle, and on flush and close (their beacons:
-        docs/RELIABILITY.md, "Beacons"). Exchange, Publisher and Router send this way."""
-        self.send_frames(frames)
+        docs/RELIABILITY.md, "Beacons"). Exchange, Publisher and Router send this way.
+        If the send fails (``Timeout``, or an interrupt such as ``SystemExit`` from a signal),
+        the message's number is given back, so that consumers do not count it lost."""
+        try:
+            self.send_frames(frames)
+        except BaseException:
+            factory.withdraw()
+            raise
         self._announce(factory)
 
     def publish_many(self, factory: MessageFactory, batch: list[list[bytes]]) -> None:
@@ -211,17 +259,31 @@ class Connection:
         due = announcer.note(factory)
         due += announcer.due(time.monotonic())
         if due:
-            self._send_many(due)
+            self._send_beacons(due)
+
+    def _send_beacons(self, beacons: list[list[bytes]]) -> None:
+        """Send beacons on the data path without ever waiting: a full queue (the proxy not
+        taking) drops them here, and the copies left with the proxy stand in for them."""
+        sock = self._push
+        assert sock is not None
+        for frames in beacons:
+            try:
+                sock.send_multipart(frames, _NOBLOCK)
+            except zmq.Again:
+                return
 
     def _hand_over(self, beacons: list[list[bytes]], timeout: float) -> None:
         """Leave ``beacons`` with the proxy, which publishes them again after this
-        connection is gone (a subscriber still behind then learns its lost tail)."""
+        connection is gone (a subscriber still behind then learns its lost tail). A proxy
+        that does not answer (hung, restarting) finds them in its run directory later."""
         if not beacons:
             return
         try:
             self.control.request("beacons", timeout, beacons=beacons)
-        except ZbusError as exc:  # an older proxy, or none: the data-path beacons remain
-            log.debug("zbus: the proxy did not take %d beacons: %s", len(beacons), exc)
+        except ZbusError as exc:
+            log.debug("zbus: the proxy did not take %d beacons (%s): leaving them in %s",
+                      len(beacons), exc, self.endpoints.beacons_dir)
+            leave_beacons(self.endpoints.beacons_dir, beacons)
 
     def flush(self, timeout: float = 10.0) -> None:
         """Return once everything sent on this Connection has passed through the proxy.
@@ -238,7 +300,7 @@ class Connection:
         deadline = time.monotonic() + timeout
         # The streams' beacons go behind their messages, ahead of the probe.
         beacons = self._announcer.all()
-        self._send_many(beacons)
+        self._send_beacons(beacons)
         token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
         sub = make_socket(self.ctx, zmq.SUB, self.settings, connect=self.endpoints.deliver)
         try:
@@ -352,12 +414,38 @@ class Connection:
                 )
         self._push.close(linger=0)
         self._push = None
+        _publishing.discard(self)
 
     def __enter__(self) -> Connection:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_BEACONS_PER_FILE = 1000
+
+
+def leave_beacons(directory: Path, beacons: list[list[bytes]]) -> bool:
+    """Write ``beacons`` to new files in the proxy's ``directory`` for it to publish later
+    (proxy/_beacons.py reads them); False when the directory is missing or not safely ours
+    (another user's, or writable by others: then nothing is written)."""
+    try:
+        info = os.lstat(directory)
+    except OSError:
+        return False
+    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+            or info.st_mode & 0o022):
+        return False
+    for start in range(0, len(beacons), _BEACONS_PER_FILE):
+        path = directory / f"{os.getpid()}-{os.urandom(6).hex()}.beacons"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except OSError:
+            return False
+        with os.fdopen(fd, "wb") as out:
+            out.write(msgpack.packb(beacons[start:start + _BEACONS_PER_FILE]))
+    return True
 
 
 class Exchange:

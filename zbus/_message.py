@@ -74,13 +74,17 @@ os.register_at_fork(after_in_child=_new_runs_after_fork)
 class _Stream:
     """One topic's stream of a factory run: its random id and its numbering."""
 
-    __slots__ = ("exchange", "next", "sent_at", "stream_id")
+    __slots__ = ("exchange", "next", "sent_at", "stream_id", "topic")
 
-    def __init__(self, exchange: str) -> None:
+    def __init__(self, exchange: str, topic: bytes) -> None:
         self.stream_id = os.urandom(STREAM_ID_BYTES)
         self.exchange = exchange
+        self.topic = topic
         self.next = 1  # the sequence the next message takes
         self.sent_at = 0.0  # the clock when a message last took a number
+
+
+_NOTHING_SEALED: tuple[_Stream | None, int] = (None, 0)
 
 
 class MessageFactory:
@@ -104,6 +108,8 @@ class MessageFactory:
 
     Memory: one small record per topic the factory has published on (about 150 bytes).
     """
+
+    _last_sealed: tuple[_Stream | None, int]  # the stream and first number of the last frames
 
     def __init__(
         self,
@@ -152,7 +158,18 @@ class MessageFactory:
         signer = self._signers[exchange] = (bytes((SIGNATURE_SCHEME, len(kid))) + kid, key)
         return signer
 
+    def withdraw(self) -> None:
+        """Give back the numbers the last frames made took, if nothing took a number after
+        them: for a sender whose send failed (``Timeout``, an interrupt), so that a message
+        never sent is not counted lost by consumers. Frames sent later, after all, would be
+        rejected as replays of the numbers reused; so call it only for frames never sent."""
+        sealed, first = self._last_sealed
+        self._last_sealed = _NOTHING_SEALED
+        if sealed is not None and self._streams.get(sealed.topic) is sealed:
+            sealed.next = first  # else: nothing sealed since, or a run from before a fork
+
     def _new_run(self) -> None:
+        self._last_sealed = _NOTHING_SEALED
         self._streams: dict[bytes, _Stream] = {}
         # Topics that took a number since their last beacon (a dict as an ordered set).
         self._unannounced: dict[bytes, None] = {}
@@ -219,7 +236,7 @@ class MessageFactory:
         head, key = self._signers.get(exchange) or self._signer(exchange)
         stream = self._streams.get(topic)
         if stream is None:
-            stream = self._streams[topic] = _Stream(exchange)
+            stream = self._streams[topic] = _Stream(exchange, topic)
         first = stream.next
         try:
             envelope = self._packb(
@@ -232,6 +249,7 @@ class MessageFactory:
             ) from None
         stream.next = first + len(entries)  # only now: a payload that fails leaves no gap
         stream.sent_at = now
+        self._last_sealed = (stream, first)
         self._unannounced[topic] = None
         return [topic, envelope, head + mac(key, topic, envelope)]
 

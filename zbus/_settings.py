@@ -83,6 +83,12 @@ class Endpoints:
         return f"ipc://{path}"
 
     @property
+    def beacons_dir(self) -> Path:
+        """Where a publisher that cannot reach its proxy leaves its streams' beacons as a
+        file, for the proxy to publish later (docs/RELIABILITY.md, "Beacons")."""
+        return self.run_dir / "beacons"
+
+    @property
     def ingress(self) -> str:
         return self._ipc("ingress.sock")
 

@@ -126,7 +126,11 @@ class Connection:
     async def publish(self, factory: MessageFactory, frames: list[bytes]) -> None:
         """Send ``frames`` made by ``factory``, and announce the factory's streams once they
         go idle and on flush (as :meth:`zbus.Connection.publish`)."""
-        await self.send_frames(frames)
+        try:
+            await self.send_frames(frames)
+        except BaseException:  # cancelled or timed out: never sent, so not counted lost
+            factory.withdraw()
+            raise
         due = self._announcer.note(factory)
         due += self._announcer.due(time.monotonic())
         for beacon in due:
