@@ -51,9 +51,10 @@ def _options(sock: zmq.Socket[Any]) -> tuple[int, int, int]:
 
 
 def test_every_connecting_socket_pings() -> None:
-    """A socket made without an endpoint is one its caller connects (a consumer's, after
-    its monitor): it pings like any connecting socket. Without a local timeout, the option
-    is 0, never libzmq's default -1 (which means: the interval)."""
+    """A socket its caller connects (a consumer's, after its monitor) pings like any
+    connecting socket, when the caller says so. Without a local timeout, the option is 0,
+    never libzmq's default -1 (which means: the interval). A socket its caller binds later
+    (a fast pool's PUSH to its members) gets none: its peers ping it."""
     ctx = zmq.Context()
     socks = []
     try:
@@ -62,8 +63,12 @@ def test_every_connecting_socket_pings() -> None:
             assert _options(sock) == (100, 0, 500), zmq.SocketType(kind).name
         socks.append(push := make_socket(ctx, zmq.PUSH, FAST, connect="inproc://nobody"))
         assert _options(push) == (100, 500, 500)
+        socks.append(push := make_socket(ctx, zmq.PUSH, FAST, heartbeat_timeout=True))
+        assert _options(push) == (100, 500, 500)  # connected by its caller
         socks.append(bound := make_socket(ctx, zmq.PULL, FAST, bind="inproc://here"))
         assert _options(bound)[0] == 0  # ipc/inproc listeners: their peers ping
+        socks.append(later := make_socket(ctx, zmq.PUSH, FAST))
+        assert _options(later)[0] == 0  # bound by its caller (a fast pool's PUSH)
     finally:
         for sock in socks:
             sock.close(linger=0)

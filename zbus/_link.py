@@ -176,7 +176,7 @@ class ConsumerLink(Generic[SocketT]):
         return sock, monitor
 
     def _open_beat(self) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
-        beat = make_socket(self._ctx, zmq.PUSH, self._settings)  # full heartbeats
+        beat = make_socket(self._ctx, zmq.PUSH, self._settings, heartbeat_timeout=True)
         monitor = self._watch(beat)
         beat.connect(self._ingress)
         return beat, monitor

@@ -1,9 +1,9 @@
 """The one place that creates pyzmq sockets and sets their options.
 
 Rules kept here: every socket gets an explicit, bounded LINGER; every receiving socket a
-ZMQ_MAXMSGSIZE; every connecting socket (including one made without an endpoint, which its
-caller connects), and every tcp listener, ZeroMQ heartbeats. Sockets never cross threads,
-greenlets or tasks: whoever creates one owns it.
+ZMQ_MAXMSGSIZE; every connecting socket (including one its caller connects, who says so),
+and every tcp listener, ZeroMQ heartbeats. Sockets never cross threads, greenlets or tasks:
+whoever creates one owns it.
 
 CURVE is per endpoint, not per socket: libzmq copies a socket's options into each listener or
 connecter when ``bind``/``connect`` is called. ``make_socket`` therefore binds ipc and inproc
@@ -193,16 +193,17 @@ def make_socket(
     bind: str | Sequence[str] | None = None,
     curve: CurveKeys | None = None,
     server_key: bytes | None = None,
-    heartbeat_timeout: bool = True,
+    heartbeat_timeout: bool | None = None,
 ) -> zmq.Socket[Any]:
     """A socket with zbus's options. With ``curve``, tcp binds are CURVE servers; with
     ``curve`` and ``server_key``, connects are CURVE clients of that server.
 
-    A socket made with neither ``bind`` nor ``connect`` is one its caller connects (after
-    attaching a monitor): it gets a connecting socket's heartbeats. ``heartbeat_timeout=False``
-    keeps the pings (IVL) and their TTL, so the far side drops this socket when it goes
-    silent, but never times the connection out here: for a socket whose receive queue fills
-    in normal use (a consumer's), which then watches its peer another way (zbus._link)."""
+    Heartbeats: by default a socket gets them when it connects here or listens on tcp. A
+    caller that connects the socket itself (after attaching a monitor) says which it needs:
+    ``heartbeat_timeout=True``, a connecting socket's (ping, and time the peer out);
+    ``False``, the pings (IVL) and their TTL only, so that the far side drops this socket
+    when it goes silent, but never a timeout here: for a socket whose receive queue fills in
+    normal use (a consumer's), which watches its peer another way (zbus._link)."""
     sock: zmq.Socket[Any] = ctx.socket(kind)
     binds = [bind] if isinstance(bind, str) else list(bind or ())
     # ipc/inproc first: they must not inherit the CURVE server options set for tcp below.
@@ -223,8 +224,10 @@ def make_socket(
             sock.setsockopt(zmq.SNDHWM, sndhwm)
         if rcvhwm is not None:
             sock.setsockopt(zmq.RCVHWM, rcvhwm)
-        if connect is not None or not binds or any(b.startswith("tcp://") for b in binds):
+        if heartbeat_timeout is not None:
             _heartbeats(sock, settings, timeout=heartbeat_timeout)
+        elif connect is not None or any(b.startswith("tcp://") for b in binds):
+            _heartbeats(sock, settings, timeout=True)
         for endpoint in binds:
             if endpoint.startswith("tcp://") and curve is not None and not sock.curve_server:
                 sock.curve_secretkey = curve.secret
