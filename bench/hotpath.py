@@ -2,7 +2,8 @@
 
 CPU microseconds per message of each stage of zbus's publish and consume paths next to the
 raw pyzmq calls they wrap, measured over real ipc sockets (no proxy: a drain process plays
-the proxy's ingress; an in-process PUB plays its deliver socket).
+the proxy's ingress; an in-process PUB plays its deliver socket). Then routing at 100 and at
+100,000 distinct routing keys, and their ratio (``--routing`` runs only that part).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from zbus._envelope import (
     mac,
     verify_frames,
 )
+from zbus._names import split_topic, topic_frame
 
 EXCHANGE, KEY = "bench", "bench.data"
 _U32 = struct.Struct(">I")
@@ -52,13 +54,68 @@ def timed(fn: Callable[[int], float | None], n: int, repeat: int) -> float:
     return best / n * 1e6
 
 
+# A consumer's bindings as a notification listener makes them; keys vary in their id word,
+# the way instance ids and host names make real routing keys distinct.
+ROUTE_BINDINGS = ["compute.#", "compute.instance.*.end", "network.#", "volume.*.create",
+                  "#.error", "identity.project.deleted"]
+_KEY_FORMS = ["compute.instance.{}.end", "network.port.{}.create", "volume.{}.create",
+              "image.{}.upload", "compute.instance.{}.error"]
+
+
+def routing(repeat: int) -> list[tuple[str, float]]:
+    """Dispatcher.route, and split_topic + route, at 100 and at 100,000 distinct keys.
+
+    Issue 13, item 7: per-key caches made routing cost ~25x more past 4,096 distinct keys.
+    Each measurement routes 100,000 messages, so every key of the large set is new to it.
+    """
+    dispatcher = zbus.Dispatcher()
+    for pattern in ROUTE_BINDINGS:
+        dispatcher.bind("notifications", pattern, lambda d: None)
+    route = dispatcher.route
+    messages = 100_000
+    out: list[tuple[str, float]] = []
+    print(f"routing, {len(ROUTE_BINDINGS)} bindings, {messages:,} messages "
+          "(us of CPU per message)")
+    for what in ("route", "split_topic + route"):
+        base = 0.0
+        for distinct in (100, 100_000):
+            keys = [_KEY_FORMS[i % len(_KEY_FORMS)].format(f"i{i % distinct}")
+                    for i in range(messages)]
+            # a fresh bytes object per message, as a socket hands them out
+            frames = [topic_frame("notifications", k) for k in keys]
+
+            def route_only(k: int, keys: list[str] = keys) -> None:
+                for key in keys[:k]:
+                    route("notifications", key)
+
+            def split_and_route(k: int, frames: list[bytes] = frames) -> None:
+                for frame in frames[:k]:
+                    exchange, key = split_topic(frame)
+                    route(exchange, key)
+
+            fn = route_only if what == "route" else split_and_route
+            fn(messages)  # warm: lazily built matcher states, page faults
+            us = timed(fn, messages, repeat)
+            label = f"{what}, {distinct:,} distinct keys"
+            ratio = f"  ({us / base:.2f}x the 100-key cost)" if base else ""
+            print(f"  {label:62s} {us:6.2f} us{ratio}", flush=True)
+            out.append((label, us))
+            base = base or us
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__)
     p.add_argument("-n", type=int, default=30_000, help="messages per measurement")
     p.add_argument("--repeat", type=int, default=5, help="best of this many runs")
     p.add_argument("--size", type=int, default=100, help="payload bytes")
+    p.add_argument("--routing", action="store_true",
+                   help="only the routing rows (100 vs 100,000 distinct keys; no sockets)")
     args = p.parse_args(argv)
     n, rep = args.n, args.repeat
+    if args.routing:
+        routing(rep)
+        return 0
     key = zbus.generate_key()
     body = b"M" + b"x" * (args.size - 1)
     run_dir = Path(tempfile.mkdtemp(prefix="zbh-", dir="/tmp"))
@@ -197,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         sub_conn.close()
         pubsock.close(linger=0)
         push.close(linger=0)
+        routing(rep)
     finally:
         drain.kill()
         drain.wait()
