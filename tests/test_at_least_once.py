@@ -549,3 +549,35 @@ def test_garbage_on_a_pool_socket_is_not_a_lost_member(
         wait_for(lambda: fast_pool_stats(run_dir, "fast")["members_lost"] >= 1, 5, "the leave")
         stats = fast_pool_stats(run_dir, "fast")
     assert (stats["members"], stats["members_lost"]) == (0, 1), stats
+
+
+def test_a_redelivery_far_behind_its_stream_is_handled_not_rejected(
+    run_dir: Path, key: bytes
+) -> None:
+    """Issue 13 item 2: while the pool waits to notice a dead member, the survivors move the
+    stream past the dead member's messages. A redelivery (attempt > 1) beyond the sequence
+    window was rejected as ``replay`` and acked: work nobody did, with balanced books. The
+    same number as a first delivery (attempt 1) is still a replay."""
+    settings = zbus.Settings(replay=zbus.ReplayPolicy(sequence_window=16))
+    conn = zbus.Connection(run_dir, settings=settings)
+    handled: list[int] = []
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind("ex", "#", lambda d: handled.append(d.payload))
+    member = conn.join_reliable_pool("p", dispatcher, key, window=10)
+    try:
+        factory = zbus.MessageFactory(key, "pub")
+        frames = [factory.frames("ex", "a", n) for n in range(1, 101)]
+        delivery = member._accept(1, 1, frames[99])  # the survivor had message 100
+        assert delivery is not None
+        member._handle(delivery)
+        redelivered = member._accept(2, 2, frames[4])  # message 5, 95 behind: redelivered
+        assert redelivered is not None and redelivered.payload == 5
+        member._handle(redelivered)
+        assert member._accept(3, 1, frames[5]) is None  # message 6 as if new: a replay
+        assert member.stats.rejected == {"replay": 1}
+        assert member._accept(4, 2, frames[99]) is None  # 100 again: a duplicate, acked
+        assert handled == [100, 5]
+        assert member.reliable.duplicates == 1 and member.reliable.acked == 4
+    finally:
+        member.close()
+        conn.close()
