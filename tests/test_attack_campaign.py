@@ -81,14 +81,16 @@ def signed(topic: bytes, envelope: bytes, key_id: str = "k1", key: bytes = K1) -
 
 
 def envelope(**changes: Any) -> list[Any]:
-    """The fields of a valid envelope, some replaced (by index name)."""
-    fields: dict[str, Any] = {
-        "format": 1, "message_id": os.urandom(8) + (1).to_bytes(8, "big"),
-        "publisher_id": "svc.insider", "sequence": 1, "timestamp": time.time(),
-        "message_type": "attack.insider", "version": 1, "payload": {},
-    }
-    fields.update(changes)
-    return list(fields.values())
+    """The fields of a valid envelope (format 2, one message), some replaced by name: the
+    header's (format, publisher_id, stream_id, first) or the message's (timestamp,
+    message_type, version, payload)."""
+    message: dict[str, Any] = {"timestamp": time.time(), "message_type": "attack.insider",
+                               "version": 1, "payload": {}}
+    header: dict[str, Any] = {"format": 2, "publisher_id": "svc.insider",
+                              "stream_id": os.urandom(8), "first": 1}
+    for name, value in changes.items():
+        (message if name in message else header)[name] = value
+    return [*header.values(), [list(message.values())]]
 
 
 def packed(fields: Any) -> bytes:
@@ -343,14 +345,16 @@ def run_attacks(run: Campaign, proxy: ProxyProcess, conn: zbus.Connection, run_d
     # 10. Bound keys claiming others' live runs far ahead: ka (bound to svc-a) as svc.legit,
     # kx (bound to svc-x*) as svc-a. Neither stream may see a replay rejection or a gap.
     run.step("bound key claims another publisher's live run", [
-        *((forge("ka", KA, legit, 10**9 + n), "publisher_not_allowed") for n in range(12)),
-        *((forge("kx", KX, svc_a, 10**9 + n), "publisher_not_allowed") for n in range(4)),
+        *((forge("ka", KA, legit, 10**9 + n, routing_key="legit.tick"), "publisher_not_allowed")
+          for n in range(12)),
+        *((forge("kx", KX, svc_a, 10**9 + n, routing_key="svc.a.tick"), "publisher_not_allowed")
+          for n in range(4)),
     ])
 
     # 11. Validly signed envelopes that are not envelopes.
     good = packed(envelope())
     malformed_n = [
-        b"", b"\xc1", packed(envelope()[:7]), packed([*envelope(), None]), good + b"\x00",
+        b"", b"\xc1", packed(envelope()[:4]), packed([*envelope(), None]), good + b"\x00",
         good[:-3], packed(envelope(payload=msgpack.ExtType(1, b"x"))),
         packed(envelope(payload={1: "v"})), b"\x91" * 3000 + b"\xc0",
         b"\xdd\xff\xff\xff\xff", packed({"a": 1}), packed([]), packed("envelope"),
@@ -363,14 +367,14 @@ def run_attacks(run: Campaign, proxy: ProxyProcess, conn: zbus.Connection, run_d
 
     # 12. Validly signed envelopes with fields of the wrong type or range.
     wrong_n = [
-        envelope(message_id=bytes(15)), envelope(message_id="x" * 16),
+        envelope(stream_id=bytes(7)), envelope(stream_id="x" * 8),
         envelope(publisher_id=5), envelope(publisher_id=""), envelope(publisher_id="x" * 256),
-        envelope(sequence=-1), envelope(sequence="1"), envelope(sequence=1.0),
+        envelope(first=-1), envelope(first="1"), envelope(first=1.0),
         envelope(timestamp="now"), envelope(timestamp=None), envelope(message_type=5),
         envelope(message_type="a..b"), envelope(version=-1), envelope(version=1.5),
         envelope(version=True),
     ]
-    wrong_b = [envelope(sequence=None), envelope(publisher_id=b"svc"), envelope(version="1")]
+    wrong_b = [envelope(first=None), envelope(publisher_id=b"svc"), envelope(version="1")]
     run.step("validly signed fields of the wrong type", [
         *((signed(b"notifications/attack.insider", packed(e)), "wrong_type") for e in wrong_n),
         *((signed(b"billing/attack.insider", packed(e), "kb", KB), "wrong_type")
@@ -401,16 +405,16 @@ def run_attacks(run: Campaign, proxy: ProxyProcess, conn: zbus.Connection, run_d
         ([*bill_frames, b"x"], "frame_count"),
     ])
 
-    # 15. Envelope formats other than 1, and a newer version of a registered message type.
+    # 15. Envelope formats other than 2, and a newer version of a registered message type.
     newer = zbus.MessageFactory(ring1, "svc.newer")
-    formats = [2, 0, True, 1.0, "1", None]
+    formats = [1, 0, True, 2.0, "2", None]
     run.step("unknown envelope format / newer type version", [
         *((signed(b"notifications/attack.insider", packed(envelope(format=f))),
            "unknown_version") for f in formats),
-        (signed(b"notifications/attack.insider", packed([2, 1, 2])), "unknown_version"),
+        (signed(b"notifications/attack.insider", packed([3, 1, 2])), "unknown_version"),
         *((newer.frames("notifications", "attack.typed", {"n": n}, version=2),
            "unknown_version") for n in range(4)),
-        (signed(b"billing/attack.insider", packed(envelope(format=2)), "kb", KB),
+        (signed(b"billing/attack.insider", packed(envelope(format=3)), "kb", KB),
          "unknown_version"),
     ])
 

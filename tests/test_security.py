@@ -12,6 +12,7 @@ were received and counted. That is the synchronisation used here, never a sleep.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import Counter
@@ -173,15 +174,20 @@ def consumer_core(ring: zbus.KeyRing) -> ConsumerCore:
 
 
 def forge(key_id: str, key: bytes, victim: zbus.MessageFactory, sequence: int,
-          publisher_id: str | None = None, run_id: bytes | None = None) -> list[bytes]:
-    """A message genuinely signed by ``key_id`` that claims ``victim``'s publisher id and run
-    (or the ones given) at ``sequence``: what any holder of a key can make."""
+          publisher_id: str | None = None, stream_id: bytes | None = None,
+          routing_key: str = "compute.tick") -> list[bytes]:
+    """A message genuinely signed by ``key_id`` that claims ``victim``'s publisher id and its
+    stream on ``notifications/routing_key`` (or the ones given) at ``sequence``: what any
+    holder of a key can make."""
     forger = zbus.MessageFactory(
         zbus.KeyRing({key_id: key}), publisher_id or victim.publisher_id
     )
-    forger.run_id = victim.run_id if run_id is None else run_id
-    forger._next_seq = sequence
-    return forger.frames("notifications", "compute.tick", {"forged": True})
+    forger.frames("notifications", routing_key, None)  # opens the stream's record
+    record = forger._streams[f"notifications/{routing_key}".encode()]
+    victims = victim.stream("notifications", routing_key)[0] or os.urandom(8)
+    record.stream_id = victims if stream_id is None else stream_id
+    record.next = sequence
+    return forger.frames("notifications", routing_key, {"forged": True})
 
 
 def run_identity_attack(bound: bool) -> tuple[ConsumerCore, list[zbus.Delivery]]:
@@ -254,7 +260,7 @@ def test_keys_left_out_of_publishers_stay_unbound() -> None:
     st.lists(
         st.one_of(
             st.none(),  # svc-a's next real message
-            st.tuples(  # key "b" claiming some other publisher's id, run and sequence
+            st.tuples(  # key "b" claiming some other publisher's id, stream and sequence
                 st.text("absv-.*", min_size=1, max_size=8).filter(
                     lambda pid: not pid.startswith("svc-b")
                 ),
@@ -278,8 +284,8 @@ def test_no_forgery_by_a_bound_key_disturbs_another_stream(
             assert delivery is not None and delivery.payload == {"n": delivered}
             delivered += 1
         else:
-            publisher_id, run_id, sequence = event
-            assert core.accept(forge("b", K_B, victim, sequence, publisher_id, run_id)) is None
+            publisher_id, stream_id, sequence = event
+            assert core.accept(forge("b", K_B, victim, sequence, publisher_id, stream_id)) is None
     forged = len(events) - delivered
     assert core.stats.rejected == ({"publisher_not_allowed": forged} if forged else {})
     assert core.stats.lost == 0 and core.stats.reordered == 0
@@ -500,8 +506,8 @@ def test_key_rotation_mid_stream_loses_nothing(conn: zbus.Connection, mode: str)
     assert Counter(d.key_id for d in got) == {"old": half, "new": half}
     assert [d.key_id for d in got[half - 1 : half + 1]] == ["old", "new"]
     assert sub.stats.rejected == {} and sub.stats.lost == 0
-    runs = {d.envelope.publisher_run for d in got}
-    assert len(runs) == (1 if mode == "rekey" else 2)
+    streams = {d.envelope.stream_id for d in got}
+    assert len(streams) == (1 if mode == "rekey" else 2)
     sub.close()
 
 
