@@ -46,12 +46,14 @@ def family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> l
 
 
 _CONSUMER_COUNTERS = (
-    ("received", "Three-frame messages read from the socket."),
+    ("received", "Messages read: each message of a verified envelope, one per three-frame "
+                 "envelope rejected whole."),
     ("delivered", "Messages whose handlers ran."),
     ("unmatched", "Verified messages no bound pattern matched."),
     ("handler_errors", "Handler calls that raised."),
-    ("lost", "Messages missing from publishers' sequences (gaps), net of late arrivals."),
-    ("reordered", "Messages that arrived after a later one of the same publisher run."),
+    ("lost", "Messages missing from streams (one publisher run on one topic), shown by a "
+             "later message or a beacon of the stream, net of late arrivals."),
+    ("reordered", "Messages that arrived after a later one of the same stream."),
 )
 
 
@@ -64,7 +66,8 @@ def render_consumers(consumers: Mapping[str, ConsumerStats]) -> str:
             (({"consumer": name}, getattr(stats, field)) for name, stats in consumers.items()),
         )
     out += family(
-        "zbus_consumer_rejected_total", "counter", "Messages rejected, by reason.",
+        "zbus_consumer_rejected_total", "counter",
+        "Messages rejected, by reason (an envelope rejected whole counts once).",
         (({"consumer": name, "reason": reason}, count)
          for name, stats in consumers.items() for reason, count in sorted(stats.rejected.items())),
     )
