@@ -193,16 +193,25 @@ class ConsumerLink(Generic[SocketT]):
         """Read link events, re-send an outstanding probe when due, and replace the socket
         if libzmq gave up on it. Returns True when :attr:`sock` is a new socket."""
         now = time.monotonic()
+        # Each monitor's events are in order, but not the two monitors' against each other
+        # (one may hold events older than the other's): whether both connections are up is
+        # decided once both are read. Only the consumer's own socket can come back and be
+        # lost again within one look (a new socket cut at once): that is two outages.
+        back_unseen = False  # this socket's handshake, during an outage, not acted on yet
         while self.monitor.poll(0):
             event = parse_monitor_message(self.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self._up = False
+                if back_unseen:
+                    self.stats.reconnects += 1
+                    self.stats.disconnects += 1
+                    back_unseen = False
                 self._lost(now)
                 self._abandoned_at = now + ABANDONED_AFTER
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._abandoned_at = None
                 self.connected = self._up = True
-                self._rejoin(now)
+                back_unseen = self._down_since is not None
             else:  # CONNECT_RETRIED, CONNECTED: libzmq is reconnecting by itself
                 self._abandoned_at = None
         while self._beat_monitor.poll(0):
@@ -212,7 +221,7 @@ class ConsumerLink(Generic[SocketT]):
                 self._lost(now)
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._beat_up = True
-                self._rejoin(now)
+        self._rejoin(now)
         replaced = self._abandoned_at is not None and now >= self._abandoned_at
         if replaced:
             self._replace()
@@ -221,9 +230,7 @@ class ConsumerLink(Generic[SocketT]):
         return replaced
 
     def _rejoin(self, now: float) -> None:
-        """After an outage, both connections are up: a member is back; a subscriber probes.
-        Called at each handshake, in the order of events: a connection that comes back and
-        is lost again before the next look is two outages, as it was."""
+        """After an outage, both connections are up: a member is back; a subscriber probes."""
         if self._down_since is None or self._returning or not (self._up and self._beat_up):
             return
         self._returning = True
