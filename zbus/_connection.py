@@ -146,7 +146,6 @@ class Connection:
         self._closed = False
         self._forks = _transport.forks  # the process the context and socket belong to
         self._announcer = Announcer()
-        self._held_beacons: list[list[bytes]] = []  # sent, not yet handed to the proxy
         self._since_flush = 0  # messages sent since the last confirmed flush
         self.unconfirmed_at_close = 0
         """Messages the proxy had not confirmed taking when :meth:`close` gave up (0 when
@@ -172,7 +171,6 @@ class Connection:
         self._owner = None
         self._unflushed = False
         self._since_flush = 0
-        self._held_beacons = []
         self._forks = _transport.forks
 
     @property
@@ -276,14 +274,15 @@ class Connection:
         """Leave ``beacons`` with the proxy, which publishes them again after this
         connection is gone (a subscriber still behind then learns its lost tail). A proxy
         that does not answer (hung, restarting) finds them in its run directory later."""
-        if not beacons:
-            return
-        try:
-            self.control.request("beacons", timeout, beacons=beacons)
-        except ZbusError as exc:
-            log.debug("zbus: the proxy did not take %d beacons (%s): leaving them in %s",
-                      len(beacons), exc, self.endpoints.beacons_dir)
-            leave_beacons(self.endpoints.beacons_dir, beacons)
+        for start in range(0, len(beacons), _BEACONS_PER_FILE):
+            chunk = beacons[start:start + _BEACONS_PER_FILE]
+            try:
+                self.control.request("beacons", timeout, beacons=chunk)
+            except ZbusError as exc:
+                log.debug("zbus: the proxy did not take %d beacons (%s): leaving them in %s",
+                          len(beacons) - start, exc, self.endpoints.beacons_dir)
+                leave_beacons(self.endpoints.beacons_dir, beacons[start:])
+                return
 
     def flush(self, timeout: float = 10.0) -> None:
         """Return once everything sent on this Connection has passed through the proxy.
@@ -297,27 +296,17 @@ class Connection:
         if self._push is None or not self._unflushed:
             return
         self._check_owner()
-        deadline = time.monotonic() + timeout
         # The streams' beacons go behind their messages, ahead of the probe.
-        beacons = self._announcer.all()
-        self._send_beacons(beacons)
+        self._send_beacons(self._announcer.all())
         token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
         sub = make_socket(self.ctx, zmq.SUB, self.settings, connect=self.endpoints.deliver)
         try:
             sub.subscribe(token)
             wait_for_probe(sub, self._push, token, timeout, lambda frames: None, "flush")
-        except Timeout:
-            self._held_beacons = beacons + self._held_beacons
-            raise
         finally:
             sub.close(linger=0)
         self._unflushed = False
         self._since_flush = 0
-        # Handed over only now that the messages they announce have passed the proxy, so
-        # that a beacon published again can never overtake its own messages.
-        self._hand_over(beacons + self._held_beacons,
-                        max(0.1, deadline - time.monotonic()))
-        self._held_beacons = []
 
     def exchange(self, name: str) -> Exchange:
         return Exchange(name, self)
@@ -398,14 +387,19 @@ class Connection:
         if self._push is None:
             return
         linger = self.settings.linger
-        if self._unflushed and linger > 0 and self._owner == threading.get_ident():
-            try:
-                self.flush(linger)
-            except Timeout:
+        if self._owner == threading.get_ident():
+            flushed = True
+            if self._unflushed and linger > 0:
+                try:
+                    self.flush(linger)
+                except Timeout:
+                    flushed = False
+            # Left with the proxy only now: when flushed, the messages they announce have
+            # passed it, so a beacon published again never overtakes its own messages; when
+            # not, whatever of them is lost, subscribers count exactly from these.
+            self._hand_over(self._announcer.final(), min(max(linger, 0.1), 1.0))
+            if not flushed:
                 self.unconfirmed_at_close = self._since_flush
-                # Whatever of them is lost, subscribers count it exactly: the beacons,
-                # handed to the proxy, announce every number this connection's streams took.
-                self._hand_over(self._held_beacons, min(linger, 1.0))
                 log.warning(
                     "zbus: closing a Connection to %s: %d messages sent since the last "
                     "confirmed flush were not confirmed by the proxy within linger=%gs and "

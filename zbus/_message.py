@@ -268,12 +268,20 @@ class MessageFactory:
             if now - stream.sent_at < idle:
                 continue
             del self._unannounced[topic]
-            head, key = self._signers.get(stream.exchange) or self._signer(stream.exchange)
-            envelope = self._packb(
-                [ENVELOPE_FORMAT, self.publisher_id, stream.stream_id, stream.next, []]
-            )
-            out.append([topic, envelope, head + mac(key, topic, envelope)])
+            out.append(self._beacon(stream))
         return out
+
+    def final_beacons(self) -> list[list[bytes]]:
+        """The beacon of every stream of this run, news or not: what a closing connection
+        leaves with its proxy to publish again after it is gone."""
+        return [self._beacon(stream) for stream in self._streams.values()]
+
+    def _beacon(self, stream: _Stream) -> list[bytes]:
+        head, key = self._signers.get(stream.exchange) or self._signer(stream.exchange)
+        envelope = self._packb(
+            [ENVELOPE_FORMAT, self.publisher_id, stream.stream_id, stream.next, []]
+        )
+        return [stream.topic, envelope, head + mac(key, stream.topic, envelope)]
 
     def __repr__(self) -> str:
         return f"MessageFactory(publisher_id={self.publisher_id!r}, keys={self.keys!r})"
@@ -321,3 +329,6 @@ class Announcer:
 
     def all(self) -> list[list[bytes]]:
         return [b for f in self._factories.values() for b in f.beacons()]
+
+    def final(self) -> list[list[bytes]]:
+        return [b for f in self._factories.values() for b in f.final_beacons()]

@@ -42,7 +42,7 @@ import zmq
 import zmq.asyncio
 
 from . import _transport
-from ._connection import ReceiptsReporter
+from ._connection import _BEACONS_PER_FILE, ReceiptsReporter, leave_beacons
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
@@ -171,9 +171,9 @@ class Connection:
             self._leave_parent()
         if self._push is None:
             return
-        beacons = self._announcer.all()  # behind their streams' messages, ahead of the probe
-        for beacon in beacons:
-            await self.send_frames(beacon)
+        for beacon in self._announcer.all():  # behind their messages, ahead of the probe
+            with contextlib.suppress(zmq.Again):  # never wait on a full queue for a beacon
+                await self._push.send_multipart(beacon, zmq.NOBLOCK)
         token = CONTROL_PREFIX + b"flush/" + os.urandom(8).hex().encode()
         sub = self.socket(zmq.SUB, connect=self.endpoints.deliver)
         loop = asyncio.get_running_loop()
@@ -187,7 +187,6 @@ class Connection:
                 until = loop.time() + interval
                 while (left := until - loop.time()) > 0 and await sub.poll(int(left * 1000) + 1):
                     if (await sub.recv_multipart())[0] == token:
-                        await self._hand_over(beacons)
                         return
                 if loop.time() > deadline:
                     raise Timeout(f"flush: the proxy took nothing within {timeout:g}s")
@@ -196,13 +195,15 @@ class Connection:
             sub.close(linger=0)
 
     async def _hand_over(self, beacons: list[list[bytes]]) -> None:
-        """Leave ``beacons`` with the proxy, now that their messages have passed it (as
-        :meth:`zbus.Connection.flush` does)."""
-        if beacons:
+        """Leave ``beacons`` with the proxy as :meth:`zbus.Connection.close` does (in its run
+        directory when it does not answer)."""
+        for start in range(0, len(beacons), _BEACONS_PER_FILE):
             try:
-                await self.request("beacons", 1.0, beacons=beacons)
+                await self.request("beacons", 1.0, beacons=beacons[start:start + _BEACONS_PER_FILE])
             except ZbusError as exc:
                 log.debug("zbus: the proxy did not take %d beacons: %s", len(beacons), exc)
+                leave_beacons(self.endpoints.beacons_dir, beacons[start:])
+                return
 
     async def aclose(self) -> None:
         """Flush for up to ``settings.linger`` seconds, then close; what is still queued is
@@ -214,9 +215,11 @@ class Connection:
             except Timeout:
                 log.warning(
                     "zbus: closing a Connection to %s with messages the proxy did not take "
-                    "within linger=%gs: they are dropped",
-                    self.endpoints.run_dir, self.settings.linger,
+                    "within linger=%gs: they are dropped; subscribers count those lost from "
+                    "the streams' beacons", self.endpoints.run_dir, self.settings.linger,
                 )
+        if self._push is not None and not self._closed:
+            await self._hand_over(self._announcer.final())
         self.close()
 
     def close(self) -> None:
