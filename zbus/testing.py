@@ -43,6 +43,7 @@ from ._connection import Connection, Exchange
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._errors import ConfigError, TransportError
 from ._keys import KeyRing
+from ._message import MessageFactory
 from ._names import TopicPattern, minimal_prefixes, validate_name
 from ._replay import ReplayGuard
 from ._settings import Settings
@@ -163,8 +164,20 @@ class MemoryConnection:
         for frames in batch:
             self.send_frames(frames)
 
+    def publish(self, factory: MessageFactory, frames: list[bytes]) -> None:
+        """As :meth:`zbus.Connection.publish`: on the memory bus nothing is lost, so no
+        beacon is needed; a send that fails gives the message's number back."""
+        try:
+            self.send_frames(frames)
+        except BaseException:
+            factory.withdraw()
+            raise
+
+    def publish_many(self, factory: MessageFactory, batch: list[list[bytes]]) -> None:
+        self.send_many(batch)
+
     def exchange(self, name: str) -> Exchange:
-        # Exchange only ever calls send_frames on its connection, which this provides.
+        # Exchange only calls publish and send_frames on its connection, which this provides.
         return Exchange(name, cast(Connection, self))
 
     def subscribe(self, dispatcher: Dispatcher, keys: bytes | KeyRing) -> MemoryConsumer:
