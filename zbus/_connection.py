@@ -26,7 +26,7 @@ import zmq
 
 from . import _transport
 from ._control import ControlClient, encode_request, wait_for_peers
-from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
+from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
@@ -56,6 +56,10 @@ _SNDMORE = int(zmq.SNDMORE)
 # after this many messages, whichever comes first (docs/RELIABILITY.md).
 RECEIPTS_INTERVAL = 0.5
 RECEIPTS_EVERY = 1000
+# At most this many streams' books in one report (the rest go in the next ones), and at
+# most this many reports queued at once for a final report's streams.
+RECEIPTS_STREAMS = 1000
+_FINAL_REPORTS = 4
 
 
 _FIRST = int(zmq.SNDMORE | zmq.NOBLOCK)
@@ -761,11 +765,15 @@ class ReceiptsReporter:
     """A fast-pool member's receipts reports to its proxy (docs/RELIABILITY.md), shared by
     the backends: fire-and-forget sends on a DEALER that only ever uses NOBLOCK (so an
     asyncio member can call it too), at most every ``RECEIPTS_INTERVAL`` seconds or
-    ``RECEIPTS_EVERY`` messages; the caller decides when to wait for the replies."""
+    ``RECEIPTS_EVERY`` messages; the caller decides when to wait for the replies. With a
+    ``tally``, each report also carries the books of up to ``RECEIPTS_STREAMS`` streams
+    changed since the last one (field ``streams``, always present, so the proxy knows this
+    member keeps them)."""
 
     def __init__(self, pool: str, endpoints: Endpoints, settings: Settings,
-                 ctx: zmq.Context[Any]) -> None:
+                 ctx: zmq.Context[Any], tally: StreamTally | None = None) -> None:
         self.pool = pool
+        self.tally = tally
         self.member_id = os.urandom(8).hex()
         self._endpoints = endpoints
         self._settings = settings
@@ -782,7 +790,7 @@ class ReceiptsReporter:
 
     def due_in(self, frames: int, now: float) -> float | None:
         """Seconds until a report is due (0: now) after ``frames`` read in all, or None."""
-        if frames == self._reported:
+        if frames == self._reported and not (self.tally is not None and self.tally.changed):
             return None
         if frames - self._sent >= 3 * RECEIPTS_EVERY:
             return 0.0
@@ -791,7 +799,8 @@ class ReceiptsReporter:
     def report(self, received: int, frames: int, now: float, final: bool = False) -> bool:
         """Queue one report of the cumulative ``received`` (3-frame messages) and ``frames``
         (every frame read) without waiting (False when the proxy is not taking them: the
-        next report carries the same cumulative counts)."""
+        next report carries the same cumulative counts, and the streams go again). A final
+        report sends the streams still changed first, in up to ``_FINAL_REPORTS`` reports."""
         sock = self._sock
         if sock is None:
             # REP at the other end: a DEALER speaks to it with an empty delimiter frame,
@@ -801,13 +810,25 @@ class ReceiptsReporter:
         self.read_replies()
         self._sent = frames
         self._reported_at = now
-        request = encode_request("pool_receipts", pool=self.pool, member=self.member_id,
-                                 received=received, frames=frames, final=final)
-        try:
-            sock.send_multipart([b"", request], _NOBLOCK)
-        except zmq.Again:
-            return False
-        self._unanswered += 1
+        tally = self.tally
+        reports = 1
+        if final and tally is not None:
+            reports = max(1, min(_FINAL_REPORTS, -(-tally.changed // RECEIPTS_STREAMS)))
+        for n in range(reports):
+            fields: dict[str, Any] = {}
+            if tally is not None:
+                fields["streams"] = tally.take(RECEIPTS_STREAMS)
+            # Only the last one is final: the proxy frees a member's slot on it.
+            request = encode_request("pool_receipts", pool=self.pool, member=self.member_id,
+                                     received=received, frames=frames,
+                                     final=final and n == reports - 1, **fields)
+            try:
+                sock.send_multipart([b"", request], _NOBLOCK)
+            except zmq.Again:
+                if tally is not None:
+                    tally.mark(fields["streams"])
+                return False
+            self._unanswered += 1
         self._reported = frames
         return True
 
@@ -855,8 +876,9 @@ class PoolMember(_LinkedConsumer):
         settings = connection.settings
         self.abandoned = 0
         """Messages this member had received but dropped unhandled at drain()'s deadline."""
+        self.core.tally = StreamTally()
         self._receipts = ReceiptsReporter(self.pool, connection.endpoints, settings,
-                                          connection.ctx)
+                                          connection.ctx, self.core.tally)
         self.member_id = self._receipts.member_id
         """The random id this member's receipts are reported under."""
         self._dropped = 0  # 3-frame messages read by drain() and abandoned (receipts too)
@@ -911,8 +933,14 @@ class PoolMember(_LinkedConsumer):
         take them; True when it did (the receive loop reports by itself: this is for a
         caller that needs the proxy's count current, e.g. before a planned stop)."""
         self._check_process()
-        return (self._receipts.report(self.receipts, self.frames_read, time.monotonic())
-                and self._receipts.read_replies(timeout))
+        deadline = time.monotonic() + timeout
+        reporter, tally = self._receipts, self.core.tally
+        while True:  # several reports when more streams changed than one carries
+            if not (reporter.report(self.receipts, self.frames_read, time.monotonic())
+                    and reporter.read_replies(max(0.0, deadline - time.monotonic()))):
+                return False
+            if tally is None or not tally.changed:
+                return True
 
     def drain(self, timeout: float = 10.0, *, quiet: float = 0.05) -> int:
         """Handle what this member has prefetched until the pool is quiet for ``quiet``
@@ -947,7 +975,10 @@ class PoolMember(_LinkedConsumer):
         return handled
 
     def counters(self) -> dict[str, Any]:
-        return {**super().counters(), "abandoned": self.abandoned}
+        tally = self.core.tally
+        return {**super().counters(), "abandoned": self.abandoned,
+                "streams": len(tally) if tally is not None else 0,
+                "streams_evicted": tally.evicted if tally is not None else 0}
 
     def close(self) -> None:
         if self._forks != _transport.forks:

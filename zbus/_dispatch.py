@@ -27,9 +27,10 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, TypeVar
 
 from ._envelope import Envelope, decode_batch, decode_topic, signature_key_id, verify_frames
@@ -46,6 +47,7 @@ __all__ = [
     "Delivery",
     "Dispatcher",
     "Handler",
+    "StreamTally",
 ]
 
 log = logging.getLogger("zbus")
@@ -214,6 +216,86 @@ class ConsumerStats:
 
 _U64 = struct.Struct(">Q")
 
+StreamKey = tuple[str, bytes]
+"""(publisher_id, stream_id): one stream (docs/PROTOCOL.md, section 5)."""
+
+
+class StreamTally:
+    """A fast-pool member's books per stream: how many of its messages this member read,
+    and the lowest and highest sequence it knows of (docs/RELIABILITY.md, "Fast pools: the
+    receipts"). The members of a pool together receive every message of the pool's streams
+    that was not lost, so the proxy, adding the members' tallies up, counts what was
+    dropped before hand-out, where nothing else can.
+
+    Each entry is ``[count, lowest, highest]``; a beacon (``first_sequence = n``, nothing
+    read) raises ``highest`` to ``n - 1``, and on a stream this member has not read from it
+    makes the empty range ``[0, n, n - 1]``: another member may hold the stream's messages,
+    and the beacon still tells the proxy how far the stream went. Bounded: at most ``limit``
+    streams, the least recently updated dropped (counted in :attr:`evicted`). Cumulative:
+    :meth:`take` hands out the streams changed since it was last called.
+    """
+
+    __slots__ = ("_changed", "_streams", "evicted", "limit")
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self.limit = limit
+        self.evicted = 0
+        self._streams: OrderedDict[StreamKey, list[int]] = OrderedDict()
+        self._changed: dict[StreamKey, list[int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    @property
+    def changed(self) -> int:
+        """Streams changed since they were last taken."""
+        return len(self._changed)
+
+    def add(self, publisher_id: str, stream: bytes, first: int, count: int) -> None:
+        """``count`` messages read from ``first`` on (0: a beacon for ``first - 1``)."""
+        key = (publisher_id, stream)
+        streams = self._streams
+        entry = streams.get(key)
+        last = first + count - 1
+        if entry is None:
+            entry = streams[key] = [count, first, last]
+            if len(streams) > self.limit:
+                old, _ = streams.popitem(last=False)
+                self._changed.pop(old, None)
+                self.evicted += 1
+        else:
+            streams.move_to_end(key)
+            entry[0] += count
+            if count and first < entry[1]:
+                entry[1] = first
+            if last > entry[2]:
+                entry[2] = last
+        self._changed[key] = entry
+
+    def uncount(self, publisher_id: str, stream: bytes) -> None:
+        """One message counted by :meth:`add` was a replay: this member had it already."""
+        entry = self._streams.get((publisher_id, stream))
+        if entry is not None and entry[0]:
+            entry[0] -= 1
+
+    def take(self, most: int) -> list[list[Any]]:
+        """Up to ``most`` changed streams as ``[publisher_id, stream_id, count, lowest,
+        highest]``, no longer marked changed."""
+        changed = self._changed
+        out: list[list[Any]] = []
+        for key in list(islice(changed, most)):
+            count, lowest, highest = changed.pop(key)
+            out.append([key[0], key[1], count, lowest, highest])
+        return out
+
+    def mark(self, entries: list[list[Any]]) -> None:
+        """Mark the streams of ``entries`` changed again (their report was not sent)."""
+        for entry in entries:
+            key = (entry[0], entry[1])
+            current = self._streams.get(key)
+            if current is not None:
+                self._changed[key] = current
+
 
 class ConsumerCore:
     """The I/O-free heart of every subscriber and pool member, whatever the backend.
@@ -248,6 +330,8 @@ class ConsumerCore:
         # "Fast pools: the receipts"), counted in the proxy's units.
         self.envelopes = 0
         self.odd_frames = 0
+        self.tally: StreamTally | None = None
+        """Per-stream books, kept by fast-pool members only (set by the member)."""
         self._clock = clock
         self._warned: set[str] = set()
 
@@ -301,6 +385,9 @@ class ConsumerCore:
             return
         publisher_id, stream, first, entries = batch
         guard = self._guard
+        tally = self.tally
+        if tally is not None:  # counted before judging: a rejected message was still had
+            tally.add(publisher_id, stream, first, len(entries))
         if not entries:
             stats.beacons += 1
             if self._count_gaps:
@@ -317,6 +404,8 @@ class ConsumerCore:
                 missing, late = guard.observe(publisher_id, stream, sequence)
             except ReplayError as exc:
                 self.reject(exc.reason, str(exc))
+                if tally is not None and exc.reason == "replay":
+                    tally.uncount(publisher_id, stream)  # a second copy, not a second message
                 continue
             if self._count_gaps:  # a pool member sees a share of each stream: gaps mean nothing
                 stats.lost += missing

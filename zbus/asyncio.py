@@ -44,7 +44,7 @@ import zmq.asyncio
 from . import _transport
 from ._connection import _BEACONS_PER_FILE, ReceiptsReporter, leave_beacons
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
-from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
+from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
@@ -566,8 +566,9 @@ class PoolMember(_Consumer):
         super().__init__(connection, dispatcher, keys, track_sequences=False,
                          kind=zmq.PULL, endpoint=connection.endpoints.pool(self.pool))
         # A plain socket used only with NOBLOCK: reporting never waits on the event loop.
+        tally = self.core.tally = StreamTally()
         self._receipts = ReceiptsReporter(self.pool, connection.endpoints, connection.settings,
-                                          _process_context())
+                                          _process_context(), tally)
         self.member_id = self._receipts.member_id
         self._awaited_close = False
 
@@ -605,6 +606,11 @@ class PoolMember(_Consumer):
             if deadline is not None and loop.time() >= deadline:
                 break
         return None
+
+    def counters(self) -> dict[str, Any]:
+        tally = self.core.tally
+        return {**super().counters(), "streams": len(tally) if tally is not None else 0,
+                "streams_evicted": tally.evicted if tally is not None else 0}
 
     def _read_counts(self) -> tuple[int, int]:
         """3-frame messages (envelopes), and frames of any message, read from the pool
