@@ -17,7 +17,7 @@ import logging
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import msgpack
 import zmq
@@ -27,7 +27,7 @@ from zbus._transport import make_socket
 
 from ._beacons import BeaconStore
 from ._federation import PROBE_PREFIX
-from ._members import FRAMES_PER_MESSAGE
+from ._members import FRAMES_PER_MESSAGE, MAX_FRAMES, MAX_SPAN
 
 if TYPE_CHECKING:
     from ._proxy import Proxy
@@ -40,6 +40,51 @@ CONTROL_OPS = ("ping", "stats", "pools", "declare_pool", "declare_reliable_pool"
                "dead_letters", "reflect", "pool_receipts", "beacons")
 """Every op the local control socket serves (named in the unknown-op error)."""
 _RELIABLE_FIELDS = {"op", "name", "bindings", "ack_timeout", "max_attempts"}
+MAX_REPORT_STREAMS = 1000
+"""Streams one ``pool_receipts`` report may carry (a member sends the rest next time)."""
+_MAX_SEQUENCE = 2**64 - 1
+_STREAM_ENTRY = ("pool_receipts: streams must be a list of at most "
+                 f"{MAX_REPORT_STREAMS} [publisher_id, stream_id, count, lowest, highest]")
+
+
+def _is_int(value: Any) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_streams(streams: Any) -> list[list[Any]]:
+    """A report's ``streams`` field, every entry type- and range-checked (docs/PROTOCOL.md,
+    section 8, "Pool receipts"); ConfigError saying what is wrong."""
+    if not isinstance(streams, list):
+        raise ConfigError(_STREAM_ENTRY)
+    if len(streams) > MAX_REPORT_STREAMS:
+        raise ConfigError(f"pool_receipts: at most {MAX_REPORT_STREAMS} streams per report, "
+                          f"not {len(streams)} (send the rest in the next report)")
+    for entry in streams:
+        if not isinstance(entry, list) or len(entry) != 5:
+            raise ConfigError(_STREAM_ENTRY)
+        publisher_id, stream_id, count, lowest, highest = entry
+        if not isinstance(publisher_id, str) or not 0 < len(publisher_id) <= 255:
+            raise ConfigError("pool_receipts: a stream's publisher_id is a string of 1 to "
+                              "255 characters")
+        if not isinstance(stream_id, bytes) or len(stream_id) != 8:
+            raise ConfigError("pool_receipts: a stream's stream_id is 8 bytes (msgpack bin)")
+        if not _is_int(count) or count < 0:
+            raise ConfigError("pool_receipts: a stream's count is an integer >= 0")
+        if not _is_int(lowest) or not 1 <= lowest <= _MAX_SEQUENCE:
+            raise ConfigError("pool_receipts: a stream's lowest is a sequence, 1 to 2^64-1")
+        if not _is_int(highest) or not 0 <= highest <= _MAX_SEQUENCE:
+            raise ConfigError("pool_receipts: a stream's highest is 0 to 2^64-1")
+        if lowest > highest + 1:
+            raise ConfigError("pool_receipts: a stream's lowest is at most highest + 1 "
+                              "(equal to it when only a beacon was read)")
+        span = highest - lowest + 1
+        if span > MAX_SPAN:
+            raise ConfigError(f"pool_receipts: a stream's span (highest - lowest + 1) is at "
+                              f"most {MAX_SPAN}")
+        if count > span:
+            raise ConfigError("pool_receipts: a stream's count is at most its span, "
+                              "highest - lowest + 1")
+    return streams
 
 
 class ControlServer:
@@ -103,7 +148,7 @@ class ControlServer:
                     else:
                         reply = {"ok": False, "error": f"a control request is one frame, "
                                                        f"not {len(frames)}"}
-                    sock.send(msgpack.packb(reply))
+                    sock.send(self._encode(reply))
                 except zmq.ZMQError:
                     # Peer gone mid-request (REP drops the reply itself): keep serving.
                     log.debug("control socket error", exc_info=True)
@@ -112,6 +157,17 @@ class ControlServer:
                 reader.close(linger=0)
             sock.close(linger=0)
             again.close(linger=0)
+
+    @staticmethod
+    def _encode(reply: dict[str, Any]) -> bytes:
+        """``reply`` as msgpack; a reply that does not encode (a number beyond 64 bits)
+        becomes an error reply, never an exception out of this thread."""
+        try:
+            return bytes(msgpack.packb(reply))
+        except (OverflowError, ValueError, TypeError) as exc:
+            log.exception("control reply did not encode")
+            return bytes(msgpack.packb({"ok": False, "error": f"internal error: the reply "
+                                                              f"did not encode ({exc})"}))
 
     def _publish_beacons(self, again: zmq.Socket[Any]) -> None:
         now = time.monotonic()
@@ -196,19 +252,33 @@ class ControlServer:
     def _pool_receipts(self, request: dict[str, Any]) -> None:
         """A fast-pool member's report: the cumulative counts of messages (``received``) and
         frames (``frames``, optional: 3 per message if absent) it read from the pool socket,
-        under its random ``member`` id; ``final`` when it closes."""
-        pool, member = request.get("pool"), request.get("member")
-        received, final = request.get("received"), request.get("final", False)
-        if not isinstance(member, str) or not 0 < len(member) <= 64:
-            raise ConfigError("pool_receipts: member must be a string of 1 to 64 characters")
-        if isinstance(received, bool) or not isinstance(received, int) or received < 0:
-            raise ConfigError("pool_receipts: received must be an integer >= 0")
-        frames = request.get("frames", received * FRAMES_PER_MESSAGE)
-        if (isinstance(frames, bool) or not isinstance(frames, int)
-                or frames < received * FRAMES_PER_MESSAGE):
-            raise ConfigError("pool_receipts: frames must be an integer >= 3 * received")
-        if not isinstance(final, bool):
-            raise ConfigError("pool_receipts: final must be true or false")
-        if pool not in self._proxy.pools:
-            raise ConfigError(f"pool_receipts: no fast pool {pool!r}")
-        self._proxy._pool_members.record(pool, member, received, frames, final)
+        under its random ``member`` id; ``final`` when it closes; ``streams`` (optional),
+        its books of the streams that changed. Every field is checked before anything is
+        taken; a refused report is counted (per pool when it names one)."""
+        members = self._proxy._pool_members
+        pool = request.get("pool")
+        known = pool if isinstance(pool, str) and pool in self._proxy.pools else None
+        try:
+            if known is None:
+                raise ConfigError(f"pool_receipts: no fast pool {pool!r}")
+            member = request.get("member")
+            received, final = request.get("received"), request.get("final", False)
+            if not isinstance(member, str) or not 0 < len(member) <= 64:
+                raise ConfigError(
+                    "pool_receipts: member must be a string of 1 to 64 characters")
+            if not _is_int(received) or not 0 <= received <= MAX_FRAMES // FRAMES_PER_MESSAGE:
+                raise ConfigError(f"pool_receipts: received must be an integer >= 0 and "
+                                  f"<= {MAX_FRAMES // FRAMES_PER_MESSAGE}")
+            frames = request.get("frames", received * FRAMES_PER_MESSAGE)
+            if not _is_int(frames) or not received * FRAMES_PER_MESSAGE <= frames <= MAX_FRAMES:
+                raise ConfigError(f"pool_receipts: frames must be an integer >= 3 * received "
+                                  f"and <= {MAX_FRAMES}")
+            if not isinstance(final, bool):
+                raise ConfigError("pool_receipts: final must be true or false")
+            streams = request.get("streams")
+            if streams is not None:
+                streams = check_streams(streams)
+            members.record(known, member, received, frames, final, streams)
+        except ConfigError:
+            members.refused(known)
+            raise

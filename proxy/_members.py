@@ -5,6 +5,11 @@ members lost (a disconnect without a goodbye) and closed; and the cumulative cou
 report having read. ``unaccounted`` in the stats is the frames the pool handed out minus the
 frames reported, from counters only: no Python on the message path.
 
+And the pool's books per stream (``StreamBooks``): the members of a pool together receive
+every message of the pool's streams that was not lost, so the messages of a stream's span
+that no member reports having read were lost before hand-out (the origin PUB drops at its
+high-water mark, where libzmq's C loop counts nothing) or with a member: ``lost``.
+
 Locking: the data is guarded by the proxy's state lock (``Proxy._state``), which the
 federation shares: it reads ``counts`` under it, in the same critical section as its own
 state. A monitor's reading socket passes from the pool's device thread, which creates it, to
@@ -17,6 +22,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
@@ -25,7 +31,8 @@ import zmq.utils.monitor
 
 from zbus import ConfigError
 
-__all__ = ["FRAMES_PER_MESSAGE", "MAX_REPORTERS", "PoolMembers"]
+__all__ = ["FRAMES_PER_MESSAGE", "MAX_FRAMES", "MAX_REPORTERS", "MAX_SPAN", "MAX_STREAMS",
+           "MAX_STREAM_ENTRIES", "PoolMembers", "StreamBooks"]
 
 log = logging.getLogger("zbus.proxy")
 
@@ -33,10 +40,118 @@ FRAMES_PER_MESSAGE = 3
 MAX_REPORTERS = 10_000
 """Member ids whose receipts one fast pool keeps (a member's final report frees its slot);
 reports from further ids are refused and counted, so ``unaccounted`` can only over-state."""
+MAX_FRAMES = 2**49
+"""The largest cumulative ``frames`` a report may claim (so ``received`` is below 2^48):
+far beyond any member's life, and small enough that the sums over 10,000 members still fit
+the stats reply's 64-bit integers."""
+MAX_STREAMS = 10_000
+"""Streams one fast pool keeps books for; the least recently reported beyond it are
+dropped and counted (``streams_evicted``)."""
+MAX_STREAM_ENTRIES = 200_000
+"""Members' counts one fast pool keeps over all its streams (a member's go when it closes);
+beyond it, least recently reported streams are dropped too."""
+MAX_SPAN = 2**48
+"""The most sequences one stream's books may span (lowest to highest, over all members):
+2.8e14 messages, a million a second for nine years; so ``lost`` over 10,000 streams fits
+the stats reply's integers. A report that would pass it is refused."""
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 # What a pool's member monitor reads (see PoolMembers.event).
 _MEMBER_EVENTS = zmq.EVENT_ACCEPTED | _HANDSHAKE_FAILED | zmq.EVENT_DISCONNECTED
+
+
+class _Stream:
+    """One stream's books in a fast pool: the lowest and highest sequence any member
+    reported, each member's last cumulative count, their sum, and what of the span no
+    member had (``lost``, never below 0)."""
+
+    __slots__ = ("highest", "lost", "lowest", "members", "total")
+
+    def __init__(self, lowest: int, highest: int) -> None:
+        self.lowest = lowest
+        self.highest = highest
+        self.total = 0
+        self.lost = 0
+        self.members: dict[str, int] = {}
+
+
+class StreamBooks:
+    """A fast pool's books per stream (publisher_id, stream_id), from its members' reports.
+
+    ``lost`` is the sum over streams of ``highest - lowest + 1 - sum of members' counts``:
+    the messages of the span that no member reports having read. Kept up to date at each
+    report, so the stats read one number. Bounded by ``MAX_STREAMS`` and
+    ``MAX_STREAM_ENTRIES``, least recently reported stream first (``evicted``); a member's
+    counts are folded into the totals when it closes."""
+
+    __slots__ = ("entries", "evicted", "legacy", "legacy_closed", "lost", "streams")
+
+    def __init__(self) -> None:
+        self.streams: OrderedDict[tuple[str, bytes], _Stream] = OrderedDict()
+        self.entries = 0  # members' counts held, over all streams
+        self.lost = 0
+        self.evicted = 0
+        # Live member ids that report no books (an older zbus), and how many such closed:
+        # their share of a stream is in no book, so ``lost`` cannot be told.
+        self.legacy: set[str] = set()
+        self.legacy_closed = 0
+
+    def check(self, entries: list[list[Any]]) -> None:
+        """ConfigError when ``entries`` (each already checked alone) would make a stream
+        span more than ``MAX_SPAN`` sequences with the books already kept."""
+        for publisher_id, stream_id, _, lowest, highest in entries:
+            known = self.streams.get((publisher_id, stream_id))
+            if known is not None:
+                lowest, highest = min(lowest, known.lowest), max(highest, known.highest)
+            if highest - lowest + 1 > MAX_SPAN:
+                raise ConfigError(
+                    f"pool_receipts: stream {publisher_id!r}/{stream_id.hex()} would span "
+                    f"{lowest}..{highest}, more than {MAX_SPAN} sequences: a stream's "
+                    f"sequences are consecutive from 1 (docs/PROTOCOL.md, section 5)")
+
+    def add(self, member: str, entries: list[list[Any]]) -> None:
+        """Take ``member``'s cumulative counts (passed :meth:`check`)."""
+        streams = self.streams
+        for publisher_id, stream_id, count, lowest, highest in entries:
+            key = (publisher_id, stream_id)
+            book = streams.get(key)
+            if book is None:
+                book = streams[key] = _Stream(lowest, highest)
+            else:
+                streams.move_to_end(key)
+                book.lowest = min(book.lowest, lowest)
+                book.highest = max(book.highest, highest)
+            before = book.members.get(member)
+            if before is None:
+                self.entries += 1
+                before = 0
+            elif count < before:
+                # Counts only grow, unless the member dropped the stream from its own books
+                # (beyond its bound) and began it again: what it counts now is all new.
+                before = 0
+            book.total += count - before
+            book.members[member] = count
+            lost = max(0, book.highest - book.lowest + 1 - book.total)
+            self.lost += lost - book.lost
+            book.lost = lost
+        while len(streams) > MAX_STREAMS or self.entries > MAX_STREAM_ENTRIES:
+            _, book = streams.popitem(last=False)
+            self.entries -= len(book.members)
+            self.lost -= book.lost
+            self.evicted += 1
+
+    def close(self, member: str) -> None:
+        """``member`` said goodbye: its counts stay in the totals, its entries go."""
+        if member in self.legacy:
+            self.legacy.discard(member)
+            self.legacy_closed += 1
+        for book in self.streams.values():
+            if book.members.pop(member, None) is not None:
+                self.entries -= 1
+
+    @property
+    def legacy_members(self) -> int:
+        return len(self.legacy) + self.legacy_closed
 
 
 class PoolMembers:
@@ -61,6 +176,8 @@ class PoolMembers:
         # (garbage or a wrong socket type on the pool socket: never a member, never lost).
         self._not_members: dict[str, int] = {}
         self._receipts_refused: dict[str, int] = {}
+        self.receipts_refused = 0  # every refused report, a pool's or not
+        self._books: dict[str, StreamBooks] = {}
         self._monitor_inbox: queue.SimpleQueue[tuple[str, zmq.Socket[Any]]] = queue.SimpleQueue()
 
     def watch(self, ctx: zmq.Context[Any], name: str, push: zmq.Socket[Any],
@@ -120,32 +237,51 @@ class PoolMembers:
             self.counts[pool] = count
         log.debug("pool members", extra={"pool": pool, "members": count})
 
-    def record(self, pool: str, member: str, received: int, frames: int, final: bool) -> None:
-        """Take one (checked) report of ``member`` of fast pool ``pool``; ConfigError when the
-        pool already tracks MAX_REPORTERS other members."""
+    def refused(self, pool: str | None) -> None:
+        """Count one refused report (``pool``: the fast pool it named, if there is one)."""
+        with self._state:
+            self.receipts_refused += 1
+            if pool is not None:
+                self._receipts_refused[pool] = self._receipts_refused.get(pool, 0) + 1
+
+    def record(self, pool: str, member: str, received: int, frames: int, final: bool,
+               streams: list[list[Any]] | None = None) -> None:
+        """Take one (checked) report of ``member`` of fast pool ``pool``, with its books of
+        the ``streams`` that changed (None: a member that keeps none); ConfigError, and
+        nothing taken, when the pool already tracks MAX_REPORTERS other members or a
+        stream's books would pass their bound. The caller counts refusals."""
         with self._state:
             live = self._receipts.setdefault(pool, {})
             if member not in live and len(live) >= MAX_REPORTERS:
-                self._receipts_refused[pool] = self._receipts_refused.get(pool, 0) + 1
                 raise ConfigError(f"pool_receipts: pool {pool!r} already tracks "
                                   f"{MAX_REPORTERS} members")
+            books = self._books.setdefault(pool, StreamBooks())
+            if streams:
+                books.check(streams)
             # Cumulative and sent in order on one socket: never let a late one go backwards.
             before = live.get(member, (0, 0))
             counts = (max(received, before[0]), max(frames, before[1]))
+            if streams is None:
+                books.legacy.add(member)
+            elif streams:
+                books.add(member, streams)
             if final:
                 live.pop(member, None)
+                books.close(member)
                 closed = self._receipts_closed.get(pool, (0, 0))
                 self._receipts_closed[pool] = (closed[0] + counts[0], closed[1] + counts[1])
                 self._members_closed[pool] = self._members_closed.get(pool, 0) + 1
             else:
                 live[member] = counts
 
-    def stats(self, pools: Iterable[str],
-              devices: dict[str, dict[str, int]]) -> dict[str, dict[str, Any]]:
+    def stats(self, pools: Iterable[str], devices: dict[str, dict[str, int]],
+              federated: bool = False) -> dict[str, dict[str, Any]]:
         """Per fast pool, the receipts accounting (docs/RELIABILITY.md, "Fast pools: the
         receipts"): ``unaccounted`` is the frames handed out minus the frames reported, in
         messages, from counters only (the device loop's STATISTICS and the members' reports;
-        no Python on the message path)."""
+        no Python on the message path); ``lost``, from the books per stream, is None with
+        ``federated`` (each host hears only its own members, so its books would show the
+        other hosts' shares as loss) or when a member keeps no books."""
         out: dict[str, dict[str, Any]] = {}
         for name in pools:
             frames = devices.get(f"pool-{name}-deliver", {}).get("backend_frames_out")
@@ -163,6 +299,15 @@ class PoolMembers:
                     "refused_reports": self._receipts_refused.get(name, 0),
                     "reported": reported,
                 }
+                books = self._books.get(name)
+                if books is None:
+                    entry.update(lost=None if federated else 0, streams=0, streams_evicted=0,
+                                 members_without_streams=0)
+                else:
+                    legacy = books.legacy_members
+                    entry.update(lost=None if federated or legacy else books.lost,
+                                 streams=len(books.streams), streams_evicted=books.evicted,
+                                 members_without_streams=legacy)
             if frames is None:  # the device did not answer: no number rather than a wrong one
                 entry.update(handed_out=None, unaccounted=None)
             else:

@@ -493,7 +493,9 @@ class Proxy:
             # A forwarding loop that failed (libzmq error) and was started again: should stay 0.
             "device_restarts": {name: d.restarts for name, d in list(self._devices.items())},
             "pools": self.pools,
-            "fast_pools": self._pool_members.stats(self.pools, devices),
+            "fast_pools": self._pool_members.stats(self.pools, devices,
+                                                   federated=self._federation is not None),
+            "pool_receipts_refused": self._pool_members.receipts_refused,
             "pool_startup_drops": self.pool_startup_drops,
             "reliable_pools": self._reliable_stats(),
             "beacons": self._control.beacon_stats(),
