@@ -230,6 +230,7 @@ def test_fast_pool_loss_on_a_sigkilled_member_is_counted(
     assert fast["handed_out"] == COUNT  # every message went to a member's pipe
     assert fast["reported"] == len(handled)  # every receipt of A's (300) and B's
     assert fast["unaccounted"] == lost  # the loss, counted by the proxy
+    assert fast["lost"] == lost  # and by the pool's books per stream
     assert fast["members_lost"] == 2 and fast["reporting"] == 1  # A's last report stays
     assert fast["refused_reports"] == 0
     print(f"\nFAULT | fast pool member SIGKILL | sent {COUNT} | delivered {len(seqs)} | "
@@ -436,7 +437,8 @@ def test_fast_pool_receipts_balance_after_a_drain(
         wait_for(lambda: fast_pool_stats(run_dir, "fast")["members"] == 0, 5, "the disconnect")
         assert fast_pool_stats(run_dir, "fast") == {
             "members": 0, "members_lost": 1, "members_closed": 1, "reporting": 0,
-            "refused_reports": 0, "reported": 20, "handed_out": 20, "unaccounted": 0}
+            "refused_reports": 0, "reported": 20, "handed_out": 20, "unaccounted": 0,
+            "lost": 0, "streams": 1, "streams_evicted": 0, "members_without_streams": 0}
         for fields, why in (({"pool": "nope", "member": "m", "received": 1}, "no fast pool"),
                             ({"pool": "fast", "member": "", "received": 1}, "member must"),
                             ({"pool": "fast", "member": "m", "received": -1}, "received must"),
