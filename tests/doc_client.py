@@ -188,7 +188,7 @@ class DocClient:
     def close(self) -> None:
         if self.push is not None:
             self.push.close()
-        self.ctx.term()
+        self.ctx.destroy(linger=0)  # whatever a failed test left open must not hang it
 
 
 class DocSubscriber:
@@ -255,7 +255,7 @@ class DocSubscriber:
 
 
 class DocPoolMember:
-    """A fast-pool member (section 8, "Pools" and "Pool receipts")."""
+    """A fast-pool member (section 8, "Pools", "Pool receipts" and "Stream books")."""
 
     def __init__(self, client: DocClient, pool: str, bindings: list[str],
                  prefixes: list[bytes]) -> None:
@@ -276,10 +276,34 @@ class DocPoolMember:
         self.frames = 0  # frames of any message read
         self.payloads: list[Any] = []
         self.reported_at = time.monotonic()
+        # (publisher_id, stream_id) -> [count, lowest, highest]; and those changed since
+        # the last report.
+        self.books: dict[tuple[str, bytes], list[int]] = {}
+        self.changed: dict[tuple[str, bytes], None] = {}
+
+    def keep_books(self, publisher_id: str, stream_id: bytes, first: int, n: int) -> None:
+        key = (publisher_id, stream_id)
+        book = self.books.get(key)
+        if book is None:  # a beacon (n = 0) makes [0, first, first - 1]
+            self.books[key] = [n, first, first + n - 1]
+        else:
+            book[0] += n
+            if n and first < book[1]:
+                book[1] = first
+            book[2] = max(book[2], first + n - 1)
+        self.changed[key] = None
 
     def report(self, final: bool = False) -> None:
-        self.client.request(op="pool_receipts", pool=self.pool, member=self.member_id,
-                            received=self.received, frames=self.frames, final=final)
+        while True:  # at most 1,000 streams a report; the last report carries `final`
+            keys = list(self.changed)[:1000]
+            for key in keys:
+                del self.changed[key]
+            streams = [[*key, *self.books[key]] for key in keys]
+            self.client.request(op="pool_receipts", pool=self.pool, member=self.member_id,
+                                received=self.received, frames=self.frames,
+                                final=final and not self.changed, streams=streams)
+            if not self.changed:
+                break
         self.reported_at = time.monotonic()
 
     def read(self, idle: float = 0.5) -> None:
@@ -292,6 +316,7 @@ class DocPoolMember:
                 topic, fields = open_envelope(self.client.ring, frames)
             except RejectedError:
                 continue
+            self.keep_books(fields[1], fields[2], fields[3], len(fields[4]))
             if topic.encode().startswith(tuple(self.prefixes)):
                 self.payloads.extend(m[3] for m in fields[4])
             if self.received % 1000 == 0 or time.monotonic() - self.reported_at > 0.5:
