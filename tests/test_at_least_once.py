@@ -583,3 +583,43 @@ def test_a_redelivery_far_behind_its_stream_is_handled_not_rejected(
     finally:
         member.close()
         conn.close()
+
+
+def test_a_batch_is_acked_once_all_its_messages_are_handled(
+    proxy_process: ProxyProcess, run_dir: Path, key: bytes
+) -> None:
+    """One envelope carrying a batch is one delivery of the pool: the member hands out each
+    message, and acks the delivery once the last is done; a handler failing on one of them
+    hands the whole envelope back, and what already ran is not run again."""
+    conn = zbus.Connection(run_dir)
+    handled: list[int] = []
+    failed_once: set[int] = set()
+
+    def handle(delivery: zbus.Delivery) -> None:
+        n = delivery.payload
+        if n == 3 and n not in failed_once:
+            failed_once.add(n)
+            raise RuntimeError("fails the first time")
+        handled.append(n)
+
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind("notifications", "compute.#", handle)
+    member = conn.join_reliable_pool("batches", dispatcher, key, window=5)
+    try:
+        member.ready()
+        factory = zbus.MessageFactory(key, "svc")
+        conn.send_frames(factory.batch("notifications", "compute.tick", [1, 2, 3, 4]))
+        conn.send_frames(factory.frames("notifications", "compute.tick", 5))
+        deadline = time.monotonic() + 10
+        while sorted(set(handled)) != [1, 2, 3, 4, 5] and time.monotonic() < deadline:
+            member.process(0.1)
+        assert sorted(handled) == [1, 2, 3, 4, 5]  # each once: 1 and 2 were not run again
+        stats = conn.proxy_stats()["reliable_pools"]["batches"]
+        while (stats["in_flight"] or stats["queued"]) and time.monotonic() < deadline:
+            member.process(0.1)
+            stats = conn.proxy_stats()["reliable_pools"]["batches"]
+        assert (stats["accepted"], stats["acked"], stats["redelivered"]) == (2, 2, 1), stats
+        assert member.reliable.nacked == 1 and member.reliable.duplicates == 2
+    finally:
+        member.close()
+        conn.close()

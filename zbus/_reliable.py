@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import struct
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -90,13 +90,13 @@ class _PoolGuard(ReplayGuard):
     def __init__(self, member: ReliableMember) -> None:
         super().__init__(member.connection.settings.replay)
         self.member = member
-        self.duplicate: bytes | None = None
-        self.redelivery = False  # the message being judged came with attempt > 1
+        self.duplicates: list[bytes] = []  # ids judged duplicates in the envelope at hand
+        self.redelivery = False  # the envelope being judged came with attempt > 1
 
     def observe(self, publisher_id: str, stream: bytes, sequence: int) -> tuple[int, bool]:
         mid = stream + _U64.pack(sequence)
         if mid in self.member._dedup or mid in self.member._ids:
-            self.duplicate = mid
+            self.duplicates.append(mid)
             raise _DuplicateError(
                 f"message {sequence} of {publisher_id!r} again", reason="duplicate"
             )
@@ -143,6 +143,10 @@ class ReliableMember(_LinkedConsumer):
         self._dedup: OrderedDict[bytes, None] = OrderedDict()
         self._dedup_size = dedup_size
         self._ids: dict[bytes, int] = {}  # message id -> delivery id, for deliveries handed out
+        # Per delivery id (one envelope: one message, or a batch of one stream's): the ids of
+        # its messages not acked yet. Its ACK goes when the last of them is done.
+        self._open: dict[int, set[bytes]] = {}
+        self._ready: deque[Delivery] = deque()  # a batch's messages still to hand out
         self._retry: set[bytes] = set()  # message ids NACKed, allowed through the guard once
         self._run: bytes | None = None
         self._ping_every = connection.settings.heartbeat_ivl
@@ -218,6 +222,8 @@ class ReliableMember(_LinkedConsumer):
         Rejected or unmatched messages are acknowledged here (redelivering bad input helps
         nobody) and counted; duplicates are acknowledged and counted, never returned.
         """
+        if self._ready:
+            return self._ready.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = time.monotonic()
@@ -238,50 +244,81 @@ class ReliableMember(_LinkedConsumer):
                 return delivery
 
     def _accept(self, i: int, attempt: int, frames: list[bytes]) -> Delivery | None:
+        """Take delivery ``i`` (one envelope); return its first new message, the rest of a
+        batch wait in ``_ready``. Its ACK goes once every message in it is done."""
         if attempt > 1:
             self.reliable.redelivered += 1
-        self._guard.duplicate = None
-        self._guard.redelivery = attempt > 1
-        delivery = self.core.accept(frames)
-        mid = self._guard.duplicate
-        if mid is not None:
+        guard = self._guard
+        guard.duplicates.clear()
+        guard.redelivery = attempt > 1
+        self.core.feed(frames)
+        held: set[bytes] = set()
+        for mid in guard.duplicates:
             # Not a rejection: undo the guard's count, count it where it belongs.
             rejected = self.stats.rejected
             rejected["duplicate"] -= 1
             if not rejected["duplicate"]:
                 del rejected["duplicate"]
             self.reliable.duplicates += 1
-            if mid in self._ids:
+            old = self._ids.get(mid)
+            if old is not None:
                 # Redelivered while we still hold the first copy (its ack timed out): the
                 # pool now waits for the new id; the old one's ack becomes a late ack.
                 self._ids[mid] = i
-                return None
-        if delivery is None:
-            # Bad input or a duplicate: acknowledged, so that it is not sent again.
+                self._open.get(old, set()).discard(mid)
+                held.add(mid)
+        new = []
+        while (delivery := self.core.next_ready()) is not None:
+            mid = delivery.envelope.message_id
+            self._ids[mid] = i
+            held.add(mid)
+            new.append(delivery)
+        if not held:
+            # Bad input, or only duplicates already handled: acknowledged, so that it is
+            # not sent again.
             self._send(b"ACK", _U64.pack(i))
             self.reliable.acked += 1
             return None
-        self._ids[delivery.envelope.message_id] = i
-        return delivery
+        self._open[i] = held
+        self._ready.extend(new[1:])
+        return new[0] if new else None
 
     def ack(self, delivery: Delivery) -> None:
-        """The handlers of ``delivery`` are done: the pool may forget it."""
+        """The handlers of ``delivery`` are done: the pool may forget it (once the other
+        messages of its envelope, if it came in a batch, are done too)."""
         mid = delivery.envelope.message_id
         i = self._ids.pop(mid, None)
         self._remember(mid)
-        if i is not None:
-            self._send(b"ACK", _U64.pack(i))
-            self.reliable.acked += 1
+        if i is None:
+            return
+        waiting = self._open.get(i)
+        if waiting is not None:
+            waiting.discard(mid)
+            if waiting:
+                return
+            del self._open[i]
+        self._send(b"ACK", _U64.pack(i))
+        self.reliable.acked += 1
 
     def nack(self, delivery: Delivery) -> None:
-        """Hand ``delivery`` back for another attempt (dead-lettered after the pool's limit)."""
+        """Hand ``delivery`` back for another attempt (dead-lettered after the pool's limit).
+
+        The pool redelivers whole envelopes: a batch comes back whole, and its messages this
+        member already handled are acked as duplicates without running again."""
         mid = delivery.envelope.message_id
         i = self._ids.pop(mid, None)
-        if i is not None:
-            if len(self._retry) < self._dedup_size:  # bounded like the dedup set
-                self._retry.add(mid)
-            self._send(b"NACK", _U64.pack(i))
-            self.reliable.nacked += 1
+        if i is None:
+            return
+        if len(self._retry) < self._dedup_size:  # bounded like the dedup set
+            self._retry.add(mid)
+        for other in self._open.pop(i, set()) - {mid}:
+            # Not handled yet: they come back with the envelope, and run then.
+            self._ids.pop(other, None)
+            if len(self._retry) < self._dedup_size:
+                self._retry.add(other)
+        self._ready = deque(d for d in self._ready if d.envelope.message_id in self._ids)
+        self._send(b"NACK", _U64.pack(i))
+        self.reliable.nacked += 1
 
     def _remember(self, mid: bytes) -> None:
         self._dedup[mid] = None
@@ -329,6 +366,9 @@ class ReliableMember(_LinkedConsumer):
                 got = self._handle_control(frames)
                 if got is not None and (delivery := self._accept(*got)) is not None:
                     self._handle(delivery)
+                    handled += 1
+                while self._ready:  # the rest of a batch
+                    self._handle(self._ready.popleft())
                     handled += 1
         finally:
             self.close()
