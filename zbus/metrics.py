@@ -54,6 +54,7 @@ _CONSUMER_COUNTERS = (
     ("lost", "Messages missing from streams (one publisher run on one topic), shown by a "
              "later message or a beacon of the stream, net of late arrivals."),
     ("reordered", "Messages that arrived after a later one of the same stream."),
+    ("beacons", "Streams' signed 'sent up to N' announcements read."),
 )
 
 
