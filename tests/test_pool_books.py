@@ -203,6 +203,37 @@ def test_nothing_lost_is_zero_over_many_streams(
             member.close()
 
 
+def test_the_books_are_whole_again_after_a_proxy_restart(
+    proxy_process: ProxyProcess, run_dir: Path, key: bytes
+) -> None:
+    """A restarted proxy has forgotten the books, and a member reports only the streams it
+    read since: so once back, every member sends all its books again. Else the one member
+    that reads the stream's next message would report it alone, and the other's share
+    would show as lost."""
+    numbers: list[int] = []
+    with zbus.Connection(run_dir) as conn:
+        members = [conn.join_pool(POOL, collecting(numbers), key) for _ in range(2)]
+        for member in members:
+            member.ready()
+        factory = zbus.MessageFactory(key, "pub1")
+        with zbus.Connection(run_dir) as pub:
+            publish(pub, factory, range(100))
+        read_until(members, numbers, lambda: len(numbers) == 100)
+        assert all(m.report_receipts(5) for m in members)
+        assert all(m.receipts for m in members)  # both took a share
+        proxy_process.stop()
+        proxy_process.start()
+        read_until(members, numbers, lambda: all(m.link.reconnects and m.live for m in members))
+        with zbus.Connection(run_dir) as pub:
+            end = publish_until_read(pub, factory, members, numbers, 100)
+        assert all(m.report_receipts(5) for m in members)
+        missing = set(range(end)) - set(numbers)
+        pool = fast_pool(conn)
+        assert pool["lost"] == len(missing) == 0, pool
+        for member in members:
+            member.close()
+
+
 def control(run_dir: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """One raw request on the proxy's control socket (a fresh REQ each time)."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
@@ -364,6 +395,8 @@ def test_a_member_tally_reads_beacons_replays_and_keeps_its_bound() -> None:
     tally.add("p", b"s3", 1, 1)  # s1 is the least recently updated: dropped
     assert len(tally) == 2 and tally.evicted == 1
     assert tally.take(10) == [["p", b"s2", 1, 1, 1], ["p", b"s3", 1, 1, 1]]
+    tally.mark_all()  # after a proxy restart: all of them again
+    assert tally.changed == 2
 
 
 def book(members: PoolMembers, federated: bool = False) -> dict[str, Any]:

@@ -783,10 +783,21 @@ class ReceiptsReporter:
         self._sent = 0  # frames in the last report tried
         self._reported = 0  # frames in the last report queued
         self._reported_at = time.monotonic()
+        self._reconnects = 0  # the member link's count when the books last all went
 
     @property
     def started(self) -> bool:
         return self._sock is not None
+
+    def after_outage(self, reconnects: int) -> None:
+        """Called with the member link's ``reconnects`` before each look at :meth:`due_in`:
+        after the proxy came back (perhaps restarted, its books forgotten), every stream's
+        books go again, or another member's fresh report would make this one's share of
+        a stream look lost."""
+        if reconnects != self._reconnects:
+            self._reconnects = reconnects
+            if self.tally is not None:
+                self.tally.mark_all()
 
     def due_in(self, frames: int, now: float) -> float | None:
         """Seconds until a report is due (0: now) after ``frames`` read in all, or None."""
@@ -917,6 +928,7 @@ class PoolMember(_LinkedConsumer):
             now = time.monotonic()
             wait = None if deadline is None else max(0.0, deadline - now)
             frames = self.frames_read
+            self._receipts.after_outage(self.link.reconnects)
             due = self._receipts.due_in(frames, now)
             if due == 0:
                 self._receipts.report(self.receipts, frames, now)
@@ -935,6 +947,7 @@ class PoolMember(_LinkedConsumer):
         self._check_process()
         deadline = time.monotonic() + timeout
         reporter, tally = self._receipts, self.core.tally
+        reporter.after_outage(self.link.reconnects)
         while True:  # several reports when more streams changed than one carries
             if not (reporter.report(self.receipts, self.frames_read, time.monotonic())
                     and reporter.read_replies(max(0.0, deadline - time.monotonic()))):

@@ -288,6 +288,10 @@ class StreamTally:
             out.append([key[0], key[1], count, lowest, highest])
         return out
 
+    def mark_all(self) -> None:
+        """Mark every stream changed: a restarted proxy has forgotten the books."""
+        self._changed = dict(self._streams)
+
     def mark(self, entries: list[list[Any]]) -> None:
         """Mark the streams of ``entries`` changed again (their report was not sent)."""
         for entry in entries:

@@ -595,6 +595,7 @@ class PoolMember(_Consumer):
         while not (self._stopping or self._sock.closed):
             wait = None if deadline is None else max(0.0, deadline - loop.time())
             received, frames = self._read_counts()
+            self._receipts.after_outage(self.link.reconnects)
             due = self._receipts.due_in(frames, time.monotonic())
             if due == 0:
                 self._receipts.report(received, frames, time.monotonic())
