@@ -234,6 +234,37 @@ def test_the_books_are_whole_again_after_a_proxy_restart(
             member.close()
 
 
+@pytest.mark.parametrize("backend_name", ["threads", "asyncio", "eventlet"])
+def test_every_backends_member_reports_its_books(
+    backend_name: str, proxy_process: ProxyProcess, run_dir: Path, key: bytes
+) -> None:
+    """The threads, asyncio and eventlet members all keep books and report them, up to
+    their final report on close."""
+    from .test_backends import BACKENDS
+
+    backend = BACKENDS[backend_name]()
+    try:
+        conn = backend.connect(run_dir)
+        numbers: list[int] = []
+        dispatcher = zbus.Dispatcher()
+        dispatcher.bind(EX, "compute.#",
+                        backend.handler(lambda d: numbers.append(d.payload["n"])))
+        member = backend.pool_member(conn, POOL, dispatcher, key)
+        factory = zbus.MessageFactory(key, "pub1")
+        backend.publish(conn, factory, KEY, [{"n": n} for n in range(100)], exchange=EX)
+        assert backend.run(member, 100) == 100
+        backend.close(member, conn)
+        with zbus.Connection(run_dir) as reader:
+            deadline = time.monotonic() + 10
+            while (pool := fast_pool(reader))["members_closed"] < 1:
+                assert time.monotonic() < deadline, pool
+                time.sleep(0.02)  # the final report of another socket: no event to wait on
+        assert pool["lost"] == 0 and pool["streams"] == 1, pool
+        assert pool["members_without_streams"] == 0 and pool["unaccounted"] == 0, pool
+    finally:
+        backend.shutdown()
+
+
 def control(run_dir: Path, request: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
     """One raw request on the proxy's control socket (a fresh REQ each time)."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
