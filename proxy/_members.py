@@ -30,6 +30,7 @@ import zmq
 import zmq.utils.monitor
 
 from zbus import ConfigError
+from zbus._dispatch import STREAM_SPAN_LIMIT
 
 __all__ = ["FRAMES_PER_MESSAGE", "MAX_FRAMES", "MAX_REPORTERS", "MAX_SPAN", "MAX_STREAMS",
            "MAX_STREAM_ENTRIES", "PoolMembers", "StreamBooks"]
@@ -50,10 +51,12 @@ dropped and counted (``streams_evicted``)."""
 MAX_STREAM_ENTRIES = 200_000
 """Members' counts one fast pool keeps over all its streams (a member's go when it closes);
 beyond it, least recently reported streams are dropped too."""
-MAX_SPAN = 2**48
+MAX_SPAN = STREAM_SPAN_LIMIT
 """The most sequences one stream's books may span (lowest to highest, over all members):
-2.8e14 messages, a million a second for nine years; so ``lost`` over 10,000 streams fits
-the stats reply's integers. A report that would pass it is refused."""
+2^48, a million messages a second for nine years; so ``lost`` over 10,000 streams fits the
+stats reply's integers. A report entry beyond it is refused whole; one that would take a
+stream's books, merged with the other members', beyond it is left out and counted
+(``streams_refused``), the rest of the report taken."""
 _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 # What a pool's member monitor reads (see PoolMembers.event).
@@ -84,30 +87,40 @@ class StreamBooks:
     ``MAX_STREAM_ENTRIES``, least recently reported stream first (``evicted``); a member's
     counts are folded into the totals when it closes."""
 
-    __slots__ = ("entries", "evicted", "legacy", "legacy_closed", "lost", "streams")
+    __slots__ = ("entries", "evicted", "legacy", "legacy_closed", "lost", "refused",
+                 "streams")
 
     def __init__(self) -> None:
         self.streams: OrderedDict[tuple[str, bytes], _Stream] = OrderedDict()
         self.entries = 0  # members' counts held, over all streams
         self.lost = 0
         self.evicted = 0
+        self.refused = 0  # entries left out: the stream's books would pass MAX_SPAN
         # Live member ids that report no books (an older zbus), and how many such closed:
         # their share of a stream is in no book, so ``lost`` cannot be told.
         self.legacy: set[str] = set()
         self.legacy_closed = 0
 
-    def check(self, entries: list[list[Any]]) -> None:
-        """ConfigError when ``entries`` (each already checked alone) would make a stream
-        span more than ``MAX_SPAN`` sequences with the books already kept."""
-        for publisher_id, stream_id, _, lowest, highest in entries:
+    def admissible(self, entries: list[list[Any]]) -> list[list[Any]]:
+        """``entries`` (each already checked alone) but those that would take a stream's
+        books beyond ``MAX_SPAN`` sequences, merged with the books kept: left out and
+        counted. Such a stream's numbers jump (a publisher breaking the protocol, a key
+        holder forging another's stream); the member's other books still count."""
+        kept = []
+        for entry in entries:
+            publisher_id, stream_id, _, lowest, highest = entry
             known = self.streams.get((publisher_id, stream_id))
             if known is not None:
                 lowest, highest = min(lowest, known.lowest), max(highest, known.highest)
             if highest - lowest + 1 > MAX_SPAN:
-                raise ConfigError(
-                    f"pool_receipts: stream {publisher_id!r}/{stream_id.hex()} would span "
-                    f"{lowest}..{highest}, more than {MAX_SPAN} sequences: a stream's "
-                    f"sequences are consecutive from 1 (docs/PROTOCOL.md, section 5)")
+                self.refused += 1
+                log.log(logging.WARNING if self.refused == 1 else logging.DEBUG,
+                        "pool_receipts: left out the books of stream %s/%s, which would span "
+                        "%d..%d (counted in streams_refused)", publisher_id, stream_id.hex(),
+                        lowest, highest)
+                continue
+            kept.append(entry)
+        return kept
 
     def add(self, member: str, entries: list[list[Any]]) -> None:
         """Take ``member``'s cumulative counts (passed :meth:`check`)."""
@@ -248,23 +261,21 @@ class PoolMembers:
                streams: list[list[Any]] | None = None) -> None:
         """Take one (checked) report of ``member`` of fast pool ``pool``, with its books of
         the ``streams`` that changed (None: a member that keeps none); ConfigError, and
-        nothing taken, when the pool already tracks MAX_REPORTERS other members or a
-        stream's books would pass their bound. The caller counts refusals."""
+        nothing taken, when the pool already tracks MAX_REPORTERS other members (the caller
+        counts refusals)."""
         with self._state:
             live = self._receipts.setdefault(pool, {})
             if member not in live and len(live) >= MAX_REPORTERS:
                 raise ConfigError(f"pool_receipts: pool {pool!r} already tracks "
                                   f"{MAX_REPORTERS} members")
             books = self._books.setdefault(pool, StreamBooks())
-            if streams:
-                books.check(streams)
             # Cumulative and sent in order on one socket: never let a late one go backwards.
             before = live.get(member, (0, 0))
             counts = (max(received, before[0]), max(frames, before[1]))
             if streams is None:
                 books.legacy.add(member)
             elif streams:
-                books.add(member, streams)
+                books.add(member, books.admissible(streams))
             if final:
                 live.pop(member, None)
                 books.close(member)
@@ -302,11 +313,12 @@ class PoolMembers:
                 books = self._books.get(name)
                 if books is None:
                     entry.update(lost=None if federated else 0, streams=0, streams_evicted=0,
-                                 members_without_streams=0)
+                                 streams_refused=0, members_without_streams=0)
                 else:
                     legacy = books.legacy_members
                     entry.update(lost=None if federated or legacy else books.lost,
                                  streams=len(books.streams), streams_evicted=books.evicted,
+                                 streams_refused=books.refused,
                                  members_without_streams=legacy)
             if frames is None:  # the device did not answer: no number rather than a wrong one
                 entry.update(handed_out=None, unaccounted=None)

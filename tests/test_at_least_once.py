@@ -438,7 +438,8 @@ def test_fast_pool_receipts_balance_after_a_drain(
         assert fast_pool_stats(run_dir, "fast") == {
             "members": 0, "members_lost": 1, "members_closed": 1, "reporting": 0,
             "refused_reports": 0, "reported": 20, "handed_out": 20, "unaccounted": 0,
-            "lost": 0, "streams": 1, "streams_evicted": 0, "members_without_streams": 0}
+            "lost": 0, "streams": 1, "streams_evicted": 0, "streams_refused": 0,
+            "members_without_streams": 0}
         for fields, why in (({"pool": "nope", "member": "m", "received": 1}, "no fast pool"),
                             ({"pool": "fast", "member": "", "received": 1}, "member must"),
                             ({"pool": "fast", "member": "m", "received": -1}, "received must"),

@@ -47,6 +47,7 @@ __all__ = [
     "Delivery",
     "Dispatcher",
     "Handler",
+    "STREAM_SPAN_LIMIT",
     "StreamTally",
 ]
 
@@ -218,6 +219,11 @@ _U64 = struct.Struct(">Q")
 
 StreamKey = tuple[str, bytes]
 """(publisher_id, stream_id): one stream (docs/PROTOCOL.md, section 5)."""
+STREAM_SPAN_LIMIT = 2**48
+"""The most sequences a stream's books may span, lowest to highest: a million messages a
+second for nine years. Only a stream whose numbers jump (a publisher that breaks the
+protocol, or a key holder forging another's stream) goes beyond; its books are not
+reported (``StreamTally.unreportable``), so they cannot get the rest of a report refused."""
 
 
 class StreamTally:
@@ -235,11 +241,12 @@ class StreamTally:
     :meth:`take` hands out the streams changed since it was last called.
     """
 
-    __slots__ = ("_changed", "_streams", "evicted", "limit")
+    __slots__ = ("_changed", "_streams", "evicted", "limit", "unreportable")
 
     def __init__(self, limit: int = 10_000) -> None:
         self.limit = limit
         self.evicted = 0
+        self.unreportable = 0  # streams left out of a report: beyond STREAM_SPAN_LIMIT
         self._streams: OrderedDict[StreamKey, list[int]] = OrderedDict()
         self._changed: dict[StreamKey, list[int]] = {}
 
@@ -285,6 +292,9 @@ class StreamTally:
         out: list[list[Any]] = []
         for key in list(islice(changed, most)):
             count, lowest, highest = changed.pop(key)
+            if highest - lowest + 1 > STREAM_SPAN_LIMIT:
+                self.unreportable += 1
+                continue
             out.append([key[0], key[1], count, lowest, highest])
         return out
 
