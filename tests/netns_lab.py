@@ -48,6 +48,8 @@ from typing import Any
 import zbus
 from zbus._transport import CurveKeys
 
+from .agents import _watch_stdin
+
 REPO = Path(__file__).resolve().parent.parent
 NET = "10.213.0"
 PORT = 7737
@@ -442,16 +444,6 @@ class Agent:
 
 
 # -- the agents, child side -----------------------------------------------------------------------
-
-
-def _watch_stdin(stop: threading.Event) -> None:
-    def read() -> None:
-        for line in sys.stdin:
-            if line.strip() == "stop":
-                break
-        stop.set()
-
-    threading.Thread(target=read, name="stdin", daemon=True).start()
 
 
 def _publish(args: argparse.Namespace, conn: zbus.Connection, stop: threading.Event) -> int:
