@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -257,13 +258,11 @@ class Connection:
         self._announce(factory)
 
     def _announce(self, factory: MessageFactory) -> None:
-        announcer = self._announcer
-        due = announcer.note(factory)
-        due += announcer.due(time.monotonic())
+        due = self._announcer.after(factory, time.monotonic())
         if due:
             self._send_beacons(due)
 
-    def _send_beacons(self, beacons: list[list[bytes]]) -> None:
+    def _send_beacons(self, beacons: Sequence[list[bytes]]) -> None:
         """Send beacons on the data path without ever waiting: a full queue (the proxy not
         taking) drops them here, and the copies left with the proxy stand in for them."""
         sock = self._push

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import msgpack
@@ -295,9 +295,8 @@ class Announcer:
     """The factories one connection has published for, and their streams' beacons when due
     (no I/O, no clock: ``now`` is a monotonic time passed in).
 
-    A connection calls :meth:`note` for each message it sends and sends what :meth:`due`
-    returns (at most every ``BEACON_IDLE / 2`` seconds, the beacons of the streams idle for
-    ``BEACON_IDLE``), and :meth:`all` when it flushes or closes.
+    A connection calls :meth:`after` for each message it sends and sends what it returns,
+    :meth:`all` when it flushes, and leaves :meth:`final` with the proxy when it closes.
     """
 
     MAX_FACTORIES = 64
@@ -307,25 +306,21 @@ class Announcer:
         self._last: MessageFactory | None = None
         self._next = 0.0
 
-    def note(self, factory: MessageFactory) -> list[list[bytes]]:
-        """Remember ``factory``; returns the beacons of a factory forgotten to stay bounded
-        (send them: they are that factory's last word on this connection)."""
-        if factory is self._last:
-            return []
-        self._last = factory
-        if id(factory) in self._factories:
-            return []
-        self._factories[id(factory)] = factory
-        if len(self._factories) <= self.MAX_FACTORIES:
-            return []
-        oldest = self._factories.pop(next(iter(self._factories)))
-        return oldest.beacons()
-
-    def due(self, now: float) -> list[list[bytes]]:
-        if now < self._next or not self._factories:
-            return []
-        self._next = now + BEACON_IDLE / 2
-        return [b for f in self._factories.values() for b in f.beacons(BEACON_IDLE)]
+    def after(self, factory: MessageFactory, now: float) -> Sequence[list[bytes]]:
+        """The beacons to send after a message of ``factory`` (usually none): those of the
+        streams idle for ``BEACON_IDLE``, looked for at most every ``BEACON_IDLE / 2``
+        seconds, and those of a factory forgotten to stay bounded (its last word here)."""
+        out: Sequence[list[bytes]] = ()
+        if factory is not self._last:
+            self._last = factory
+            if id(factory) not in self._factories:
+                self._factories[id(factory)] = factory
+                if len(self._factories) > self.MAX_FACTORIES:
+                    out = self._factories.pop(next(iter(self._factories))).beacons()
+        if now >= self._next:
+            self._next = now + BEACON_IDLE / 2
+            out = [*out, *(b for f in self._factories.values() for b in f.beacons(BEACON_IDLE))]
+        return out
 
     def all(self) -> list[list[bytes]]:
         return [b for f in self._factories.values() for b in f.beacons()]

@@ -131,10 +131,10 @@ class Connection:
         except BaseException:  # cancelled or timed out: never sent, so not counted lost
             factory.withdraw()
             raise
-        due = self._announcer.note(factory)
-        due += self._announcer.due(time.monotonic())
-        for beacon in due:
-            await self.send_frames(beacon)
+        push = self._push
+        for beacon in self._announcer.after(factory, time.monotonic()):
+            with contextlib.suppress(zmq.Again):  # never wait on a full queue for a beacon
+                await cast(zmq.asyncio.Socket, push).send_multipart(beacon, zmq.NOBLOCK)
 
     def exchange(self, name: str) -> Exchange:
         return Exchange(name, self)
