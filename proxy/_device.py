@@ -158,6 +158,12 @@ class Device:
             return {}
         return {name: _U64.unpack(frame)[0] for name, frame in zip(STAT_NAMES, reply, strict=True)}
 
+    def final_statistics(self) -> dict[str, int]:
+        """Pause the loop (it forwards nothing more), then read its counters: final ones, for a
+        device about to stop, so that nothing it moves after the reading goes uncounted."""
+        self._command(b"PAUSE")
+        return self.statistics()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._command(b"TERMINATE")
         self._thread.join(timeout)

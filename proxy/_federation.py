@@ -733,7 +733,9 @@ class Federation:
         log.info("link connected" if up else "link disconnected", extra={"link": name})
 
     def _retire(self, name: str, key: tuple[Any, ...], device: Device) -> None:
-        stats = device.statistics()
+        # Read once paused: what a running link took between a reading and its stop would
+        # count as taken by nobody (a loss over-stated).
+        stats = device.final_statistics()
         device.stop()
         reader = self._link_monitors.pop(name, None)
         if reader is not None:
