@@ -5,8 +5,10 @@ it behind a stream's last message, but a consumer that is still behind (a slow s
 whose queue at the proxy is full) can lose that beacon as it lost the tail, and a publisher
 that is gone (closed, or killed after its close ran) cannot send another. So publishers also
 hand their beacons to the proxy (control op ``beacons``, out of band); the proxy keeps the
-newest per stream and publishes it again on the ingress after 1, 2, 4, 8 and 16 s, which
-reaches a consumer once it has caught up. A beacon changes nothing for a consumer that
+newest per stream and publishes it again after 1, 2, 4, 8 and 16 s into its own delivery
+plane (this host's subscribers, never the origin: pools and peers' links would hand the
+copies out as envelopes, and count one lost there as an envelope lost), which reaches a
+subscriber once it has caught up. A beacon changes nothing for a consumer that
 already knows, so publishing one again is always safe; and it is signed end to end, so the
 proxy, which holds no keys, cannot make one up or alter it (a consumer rejects anything
 else as it rejects any forgery).

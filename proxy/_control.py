@@ -7,8 +7,8 @@ errors become ``{"ok": False, "error": ...}``.
 
 Without federation this thread also reads the fast pools' member monitors (with federation
 the manager thread reads them, and reconciles links on each event), and it publishes again
-the beacons publishers left with the proxy (``_beacons``), through its own PUSH on the
-ingress.
+the beacons publishers left with the proxy (``_beacons``), through its own PUB into the
+delivery plane.
 """
 
 from __future__ import annotations
@@ -95,7 +95,6 @@ class ControlServer:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self.beacons = BeaconStore()
-        self.beacons_dropped = 0  # due again, but the ingress took nothing (proxy overloaded)
         self._next_scan = 0.0  # when to look for beacon files again
 
     def start(self) -> None:
@@ -114,9 +113,10 @@ class ControlServer:
         proxy = self._proxy
         assert proxy._ctx is not None
         sock = make_socket(proxy._ctx, zmq.REP, proxy.settings, bind=proxy.endpoints.control)
-        # Beacons go out again through the ingress, like any publisher's message.
-        again = make_socket(proxy._ctx, zmq.PUSH, proxy.settings, sndhwm=1000,
-                            connect=proxy.endpoints.ingress)
+        # Beacons go out again into this host's delivery plane (its fan-in subscribes here):
+        # to its subscribers, filtered by their subscriptions, and to nothing else.
+        again = make_socket(proxy._ctx, zmq.PUB, proxy.settings, sndhwm=10_000,
+                            bind=proxy.beacons_endpoint)
         # Without federation there is no manager thread: the pools' member monitors are read
         # here (with federation the manager reads them, and reconciles links on each event).
         monitors: dict[zmq.Socket[Any], str] = {}
@@ -175,13 +175,10 @@ class ControlServer:
             self._next_scan = now + 1.0
             self.beacons.take_files(self._proxy.endpoints.beacons_dir, now)
         for frames in self.beacons.due(now):
-            try:
-                again.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                self.beacons_dropped += 1
+            again.send_multipart(frames, zmq.NOBLOCK)  # a PUB never waits
 
     def beacon_stats(self) -> dict[str, int]:
-        return {**self.beacons.stats(), "dropped": self.beacons_dropped}
+        return self.beacons.stats()
 
     def _handle(self, raw: bytes) -> dict[str, Any]:
         proxy = self._proxy

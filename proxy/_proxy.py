@@ -92,6 +92,10 @@ class Proxy:
         self.federation = federation
         self.me: PeerInfo | None = federation.me if federation else None
         self._tag = f"{os.getpid()}-{id(self)}"
+        # Where the control thread publishes kept beacons again (proxy/_beacons.py): into
+        # this host's delivery plane only, never the origin, so pools and peers' links do
+        # not hand them out again (a repeat lost there would count as an envelope lost).
+        self.beacons_endpoint = f"inproc://zbus-beacons-{self._tag}"
         # The federation's state and the fast pools' members and receipts, shared by the
         # control, peer and manager threads, are under _state (never take _pool_lock while
         # holding it).
@@ -226,8 +230,8 @@ class Proxy:
             "deliver",
             # sndhwm 0 on every XSUB: its send side carries only subscriptions, and libzmq
             # drops those silently at the HWM (libzmq #2258) when thousands go out at once.
-            SocketSpec(zmq.XSUB, connect=(ep.origin,), bind=fanin, rcvhwm=s.subscriber_hwm,
-                       sndhwm=0),
+            SocketSpec(zmq.XSUB, connect=(ep.origin, self.beacons_endpoint), bind=fanin,
+                       rcvhwm=s.subscriber_hwm, sndhwm=0),
             SocketSpec(zmq.XPUB, bind=ep.deliver, sndhwm=s.subscriber_hwm),
         )
 
