@@ -16,6 +16,7 @@ import logging
 import signal
 import sys
 import threading
+import urllib.parse
 from collections.abc import Sequence
 from types import FrameType
 from typing import Any
@@ -144,11 +145,37 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     return load_config(args.config, overrides)
 
 
+REDACTED = "<redacted>"
+
+
+def redact(key: str, value: Any) -> Any:
+    """``value`` as ``--check-config`` may print it: a URL's password replaced (the systemd
+    unit runs ``--check-config`` in ExecStartPre, so what it prints lands in the journal),
+    and any key naming a password or token shown only as set."""
+    if value is None:
+        return value
+    if isinstance(value, str) and "://" in value:
+        parts = urllib.parse.urlsplit(value)
+        if parts.password is not None:
+            user = parts.username or ""
+            host = parts.netloc.rpartition("@")[2]
+            parts = parts._replace(netloc=f"{user}:{REDACTED}@{host}")
+        # redis-py also takes ?password=...
+        query = [(k, REDACTED if k.lower() == "password" else v)
+                 for k, v in urllib.parse.parse_qsl(parts.query, keep_blank_values=True)]
+        return urllib.parse.urlunsplit(
+            parts._replace(query=urllib.parse.urlencode(query, safe="<>")))
+    if any(word in key.rsplit(".", 1)[-1] for word in ("password", "token")):
+        return REDACTED
+    return value
+
+
 def describe(config: ProxyConfig) -> str:
+    """The effective values, secrets redacted (``redact``)."""
     lines = [f"config OK ({config.source or 'no file: defaults and flags'})"]
     width = max(len(k) for k in config.values)
     for key, value in config.values.items():
-        lines.append(f"  {key.ljust(width)} = {value!r}")
+        lines.append(f"  {key.ljust(width)} = {redact(key, value)!r}")
     return "\n".join(lines)
 
 

@@ -277,6 +277,18 @@ def test_bad_config_exits_2_naming_the_key(tmp_path: Path, toml: str, message: s
         assert "zbus-proxy: config error:" in result.stderr and message in result.stderr
 
 
+@pytest.mark.parametrize("url", ["redis://admin:s3cret-pw@127.0.0.1:6379/0",
+                                 "redis://:s3cret-pw@127.0.0.1:6379/0",
+                                 "redis://127.0.0.1:6379/0?password=s3cret-pw"])
+def test_check_config_redacts_the_redis_password(url: str) -> None:
+    # The systemd unit runs --check-config in ExecStartPre: its output goes to the journal.
+    result = run(*PROXY, "--bind", "127.0.0.1", "--insecure-plain-tcp", "--directory",
+                 "redis", "--redis-url", url, "--check-config")
+    assert result.returncode == 0, result.stderr
+    assert "s3cret-pw" not in result.stdout + result.stderr
+    assert "<redacted>" in result.stdout and "127.0.0.1:6379/0" in result.stdout
+
+
 def test_flags_override_the_file(tmp_path: Path) -> None:
     path = tmp_path / "proxy.toml"
     path.write_text("[limits]\npool_hwm = 7\n[log]\nlevel = 'debug'\n")
