@@ -136,6 +136,16 @@ def test_keygen_writes_a_private_key_and_never_overwrites(tmp_path: Path) -> Non
     assert path.read_text() == original
 
 
+def test_keygen_refuses_a_directory_others_can_write(tmp_path: Path) -> None:
+    # Issue 14: a key written there could be replaced (and KeyRing.from_file refuses it).
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    result = zbus_cmd("keygen", str(shared / "k"))
+    assert result.returncode == 1 and "another user can write" in result.stderr
+    assert not (shared / "k").exists()
+
+
 def test_keygen_with_a_key_id(tmp_path: Path) -> None:
     result = zbus_cmd("keygen", str(tmp_path / "k"), "--key-id", "2024-q3")
     assert result.returncode == 0
@@ -170,6 +180,34 @@ def test_tap_sees_what_pub_sent_and_reports_forgeries(
     assert all(r["verified"] and r["publisher_id"] == "shell" for r in records)
     assert records[0]["routing_key"] == "compute.instance.n1"
     assert "REJECTED bad_signature" in err
+
+
+def test_keys_from_stdin_or_environment_stay_out_of_ps(
+    proxy_process: ProxyProcess, tap_processes: list[Tap], key: bytes,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 14, item 12: --key-hex HEX shows the key to every local user in ps.
+    run_dir = str(proxy_process.run_dir)
+    monkeypatch.setenv("ZBUS_KEY_HEX", key.hex())  # the tap and the last pub take it
+    tap = Tap("audit/#", "--json", "--count", "2", "--timeout", "30", "--run-dir", run_dir)
+    tap_processes.append(tap)
+    tap.wait_ready()
+    for payload, stdin_key in (("1", key.hex()), ('"forged"', zbus.generate_key().hex())):
+        result = zbus_cmd("pub", "audit", "user.login", payload, "--key-hex", "-",
+                          "--run-dir", run_dir, stdin=stdin_key + "\n")
+        assert result.returncode == 0, result.stderr
+    from_env = zbus_cmd("pub", "audit", "user.login", "2", "--run-dir", run_dir)
+    assert from_env.returncode == 0, from_env.stderr
+    code, out, err = tap.finish()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [(r["payload"], r["verified"]) for r in records] == [(1, True), (2, True)]
+    assert err.count("REJECTED bad_signature") == 1
+    both_stdin = zbus_cmd("pub", "audit", "a.b", "-", "--key-hex", "-", "--run-dir", run_dir,
+                          stdin=key.hex() + "\n1\n")
+    assert both_stdin.returncode == 2 and "ZBUS_KEY_HEX" in both_stdin.stderr
+    help_text = zbus_cmd("pub", "--help").stdout
+    assert "'ps'" in help_text and "ZBUS_KEY_HEX" in help_text
 
 
 def test_tap_without_a_key_marks_unverified_and_still_checks_frames(

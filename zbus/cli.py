@@ -66,18 +66,45 @@ def _unhex(text: str, where: str) -> bytes:
         raise UsageError(f"{where}: the key is not hexadecimal") from None
 
 
+KEY_HEX_ENV = "ZBUS_KEY_HEX"
+"""Environment variable holding ``[KEY_ID:]HEX`` when neither --key-file nor --key-hex is
+given: unlike an argument, it is not shown to other users by ``ps``."""
+
+
+def _key_hex_text(args: argparse.Namespace) -> tuple[str, str] | None:
+    """The ``[KEY_ID:]HEX`` text and where it came from: ``--key-hex -`` reads stdin's first
+    line, ``--key-hex VALUE`` takes the argument, else ``$ZBUS_KEY_HEX``; None when none."""
+    if args.key_hex == "-":
+        if getattr(args, "payload", None) == "-":
+            raise UsageError("--key-hex - and PAYLOAD - both read stdin: give the key in "
+                             f"${KEY_HEX_ENV} or --key-file instead")
+        line = sys.stdin.readline().strip()
+        if not line:
+            raise UsageError("--key-hex -: stdin held no key (write [KEY_ID:]HEX on its "
+                             "first line)")
+        return line, "--key-hex -"
+    if args.key_hex:
+        return args.key_hex, "--key-hex"
+    env = os.environ.get(KEY_HEX_ENV, "").strip()
+    if env and not args.key_file:
+        return env, f"${KEY_HEX_ENV}"
+    return None
+
+
 def keys_from_args(args: argparse.Namespace, *, required: bool) -> KeyRing | None:
     if args.key_file and args.key_hex:
         raise UsageError("give either --key-file or --key-hex, not both")
     if args.key_file:
         return KeyRing.from_file(args.key_file)
-    if args.key_hex:
-        key_id, sep, hexkey = args.key_hex.rpartition(":")
-        return KeyRing.of(_unhex(hexkey, "--key-hex"), key_id if sep else DEFAULT_KEY_ID)
+    given = _key_hex_text(args)
+    if given is not None:
+        text, where = given
+        key_id, sep, hexkey = text.rpartition(":")
+        return KeyRing.of(_unhex(hexkey, where), key_id if sep else DEFAULT_KEY_ID)
     if required:
         raise UsageError(
             "this command signs what it sends: give --key-file FILE (make one with "
-            "'zbus keygen FILE') or --key-hex HEX"
+            f"'zbus keygen FILE'), --key-hex - (the key on stdin) or ${KEY_HEX_ENV}"
         )
     return None
 
@@ -126,7 +153,11 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     path = Path(args.file)
     text = format_key_file(generate_key(), key_id)
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        check_key_dir(str(path))  # a key written there would be refused when read
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except ConfigError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
     except FileExistsError:
         _err(f"{path} already exists: zbus keygen never overwrites a key; choose another file")
         return EXIT_FAILED
@@ -688,7 +719,10 @@ def _add_keys(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--key-file", metavar="FILE",
                    help=f"key file (from 'zbus keygen') to {verb} with")
     p.add_argument("--key-hex", metavar="[KEY_ID:]HEX",
-                   help=f"the key as hex (key id 'default' unless given) to {verb} with")
+                   help=f"the key as hex (key id 'default' unless given) to {verb} with; "
+                   "'-' reads it from stdin's first line. A key given here is visible to "
+                   "every local user in 'ps' and /proc: prefer --key-file, '-' or "
+                   f"${KEY_HEX_ENV} (used when neither --key-file nor --key-hex is given)")
 
 
 def build_parser() -> argparse.ArgumentParser:
