@@ -111,3 +111,24 @@ def test_key_bytes_never_reach_the_logs(caplog: pytest.LogCaptureFixture) -> Non
         for form in (secret.hex(), repr(secret), secret.hex().upper()):
             assert form not in logged
     assert "k1" in logged or "k9" in logged  # the ids are there: the logs say which key
+
+
+def test_files_another_user_owns_are_refused(tmp_path: Path) -> None:
+    # Issue 14: that user can rewrite the keys (mode 0600 alone said nothing about it).
+    path = write(tmp_path / "k", format_key_file(zbus.generate_key()))
+    os.chown(path, 1001, 1001)
+    with pytest.raises(zbus.ConfigError, match="owned by uid 1001"):
+        zbus.KeyRing.from_file(path)
+
+
+@pytest.mark.parametrize(("owner", "mode"), [(0, 0o1777), (0, 0o777), (0, 0o770), (1001, 0o755)])
+def test_files_in_a_directory_others_can_write_are_refused(
+        tmp_path: Path, owner: int, mode: int) -> None:
+    # Issue 14: whoever writes the directory can swap the file for keys of their own.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    path = write(shared / "k", format_key_file(zbus.generate_key()))
+    os.chown(shared, owner, owner)
+    os.chmod(shared, mode)
+    with pytest.raises(zbus.ConfigError, match="another user can write"):
+        zbus.KeyRing.from_file(path)

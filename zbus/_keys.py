@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable, Collection, Mapping
-from pathlib import Path
 
 from ._errors import ConfigError, KeyNotAllowedError, PublisherNotAllowedError, UnknownKeyError
 from ._names import validate_exchange, validate_name
@@ -319,15 +318,15 @@ class KeyRing:
         """
         where = str(path)
         try:
-            mode = os.stat(path).st_mode
-            if mode & (stat.S_IRWXO | stat.S_IWGRP):
-                raise ConfigError(
-                    f"key file {where!r} is accessible to other users (mode "
-                    f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {where}'"
-                )
-            text = Path(path).read_text(encoding="ascii")
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                # Checked on the opened file, so a swap after the check changes nothing.
+                _check_key_file(where, os.fstat(f.fileno()))
+                text = f.read(_MAX_KEY_FILE + 1).decode("ascii")
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"cannot read key file {where!r}: {exc}") from None
+        if len(text) > _MAX_KEY_FILE:
+            raise ConfigError(f"key file {where!r} is over {_MAX_KEY_FILE} bytes: not a key file")
         keys: dict[str, bytes] = {}
         for number, raw in enumerate(text.splitlines(), 1):
             parts = raw.split("#", 1)[0].split()
@@ -358,3 +357,41 @@ class KeyRing:
         if self._publishers:
             extra += f", publishers={self.publishers!r}"
         return f"KeyRing(ids={self.ids()!r}, active={self._active!r}{extra})"
+
+
+_MAX_KEY_FILE = 1 << 20
+
+
+def _check_key_file(where: str, info: os.stat_result) -> None:
+    """Refuse a key file that someone other than this user (or root) can change or read:
+    its owner can rewrite it, and whoever may write its directory can replace it."""
+    trusted = (os.getuid(), 0)
+    mode = info.st_mode
+    if not stat.S_ISREG(mode):
+        raise ConfigError(f"key file {where!r} is not a regular file")
+    if info.st_uid not in trusted:
+        raise ConfigError(
+            f"key file {where!r} is owned by uid {info.st_uid}, not by this user "
+            f"(uid {os.getuid()}) or root: that user could change the keys; run "
+            f"'chown {os.getuid()} {where}' or use a key file of your own"
+        )
+    if mode & (stat.S_IRWXO | stat.S_IWGRP):
+        raise ConfigError(
+            f"key file {where!r} is accessible to other users (mode "
+            f"{stat.S_IMODE(mode):04o}): run 'chmod 600 {where}'"
+        )
+    check_key_dir(where)
+
+
+def check_key_dir(where: str) -> None:
+    """Refuse key file ``where`` when its directory is another user's or writable by
+    group or others (sticky or not): they could replace the file, or plant one first."""
+    directory = os.path.dirname(os.path.realpath(where)) or "."
+    dir_info = os.stat(directory)
+    if (dir_info.st_uid not in (os.getuid(), 0)
+            or dir_info.st_mode & (stat.S_IWOTH | stat.S_IWGRP)):
+        raise ConfigError(
+            f"key file {where!r} is in {directory!r} (owner uid {dir_info.st_uid}, mode "
+            f"{stat.S_IMODE(dir_info.st_mode):04o}), which another user can write: they "
+            f"could replace the key file; keep keys in a directory only you (or root) can write"
+        )

@@ -39,7 +39,7 @@ from ._connection import Connection, Publisher
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._envelope import Envelope
 from ._errors import ConfigError, ZbusError
-from ._keys import DEFAULT_KEY_ID, KeyRing, format_key_file, generate_key
+from ._keys import DEFAULT_KEY_ID, KeyRing, check_key_dir, format_key_file, generate_key
 from ._message import MessageFactory
 from ._names import CONTROL_PREFIX, TopicPattern, minimal_prefixes, validate_name
 from ._settings import Endpoints, Settings, default_run_dir
