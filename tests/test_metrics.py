@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import select
+import socket
+import threading
 import urllib.request
 from pathlib import Path
 
 from zbus_proxy import Proxy
 
 import zbus
-from zbus.metrics import MetricsServer, render_consumers
+from tests.conftest import ProxyProcess
+from zbus.metrics import MAX_CONNECTIONS, MetricsServer, render_consumers
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -54,3 +59,83 @@ def test_label_values_are_escaped() -> None:
     stats = zbus.ConsumerStats(received=1)
     text = render_consumers({'we"ird\\name\n': stats})
     assert 'zbus_consumer_received_total{consumer="we\\"ird\\\\name\\n"} 1' in text
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_idle_connections_cannot_exhaust_the_proxy(run_dir: Path) -> None:
+    # Issue 14, item 4: one thread and fd per connection, no timeout: ~1,800 idle
+    # connections took the proxy to its fd limit and libzmq aborted it.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy = ProxyProcess(run_dir, "--metrics-port", str(port)).start()
+    idle: list[socket.socket] = []
+    try:
+        scrape(port)  # the endpoint is up before the baseline is taken
+        baseline = _fds(proxy.pid)
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(200)]
+        samples = scrape(port)  # a fresh client is served among 200 idle ones
+        assert samples["zbus_metrics_connections_evicted_total"] >= 200 - MAX_CONNECTIONS
+        assert samples["zbus_metrics_connections_open"] <= MAX_CONNECTIONS
+        assert _fds(proxy.pid) <= baseline + MAX_CONNECTIONS + 2
+        with zbus.Connection(run_dir) as conn:
+            assert conn.control.request("ping", timeout=5)["ok"]
+        # The evicted ones were closed: each reads end-of-file.
+        closed = sum(1 for s in idle if _closed(s))
+        assert closed >= 200 - MAX_CONNECTIONS
+    finally:
+        for s in idle:
+            s.close()
+        assert proxy.stop() == 0
+
+
+def _closed(sock: socket.socket) -> bool:
+    readable, _, _ = select.select([sock], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except OSError:
+        return True
+
+
+def test_a_silent_connection_is_timed_out_and_counted() -> None:
+    server = MetricsServer(lambda: "", "127.0.0.1", 0, timeout=0.2)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as silent:
+            assert silent.recv(1) == b""  # blocks until the server closes it
+        assert server.connections["timed_out"] == 1
+        assert scrape(server.port)["zbus_metrics_connections_timed_out_total"] == 1
+    finally:
+        server.stop()
+
+
+def test_requests_beyond_the_limit_are_refused_and_counted() -> None:
+    # Every slot busy answering (render blocks): a new connection is closed unserved.
+    release = threading.Event()
+    entered = threading.Semaphore(0)
+
+    def render() -> str:
+        entered.release()
+        release.wait(10)
+        return ""
+
+    server = MetricsServer(render, "127.0.0.1", 0, max_connections=2)
+    clients: list[threading.Thread] = []
+    try:
+        for _ in range(2):
+            clients.append(threading.Thread(target=scrape, args=(server.port,)))
+            clients[-1].start()
+        for _ in range(2):
+            assert entered.acquire(timeout=5)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as extra:
+            assert extra.recv(1) == b""
+        assert server.connections["refused"] == 1
+    finally:
+        release.set()
+        for client in clients:
+            client.join(10)
+        server.stop()
