@@ -31,6 +31,7 @@ import zmq.utils.monitor
 
 from zbus import ConfigError
 from zbus._dispatch import STREAM_SPAN_LIMIT
+from zbus._transport import secure_ipc
 
 __all__ = ["FRAMES_PER_MESSAGE", "MAX_FRAMES", "MAX_REPORTERS", "MAX_SPAN", "MAX_STREAMS",
            "MAX_STREAM_ENTRIES", "PoolMembers", "StreamBooks"]
@@ -208,6 +209,7 @@ class PoolMembers:
         # asks for when a socket moves between threads, and this thread never touches it again.
         self._monitor_inbox.put((name, reader))
         push.bind(endpoint)
+        secure_ipc(endpoint)
 
     def new_monitors(self) -> list[tuple[str, zmq.Socket[Any]]]:
         """The monitors handed over since the last call, as (pool, reading socket): from now

@@ -35,6 +35,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ import zmq
 
 from zbus import ConfigError, Endpoints, ProxyError, Settings, TopicPattern, default_run_dir
 from zbus._names import CONTROL_PREFIX, minimal_prefixes, validate_name
+from zbus._settings import check_private_dir
 from zbus._transport import make_socket, wait_for_probe
 
 from ._control import ControlServer
@@ -108,9 +110,11 @@ class Proxy:
 
     def start(self) -> Proxy:
         run_dir = self.endpoints.run_dir
-        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.endpoints.beacons_dir.mkdir(mode=0o700, exist_ok=True)
+        # Ours alone, or another user could swap our sockets or plant symlinks where we
+        # write (docs/SECURITY.md, "Run directory"); a missing one is made 0700.
+        check_private_dir(run_dir, "run directory", create=True)
+        check_private_dir(self.state_dir, "state directory", create=True)
+        check_private_dir(self.endpoints.beacons_dir, "beacons directory", create=True)
         self._acquire_lock()
         try:
             self._remove_sockets()
@@ -171,7 +175,18 @@ class Proxy:
 
     def _acquire_lock(self) -> None:
         path = self.endpoints.run_dir / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise ConfigError(
+                f"{path} is a symlink, which zbus-proxy never follows (it would truncate "
+                "its target): remove it"
+            ) from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise ConfigError(f"{path} is not a regular file: remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -459,7 +474,9 @@ class Proxy:
         before those existed has no "reliable_pools": none)."""
         path = self.state_dir / POOLS_FILE
         try:
-            data = json.loads(path.read_text())
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as f:
+                data = json.loads(f.read())
         except FileNotFoundError:
             return {}, {}
         except (OSError, ValueError) as exc:
@@ -481,7 +498,13 @@ class Proxy:
         state: dict[str, Any] = {"pools": self._pools}
         if self._reliable_decls:  # absent when none: the file stays as older proxies wrote it
             state["reliable_pools"] = self._reliable_decls
-        tmp.write_text(json.dumps(state, indent=2, sort_keys=True))
+        text = json.dumps(state, indent=2, sort_keys=True).encode()
+        # A leftover tmp (a crash mid-write, or a planted symlink) is removed, never
+        # followed: O_EXCL | O_NOFOLLOW creates a fresh file of ours or fails.
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(text)
         os.replace(tmp, path)
 
     # -- stats ---------------------------------------------------------------------------

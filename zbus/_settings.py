@@ -6,7 +6,9 @@ Every number here is a documented default (docs/GUIDE.md, "Settings"); pass your
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from ._errors import ConfigError
 from ._names import validate_name
 from ._replay import ReplayPolicy
 
-__all__ = ["Endpoints", "Settings", "default_run_dir"]
+__all__ = ["Endpoints", "Settings", "check_private_dir", "default_run_dir", "ipc_socket_mode"]
 
 _MAX_IPC_PATH = 107  # sockaddr_un.sun_path is 108 bytes with its NUL
 
@@ -45,6 +47,10 @@ class Settings:
     replay: ReplayPolicy = field(default_factory=ReplayPolicy)
     """How this connection's consumers judge freshness and replays (timestamp window,
     sequence window, table bounds): each consumer keeps its own state under it."""
+    run_dir_owner: int | None = None
+    """The uid the run directory must belong to before this connection uses it (None: this
+    process's own). Set it to use another user's proxy on purpose, e.g. a root service
+    publishing into the ``zbus`` user's ``/run/zbus``; any other owner is refused."""
 
     def __post_init__(self) -> None:
         for name in ("publish_hwm", "subscriber_hwm", "pool_hwm", "pool_link_hwm",
@@ -61,6 +67,54 @@ def default_run_dir() -> Path:
     if xdg and os.path.isdir(xdg):
         return Path(xdg) / "zbus"
     return Path(tempfile.gettempdir()) / f"zbus-{os.getuid()}"
+
+
+def check_private_dir(path: Path, what: str, *, owner: int | None = None,
+                      create: bool = False) -> None:
+    """Refuse ``path`` as a run (or state) directory unless it is a real directory (not a
+    symlink), owned by ``owner`` (default: this process's user) and writable by no one else.
+
+    Whoever owns or may write the directory can swap its sockets and files: read what
+    this user's services publish, feed them, or make a proxy write through a planted
+    symlink. ``create`` makes a missing one with mode 0700 first (its parents as needed).
+    A missing directory is accepted when not created: nothing in it can be used yet."""
+    expected = os.getuid() if owner is None else owner
+    if create:
+        with contextlib.suppress(FileExistsError):
+            path.mkdir(mode=0o700, parents=True)
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        if create:
+            raise
+        return
+    except OSError as exc:
+        raise ConfigError(f"cannot check the {what} {str(path)!r}: {exc}") from None
+    if not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(
+            f"the {what} {str(path)!r} is a symlink or not a directory: remove it, or "
+            "choose another --run-dir (or state_dir)"
+        )
+    if info.st_uid != expected:
+        raise ConfigError(
+            f"the {what} {str(path)!r} belongs to uid {info.st_uid}, not uid {expected}: "
+            f"whoever owns it can swap its sockets and read or forge this user's traffic. "
+            f"Remove it (or 'chown {expected} {path}'), or choose another --run-dir; to "
+            f"use another user's proxy on purpose, set Settings(run_dir_owner=UID)"
+        )
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ConfigError(
+            f"the {what} {str(path)!r} is writable by group or others (mode "
+            f"{stat.S_IMODE(info.st_mode):04o}): they can swap its sockets; run "
+            f"'chmod go-w {path}' (0700, or 0750 for a service group), or choose another "
+            "--run-dir"
+        )
+
+
+def ipc_socket_mode(run_dir: Path) -> int:
+    """The mode the proxy gives its sockets, whatever the umask: 0660 when the run
+    directory lets its group in (0750: a service group), else 0600; never others."""
+    return 0o660 if os.stat(run_dir).st_mode & stat.S_IXGRP else 0o600
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,11 +26,11 @@ from typing import Any
 import zmq
 
 from ._errors import ConfigError, Timeout, TransportError
-from ._settings import Settings
+from ._settings import Settings, check_private_dir, ipc_socket_mode
 
 __all__ = [
     "ZAP_DOMAIN", "CurveKeys", "abandon", "context", "forks", "make_socket", "read_public_keys",
-    "recv_frames", "wait_for_probe",
+    "recv_frames", "secure_ipc", "wait_for_probe",
 ]
 
 ZAP_DOMAIN = b"zbus"
@@ -204,6 +204,13 @@ def make_socket(
     ``False``, the pings (IVL) and their TTL only, so that the far side drops this socket
     when it goes silent, but never a timeout here: for a socket whose receive queue fills in
     normal use (a consumer's), which watches its peer another way (zbus._link)."""
+    connects = [connect] if isinstance(connect, str) else list(connect or ())
+    for endpoint in connects:
+        if endpoint.startswith("ipc://"):
+            # Before any byte goes there: another user's (or a shared writable) run
+            # directory may hold their proxy, or sockets they swapped in.
+            check_private_dir(Path(endpoint[6:]).parent, "run directory",
+                              owner=settings.run_dir_owner)
     sock: zmq.Socket[Any] = ctx.socket(kind)
     binds = [bind] if isinstance(bind, str) else list(bind or ())
     # ipc/inproc first: they must not inherit the CURVE server options set for tcp below.
@@ -234,6 +241,8 @@ def make_socket(
                 sock.curve_server = True
                 sock.zap_domain = ZAP_DOMAIN
             sock.bind(endpoint)
+            if endpoint.startswith("ipc://"):
+                secure_ipc(endpoint)
         if connect is not None:
             if curve is not None and server_key is not None:
                 sock.curve_secretkey = curve.secret
@@ -246,6 +255,13 @@ def make_socket(
         where = bind or connect
         raise TransportError(f"cannot set up a ZeroMQ socket on {where}: {exc}") from exc
     return sock
+
+
+def secure_ipc(endpoint: str) -> None:
+    """Give a just-bound ipc socket its mode (``ipc_socket_mode``), whatever the umask made
+    it (libzmq creates it 0777 minus the umask: 0777 under umask 000)."""
+    path = Path(endpoint[6:])
+    os.chmod(path, ipc_socket_mode(path.parent))
 
 
 def _heartbeats(sock: zmq.Socket[Any], settings: Settings, *, timeout: bool) -> None:
