@@ -99,7 +99,11 @@ class ControlServer:
 
     def start(self) -> None:
         """Start the thread; return once the socket is bound."""
-        self._thread = threading.Thread(target=self._serve, name="zbus-control", daemon=True)
+        # Guarded: an error out of the loop ends the proxy (proxy/_guard.py), never just
+        # this thread, after which every Subscriber.ready() and pool member timed out.
+        self._thread = threading.Thread(
+            target=self._proxy.health.guard("zbus-control", self._serve),
+            name="zbus-control", daemon=True)
         self._thread.start()
         if not self._ready.wait(10):
             raise ProxyError("the control socket did not start")

@@ -45,6 +45,7 @@ from ._directory import (
     StaticDirectory,
     ZapHandler,
 )
+from ._guard import ServiceHealth
 from ._members import FRAMES_PER_MESSAGE, PoolMembers
 
 __all__ = ["LINK_CONNECT_TIMEOUT", "PEER_TIMEOUT", "PROBE_PREFIX", "Federation",
@@ -82,6 +83,7 @@ class FederationHost(Protocol):
     _pools: dict[str, list[str]]
     _pool_members: PoolMembers
     _devices: dict[str, Device]
+    health: ServiceHealth
 
     @property
     def pools(self) -> dict[str, list[str]]: ...
@@ -157,7 +159,8 @@ class Federation:
             self._directory = StaticDirectory(fed.peers, self.me)
         ready = threading.Event()
         for target, name in ((self._serve_peers, "zbus-peers"), (self._manage, "zbus-links")):
-            thread = threading.Thread(target=target, args=(ready,), name=name, daemon=True)
+            thread = threading.Thread(target=self._host.health.guard(name, target),
+                                      args=(ready,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
             if not ready.wait(10):

@@ -51,6 +51,7 @@ from ._control import ControlServer
 from ._device import Device, SocketSpec
 from ._directory import FederationConfig, PeerInfo
 from ._federation import Federation
+from ._guard import ServiceHealth
 from ._members import PoolMembers
 from ._reliable import DEFAULT_ACK_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DeadLetter, ReliablePool
 
@@ -59,6 +60,11 @@ __all__ = ["Proxy"]
 log = logging.getLogger("zbus.proxy")
 
 POOLS_FILE = "pools.json"
+MAX_ACK_TIMEOUT = 86_400.0
+"""Largest ack_timeout (s) of an at-least-once pool: a day (beyond, no redelivery at all)."""
+MAX_ATTEMPTS = 1000
+"""Largest max_attempts of an at-least-once pool."""
+MAX_DEAD_LETTER_START = 2**63 - 1
 LOCK_FILE = "zbus-proxy.lock"
 
 
@@ -90,6 +96,9 @@ class Proxy:
         self._pool_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._stopping = threading.Event()
+        self.health = ServiceHealth(self._stopping)
+        """Service threads that failed (proxy/_guard.py); ``health.failed`` is set on the
+        first, and ``zbus-proxy`` then exits with code 1 for its supervisor to restart it."""
         self.pool_startup_drops = 0
         self.federation = federation
         self.me: PeerInfo | None = federation.me if federation else None
@@ -378,15 +387,18 @@ class Proxy:
                           ack_timeout: Any = None, max_attempts: Any = None) -> bool:
         validate_name(name, "pool name")
         _, wanted = self._check_bindings(bindings)
+        # Bounded, not only typed: a declaration persists and every stats reply repeats it,
+        # so an out-of-range value there would outlive the request that sent it.
         if ack_timeout is not None and (
                 isinstance(ack_timeout, bool) or not isinstance(ack_timeout, int | float)
-                or not 0 < ack_timeout < float("inf")):
-            raise ConfigError(f"ack_timeout must be a positive number of seconds, "
-                              f"not {ack_timeout!r}")
+                or not 0 < ack_timeout <= MAX_ACK_TIMEOUT):
+            raise ConfigError(f"ack_timeout must be a number of seconds > 0 and <= "
+                              f"{MAX_ACK_TIMEOUT:g}, not {ack_timeout!r}")
         if max_attempts is not None and (
                 isinstance(max_attempts, bool) or not isinstance(max_attempts, int)
-                or max_attempts < 1):
-            raise ConfigError(f"max_attempts must be an integer >= 1, not {max_attempts!r}")
+                or not 1 <= max_attempts <= MAX_ATTEMPTS):
+            raise ConfigError(f"max_attempts must be an integer from 1 to {MAX_ATTEMPTS}, "
+                              f"not {max_attempts!r}")
         with self._pool_lock:
             if name in self._pools:
                 raise ConfigError(
@@ -419,7 +431,8 @@ class Proxy:
             assert self._ctx is not None
             pool = ReliablePool(name, wanted, self.endpoints, self.settings, self._ctx,
                                 ack_timeout=decl["ack_timeout"],
-                                max_attempts=decl["max_attempts"])
+                                max_attempts=decl["max_attempts"],
+                                on_failure=self.health.report)
             try:
                 pool.start()
             except BaseException:
@@ -455,8 +468,11 @@ class Proxy:
 
     def _dead_letter_page(self, name: Any, start: Any, limit: Any) -> dict[str, Any]:
         for what, value in (("start", start), ("limit", limit)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"dead_letters: {what} must be an integer >= 0")
+            # start bounded too: the reply's next (start + what it holds) must stay a uint64
+            if isinstance(value, bool) or not isinstance(value, int) \
+                    or not 0 <= value <= MAX_DEAD_LETTER_START:
+                raise ConfigError(f"dead_letters: {what} must be an integer from 0 to "
+                                  f"{MAX_DEAD_LETTER_START}")
         # Half the largest message a client takes: room for the envelope of the reply.
         budget = max(self.settings.max_message_bytes // 2, 1)
         return self._reliable_pool(name).dead_letter_page(start, min(limit, 1000), budget)
@@ -526,6 +542,8 @@ class Proxy:
             "pool_startup_drops": self.pool_startup_drops,
             "reliable_pools": self._reliable_stats(),
             "beacons": self._control.beacon_stats(),
+            # Thread name -> the error it ended on; anything here means the proxy is exiting.
+            "service_failures": self.health.stats(),
         }
         if self._federation is not None:
             result["federation"] = self._federation.stats()

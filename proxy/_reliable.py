@@ -50,7 +50,7 @@ import struct
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -291,6 +291,7 @@ class ReliablePool:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         max_pending: int | None = None,
         dead_letter_max: int = 1000,
+        on_failure: Callable[[str, BaseException], None] | None = None,
     ) -> None:
         self.name = validate_name(name, "pool name")
         if not bindings:
@@ -310,6 +311,9 @@ class ReliablePool:
         self._stopping = threading.Event()
         self._ready = threading.Event()
         self._error: BaseException | None = None
+        # Told when the loop ends on an error: the proxy exits rather than keep a pool that
+        # takes nothing (proxy/_guard.py).
+        self._on_failure = on_failure
         self._thread = threading.Thread(target=self._run, name=f"zbus-rpool-{name}", daemon=True)
 
     def start(self, timeout: float = 10.0) -> ReliablePool:
@@ -403,8 +407,10 @@ class ReliablePool:
             self._loop(sub, router, closed)
         except zmq.ContextTerminated:
             pass
-        except Exception:
+        except Exception as exc:
             log.exception("reliable pool %s stopped on an error", self.name)
+            if self._on_failure is not None:
+                self._on_failure(f"zbus-rpool-{self.name}", exc)
         finally:
             with contextlib.suppress(zmq.ZMQError):
                 router.disable_monitor()

@@ -6,7 +6,7 @@ then flags. Exit codes (docs/OPERATING.md repeats them):
 * 0 — stopped cleanly on SIGTERM/SIGINT, or ``--check-config`` found the config valid;
 * 2 — the configuration (file or flags) is invalid; the message names the key;
 * 3 — the run directory or a socket is taken (another zbus-proxy serves it);
-* 1 — any other failure to start or run.
+* 1 — any other failure to start or run, including a service thread that failed.
 """
 
 from __future__ import annotations
@@ -65,7 +65,14 @@ _FLAG_KEYS = {
 
 def render_metrics(stats: dict[str, Any]) -> str:
     """The proxy's counters (the control socket's ``stats``) in Prometheus text format 0.0.4."""
-    out = family("zbus_proxy_up", "gauge", "1 while the proxy serves.", [({}, 1)])
+    failures: dict[str, str] = stats.get("service_failures") or {}
+    out = family("zbus_proxy_up", "gauge",
+                 "1 while the proxy serves; 0 once a service thread failed (it is exiting).",
+                 [({}, 0 if failures else 1)])
+    out += family("zbus_proxy_service_failures_total", "counter",
+                  "Service threads (control, peers, links, at-least-once pools, metrics) "
+                  "that ended on an error; the proxy then exits with code 1.",
+                  [({"thread": name}, 1) for name in sorted(failures)])
     devices: dict[str, dict[str, int]] = stats.get("devices") or {}
     for unit in ("frames", "bytes"):
         samples = []
@@ -235,11 +242,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         })
         if config.metrics_port:
             metrics = MetricsServer(lambda: render_metrics(proxy.stats()), config.metrics_host,
-                                    config.metrics_port)
+                                    config.metrics_port, on_failure=proxy.health.report)
             log.info("metrics endpoint listening", extra={
                 "url": f"http://{config.metrics_host}:{metrics.port}/metrics"})
-        while not stop.wait(1.0):
-            pass
+        # The supervisor restarts a proxy that exits non-zero: a failed service thread
+        # (proxy/_guard.py) ends the process rather than leave it up and half dead.
+        while not stop.wait(0.2):
+            if proxy.health.failed.is_set():
+                failures = proxy.health.stats()
+                log.critical("a service thread failed: exiting", extra={"failed": failures})
+                print(f"zbus-proxy: service thread failed: {failures}", file=sys.stderr)
+                return EXIT_FAILED
     except (ZbusError, OSError) as exc:
         log.error("failed", extra={"error": str(exc)})
         print(f"zbus-proxy: {exc}", file=sys.stderr)
