@@ -79,19 +79,22 @@ def test_a_closed_publisher_s_tail_reaches_a_subscriber_that_was_behind(
         conn = zbus.Connection(run_dir, settings=zbus.Settings(subscriber_hwm=50))
         got: list[int] = []
         dispatcher = zbus.Dispatcher()
-        dispatcher.bind("ex", "#", lambda d: got.append(d.payload))
+        dispatcher.bind("ex", "#", lambda d: got.append(d.payload[0]))
         sub = conn.subscribe(dispatcher, key)
         sub.ready()
         factory = zbus.MessageFactory(key, "svc")
         with zbus.Connection(run_dir) as pub_conn:
-            for i in range(1, 2001):
-                pub_conn.send_frames(factory.frames("ex", "a", i))
+            # 20,000 of 1 KiB: more than the socket buffers on the way hold, so the proxy's
+            # queue for the subscriber (HWM 50) must overflow.
+            pad = "x" * 1024
+            for i in range(1, 20_001):
+                pub_conn.send_frames(factory.frames("ex", "a", [i, pad]))
             beacons = factory.beacons()
             pub_conn.send_many(beacons)  # lost with the tail: the subscriber is still full
             pub_conn.control.request("beacons", beacons=beacons)
         while sub.process(0.2):  # catch up, reading what the proxy had queued
             pass
-        assert got == sorted(got) and got[-1] < 2000  # the tail was dropped
+        assert got == sorted(got) and got[-1] < 20_000  # the tail was dropped
         lost_before = sub.stats.lost
         assert lost_before == got[-1] - len(got)  # only the gaps before the last one
         # The proxy publishes the beacon again after 1 s: wait for it, at most 5 s.
@@ -100,7 +103,7 @@ def test_a_closed_publisher_s_tail_reaches_a_subscriber_that_was_behind(
                 break
             sub.process(0.1)
         assert sub.stats.beacons >= 1
-        assert sub.stats.lost == 2000 - len(got)  # exactly what never came
+        assert sub.stats.lost == 20_000 - len(got)  # exactly what never came
         assert conn.proxy_stats()["beacons"]["republished"] >= 1
         sub.close()
         conn.close()
