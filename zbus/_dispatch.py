@@ -28,7 +28,7 @@ import logging
 import struct
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeVar
@@ -105,6 +105,10 @@ class Dispatcher:
     def __init__(self) -> None:
         self._bindings: list[Binding] = []
         self._classes: dict[str, type[Message]] = {}
+        # message type -> the exchanges its class decodes on (None: every exchange, for a
+        # class registered without exchanges). A key allowed only on one exchange must not
+        # get its messages decoded by a class another exchange's binding asked for.
+        self._class_exchanges: dict[str, frozenset[str] | None] = {}
         # Rebuilt on bind (bindings are few and made at start-up); routing never fills a
         # per-key cache, so its cost and memory do not grow with the keys seen (issue 13).
         self._matcher: TopicMatcher[Handler] = TopicMatcher()
@@ -117,12 +121,16 @@ class Dispatcher:
         *,
         message_class: type[Message] | None = None,
     ) -> H:
-        """Call ``handler(delivery)`` for messages on ``exchange`` whose key matches ``pattern``."""
+        """Call ``handler(delivery)`` for messages on ``exchange`` whose key matches ``pattern``.
+
+        With ``message_class``, messages of its type are decoded into it on ``exchange``
+        (and on the exchanges of its other bindings) only: see :meth:`register`."""
         if not callable(handler):
             raise ConfigError(f"handler {handler!r} is not callable")
-        self._bindings.append(Binding(TopicPattern(exchange, pattern), handler))
+        binding = Binding(TopicPattern(exchange, pattern), handler)
         if message_class is not None:
-            self.register(message_class)
+            self.register(message_class, exchanges=[exchange])
+        self._bindings.append(binding)
         self._matcher = TopicMatcher((b.pattern, b.handler) for b in self._bindings)
         return handler
 
@@ -136,8 +144,14 @@ class Dispatcher:
 
         return decorate
 
-    def register(self, message_class: type[Message]) -> None:
-        """Decode payloads of ``message_class.message_type`` into instances of it."""
+    def register(self, message_class: type[Message], *,
+                 exchanges: Iterable[str] | None = None) -> None:
+        """Decode payloads of ``message_class.message_type`` into instances of it, on
+        ``exchanges`` only (added to those it has); None: on every exchange.
+
+        A message of that type on another exchange is rejected as ``type_not_allowed``
+        (docs/SECURITY.md): the key that signed it may be one allowed on that exchange
+        only, and the class's consumers trust its fields as the other exchange's."""
         if not (isinstance(message_class, type) and issubclass(message_class, Message)):
             raise ConfigError(f"{message_class!r} is not a zbus.Message subclass")
         mtype = getattr(message_class, "message_type", None)
@@ -148,7 +162,15 @@ class Dispatcher:
             raise ConfigError(
                 f"message type {mtype!r} is already registered to {known.__name__}"
             )
+        where = None if exchanges is None else frozenset(exchanges)
+        if where is not None:
+            for exchange in where:
+                TopicPattern(exchange, "#")  # the exchange's name is checked here
+        if known is not None:
+            before = self._class_exchanges.get(mtype)
+            where = None if before is None or where is None else before | where
         self._classes[mtype] = message_class
+        self._class_exchanges[mtype] = where
 
     @property
     def patterns(self) -> list[TopicPattern]:
@@ -161,11 +183,23 @@ class Dispatcher:
         """The handlers bound to patterns matching the key, in binding order."""
         return self._matcher.match(exchange, routing_key)
 
-    def decode(self, envelope: Envelope) -> Any:
-        """The registered message class's instance for ``envelope``, or its raw payload."""
+    def decode(self, envelope: Envelope, exchange: str | None = None) -> Any:
+        """The registered message class's instance for ``envelope`` (received on
+        ``exchange``), or its raw payload when no class is registered for its type.
+
+        Raises EnvelopeError (reason ``type_not_allowed``) when the type's class is
+        registered for other exchanges only; ``exchange`` None skips that check (a caller
+        decoding outside any exchange)."""
         cls = self._classes.get(envelope.message_type)
         if cls is None:
             return envelope.payload
+        allowed = self._class_exchanges.get(envelope.message_type)
+        if exchange is not None and allowed is not None and exchange not in allowed:
+            raise EnvelopeError(
+                f"message type {envelope.message_type!r} arrived on exchange {exchange!r}, "
+                f"but {cls.__name__} is registered for {sorted(allowed)} only",
+                reason="type_not_allowed",
+            )
         if envelope.message_type_version > cls.version:
             raise VersionError(
                 f"{envelope.message_type!r} version {envelope.message_type_version} is newer "
@@ -430,7 +464,7 @@ class ConsumerCore:
             envelope = Envelope(stream + _U64.pack(sequence), publisher_id, sequence,
                                 float(timestamp), message_type, version, payload)
             try:
-                message = self.dispatcher.decode(envelope)
+                message = self.dispatcher.decode(envelope, exchange)
             except EnvelopeError as exc:
                 self.reject(exc.reason, str(exc))
                 continue
