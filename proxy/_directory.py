@@ -47,6 +47,10 @@ DEFAULT_PORT = 7737
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 
+ENTRY_MAX_BYTES = 2048
+"""Largest Redis directory entry read: a PeerInfo is four short strings (about 300 bytes)."""
+_ENTRY_FIELDS = frozenset({"id", "origin", "control", "public_key"})
+
 
 def free_port_pair(host: str) -> int:
     """A port P on ``host`` with P and P+1 free now: a proxy's origin and its peer control
@@ -189,6 +193,50 @@ class FederationConfig:
 # -- directories -------------------------------------------------------------------------------
 
 
+def _depth(raw: bytes) -> int:
+    """How deep ``raw``'s JSON arrays and objects nest, strings skipped (before parsing it:
+    json.loads recurses, and 100,000 levels raise RecursionError)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in b"[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif byte in b"]}":
+            depth -= 1
+    return deepest
+
+
+def parse_entry(raw: bytes) -> PeerInfo:
+    """One Redis directory entry: a JSON map of exactly id, origin, control and public_key.
+    ValueError when it is anything else."""
+    if len(raw) > ENTRY_MAX_BYTES:
+        raise ValueError(f"a directory entry is at most {ENTRY_MAX_BYTES} bytes, not {len(raw)}")
+    if _depth(raw) != 1:
+        raise ValueError("a directory entry is one flat JSON map")
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ValueError("a directory entry is JSON") from None
+    if not isinstance(data, dict) or set(data) != _ENTRY_FIELDS:
+        raise ValueError(f"a directory entry is a map of exactly {sorted(_ENTRY_FIELDS)}")
+    info = PeerInfo.from_dict(data)
+    if not info.id or data["id"] != info.id:
+        raise ValueError("a directory entry's id is 1 to 200 characters")
+    return info
+
+
+
+
 class StaticDirectory:
     """The peers from the configuration; it never forgets one (heartbeats and reconnects
     handle a peer that goes away and comes back)."""
@@ -212,7 +260,9 @@ class RedisDirectory:
     TTL and then it drops out of every other proxy's list.
     """
 
-    def __init__(self, url: str, me: PeerInfo, *, ttl: float, prefix: str) -> None:
+    def __init__(self, url: str, me: PeerInfo, *, ttl: float, prefix: str,
+                 configured: Iterable[PeerInfo] = ()) -> None:
+        configured = tuple(configured)
         try:
             redis = importlib.import_module("redis")
         except ModuleNotFoundError:
@@ -224,6 +274,14 @@ class RedisDirectory:
         self.prefix = prefix
         self._known: dict[str, PeerInfo] = {}
         self.failures = 0
+        self.rejected = 0
+        """Entries refused as malformed (too big, too deep, not the exact schema)."""
+        self.conflicts = 0
+        """Entries refused for claiming an id or key this proxy or another peer holds."""
+        self._configured_ids = {me.id: me.public_key, **{p.id: p.public_key for p in configured}}
+        self._configured_keys = {p.public_key: p.id for p in (me, *configured) if p.public_key}
+        self._ids: dict[str, bytes] = dict(self._configured_ids)
+        self._keys: dict[bytes, str] = dict(self._configured_keys)
 
     def refresh(self) -> dict[str, PeerInfo]:
         """Re-register (renewing the TTL) and list the others. On a Redis error, keep the last
@@ -238,17 +296,46 @@ class RedisDirectory:
             log.warning("redis directory unreachable, keeping the last peer list",
                         extra={"error": str(exc)})
             return dict(self._known)
+        # First wins: this proxy and the configured peers, then what earlier refreshes
+        # kept, then this refresh's entries in key order. A writable Redis must not let an
+        # entry shadow a peer already known, by its id or by its key.
+        ids = dict(self._ids)
+        owners = dict(self._keys)
         peers: dict[str, PeerInfo] = {}
-        for value in values:
+        for name, value in sorted(zip(keys, values, strict=True), key=lambda kv: bytes(kv[0])):
             if value is None:
                 continue  # expired between SCAN and MGET
             try:
-                info = PeerInfo.from_dict(json.loads(value))
+                info = parse_entry(bytes(value))
             except ValueError as exc:
-                log.warning("ignoring a malformed directory entry", extra={"error": str(exc)})
+                self.rejected += 1
+                log.warning("ignoring a malformed directory entry",
+                            extra={"error": str(exc)[:200]})
                 continue
-            if info.id != self.me.id:
-                peers[info.id] = info
+            if info.id == self.me.id and info.public_key == self.me.public_key:
+                continue  # our own entry
+            key = info.public_key
+            # An entry lives at PREFIX<its id>: one under another name claims an id it
+            # does not hold (twenty such could each say they are the same peer).
+            if bytes(name) != (self.prefix + info.id).encode() \
+                    or ids.get(info.id, key) != key \
+                    or (key and owners.get(key, info.id) != info.id):
+                self.conflicts += 1
+                log.warning("ignoring a directory entry claiming a peer's id or key that "
+                            "another entry or the configuration holds",
+                            extra={"peer": info.id})
+                continue
+            ids[info.id] = key
+            if key:
+                owners[key] = info.id
+            peers[info.id] = info
+        # A binding lasts while its id's key exists: the real peer's entry overwritten by
+        # a squatter keeps it bound, and an id whose key expired (the peer left) is free
+        # again, for that peer to come back under a new key.
+        listed = {bytes(name)[len(self.prefix):].decode(errors="replace") for name in keys}
+        self._ids = {**{i: k for i, k in ids.items() if i in listed}, **self._configured_ids}
+        self._keys = {**{k: i for k, i in owners.items() if i in listed},
+                      **self._configured_keys}
         self._known = peers
         return dict(peers)
 

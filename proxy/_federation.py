@@ -154,7 +154,7 @@ class Federation:
         fed = self.config
         if fed.directory == "redis":
             self._directory = RedisDirectory(fed.redis_url, self.me, ttl=fed.ttl,
-                                             prefix=fed.redis_prefix)
+                                             prefix=fed.redis_prefix, configured=fed.peers)
         else:
             self._directory = StaticDirectory(fed.peers, self.me)
         ready = threading.Event()
@@ -218,6 +218,8 @@ class Federation:
                 "reflected": self.reflected,
                 "zap": self._zap.stats() if self._zap else None,
                 "directory_failures": getattr(self._directory, "failures", 0),
+                "directory_rejected": getattr(self._directory, "rejected", 0),
+                "directory_conflicts": getattr(self._directory, "conflicts", 0),
             }
 
     def pool_in(self, name: str) -> str:

@@ -6,6 +6,7 @@ peer lists after its TTL, while the stream between the others flows on without a
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import socket
@@ -15,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import zmq
+from zbus_proxy._directory import PeerInfo, RedisDirectory
 
 from .agents import Agent, Collector
 from .conftest import short_tmp_dir
@@ -149,3 +152,87 @@ def test_late_join_and_sigkill_with_a_redis_directory(
         for host in hosts:
             host.stop()
         collector.close()
+
+
+def _entry(pid: str, port: int, key: bytes) -> str:
+    return json.dumps(PeerInfo(pid, f"tcp://127.0.0.1:{port}", f"tcp://127.0.0.1:{port + 1}",
+                               key).as_dict())
+
+
+def test_hostile_directory_entries_are_skipped_and_shadow_no_peer(redis_url: str) -> None:
+    """Issue 14, item 11: a writable Redis. One entry nested 100,000 deep made every refresh
+    raise RecursionError (hosts never linked); entries claiming a real peer's id and key with
+    a sink origin took its place. Each is skipped and counted; the real peers stay."""
+    import redis
+
+    prefix = "zbus:proxy:"
+    me_key, b_key, c_key = (zmq.curve_keypair()[0] for _ in range(3))
+    me = PeerInfo("a", "tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002", me_key)
+    client = redis.Redis.from_url(redis_url)
+    directory = RedisDirectory(redis_url, me, ttl=30, prefix=prefix)
+    try:
+        client.set(prefix + "b", _entry("b", 7003, b_key))
+        client.set(prefix + "c", _entry("c", 7005, c_key))
+        bad = {
+            "deep": b"[" * 100_000 + b"]" * 100_000,
+            "deep-map": b'{"id": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+            "huge": json.dumps({"id": "huge", "origin": "tcp://127.0.0.1:1",
+                                "control": "tcp://127.0.0.1:2",
+                                "public_key": "x" * 100_000}).encode(),
+            "extra": json.dumps({**json.loads(_entry("extra", 7007, b"")), "x": 1}).encode(),
+            "notjson": b"\xff{",
+            "list": b"[1, 2]",
+        }
+        for name, value in bad.items():
+            client.set(prefix + name, value)
+        assert directory.refresh().keys() == {"b", "c"}
+        assert directory.rejected == len(bad)
+        assert directory.conflicts == 0
+        client.delete(*(prefix + name for name in bad))
+
+        # 20 entries claiming b's id and key at a sink; 20 more with ids of their own and
+        # b's key; one claiming this proxy's key. None shadows b or us.
+        for n in range(20):
+            client.set(f"{prefix}sink-{n}", _entry("b", 7999, b_key))
+            client.set(f"{prefix}b{n}", _entry(f"b{n}", 7999, b_key))
+        client.set(prefix + "m", _entry("m", 7999, me_key))
+        found = directory.refresh()
+        assert found.keys() == {"b", "c"}
+        assert found["b"].origin == "tcp://127.0.0.1:7003"
+        assert directory.conflicts == 41
+        assert directory.rejected == len(bad)
+
+        # The real b's own key rewritten to point at the sink: b's id is bound to its key,
+        # so a new key under it is refused; the sink only succeeds by holding b's key.
+        client.set(prefix + "b", _entry("b", 7999, c_key))
+        for _ in range(2):  # and stays refused: no b<n> takes b's key meanwhile
+            assert directory.refresh().keys() == {"c"}
+        assert directory.conflicts == 41 + 2 * 42
+        # b's key expires (b left): its id is free for a new key.
+        client.delete(prefix + "b", *(f"{prefix}b{n}" for n in range(20)))
+        directory.refresh()
+        client.set(prefix + "b", _entry("b", 7003, c_key.swapcase()))
+        assert directory.refresh().keys() == {"b", "c"}
+    finally:
+        directory.close()
+        client.close()
+
+
+def test_an_entry_shadows_no_configured_peer(redis_url: str) -> None:
+    """A peer also named in the config keeps its configured key against a Redis entry."""
+    import redis
+
+    prefix = "zbus:proxy:"
+    me_key, b_key, m_key = (zmq.curve_keypair()[0] for _ in range(3))
+    me = PeerInfo("a", "tcp://127.0.0.1:7001", "tcp://127.0.0.1:7002", me_key)
+    b = PeerInfo("b", "tcp://127.0.0.1:7003", "tcp://127.0.0.1:7004", b_key)
+    client = redis.Redis.from_url(redis_url)
+    directory = RedisDirectory(redis_url, me, ttl=30, prefix=prefix, configured=[b])
+    try:
+        client.set(prefix + "b", _entry("b", 7999, m_key))
+        client.set(prefix + "m", _entry("m", 7999, b_key))
+        assert directory.refresh() == {}
+        assert directory.conflicts == 2
+    finally:
+        directory.close()
+        client.close()
