@@ -193,6 +193,8 @@ class PoolMembers:
         self.receipts_refused = 0  # every refused report, a pool's or not
         self._books: dict[str, StreamBooks] = {}
         self._monitor_inbox: queue.SimpleQueue[tuple[str, zmq.Socket[Any]]] = queue.SimpleQueue()
+        self._pending: dict[str, zmq.Socket[Any]] = {}
+        self._pending_lock = threading.Lock()
 
     def watch(self, ctx: zmq.Context[Any], name: str, push: zmq.Socket[Any],
               endpoint: str) -> None:
@@ -205,11 +207,29 @@ class PoolMembers:
         reader: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
         reader.setsockopt(zmq.LINGER, 0)
         reader.connect(monitor)
-        # Handed to the manager thread; the queue's lock is the memory barrier that libzmq
-        # asks for when a socket moves between threads, and this thread never touches it again.
-        self._monitor_inbox.put((name, reader))
+        # Held until the whole pool is declared (``hand_over``), or closed with it if the
+        # declaration fails (``discard``): else the reading thread would keep it forever.
+        # The lock is the memory barrier that libzmq asks for when a socket moves between
+        # threads, and this thread never touches it again.
+        with self._pending_lock:
+            self._pending[name] = reader
         push.bind(endpoint)
         secure_ipc(endpoint)
+
+    def hand_over(self, name: str) -> None:
+        """Pool ``name`` is declared: its member monitor goes to the thread that reads them
+        (the manager thread with federation, else the control thread)."""
+        with self._pending_lock:
+            reader = self._pending.pop(name, None)
+        if reader is not None:
+            self._monitor_inbox.put((name, reader))
+
+    def discard(self, name: str) -> None:
+        """Pool ``name``'s declaration failed, its device threads ended: close its monitor."""
+        with self._pending_lock:
+            reader = self._pending.pop(name, None)
+        if reader is not None:
+            reader.close(linger=0)
 
     def new_monitors(self) -> list[tuple[str, zmq.Socket[Any]]]:
         """The monitors handed over since the last call, as (pool, reading socket): from now
@@ -223,6 +243,10 @@ class PoolMembers:
 
     def close_unread(self) -> None:
         """Close the monitors no thread took (the proxy's stop, after those threads ended)."""
+        with self._pending_lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for reader in pending:
+            reader.close(linger=0)
         while True:
             try:
                 _, reader = self._monitor_inbox.get_nowait()

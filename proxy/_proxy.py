@@ -65,6 +65,12 @@ MAX_ACK_TIMEOUT = 86_400.0
 MAX_ATTEMPTS = 1000
 """Largest max_attempts of an at-least-once pool."""
 MAX_DEAD_LETTER_START = 2**63 - 1
+MAX_POOL_BINDINGS = 256
+"""Most distinct bindings of one pool (duplicates are merged first): each is a subscription
+of the pool's SUB and is repeated in every hello to peers (docs/OPERATING.md)."""
+MAX_POOL_BINDING_ENTRIES = 4096
+"""Most entries, duplicates included, of a declaration's binding list (checked before any
+is parsed, so that a huge list cannot hold the control thread)."""
 LOCK_FILE = "zbus-proxy.lock"
 
 
@@ -269,11 +275,23 @@ class Proxy:
 
     @staticmethod
     def _check_bindings(bindings: Any) -> tuple[list[TopicPattern], list[str]]:
+        """The distinct patterns of ``bindings`` and their sorted texts; ConfigError when
+        they are not a list of 1 to MAX_POOL_BINDINGS distinct bindings. Called before a
+        declaration makes any socket."""
         if (not isinstance(bindings, list) or not bindings
                 or not all(isinstance(b, str) for b in bindings)):
             raise ConfigError("a pool needs a list of one or more bindings 'exchange/pattern'")
-        patterns = [TopicPattern.parse(b) for b in bindings]
-        return patterns, sorted(str(p) for p in patterns)
+        if len(bindings) > MAX_POOL_BINDING_ENTRIES:
+            raise ConfigError(f"a pool's binding list has at most {MAX_POOL_BINDING_ENTRIES} "
+                              f"entries, not {len(bindings)}: list each binding once")
+        unique = {str(p): p for p in map(TopicPattern.parse, bindings)}
+        if len(unique) > MAX_POOL_BINDINGS:
+            raise ConfigError(
+                f"a pool has at most {MAX_POOL_BINDINGS} distinct bindings, not "
+                f"{len(unique)}: bind wider patterns ('exchange/prefix.#') or split the pool"
+            )
+        wanted = sorted(unique)
+        return [unique[text] for text in wanted], wanted
 
     def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> bool:
         validate_name(name, "pool name")
@@ -293,41 +311,21 @@ class Proxy:
                         f"{self.state_dir / POOLS_FILE}"
                     )
                 return False
-            ep, s, federation = self.endpoints, self.settings, self._federation
-            pool_origin: tuple[str, ...] = (ep.pool_origin(name),)
-            if federation is None:
-                # The PUSH binds in _watch_members, after its member monitor is connected.
-                self._add_device(
-                    f"pool-{name}-deliver",
-                    SocketSpec(zmq.PULL, connect=(ep.pool_origin(name),), rcvhwm=s.pool_hwm),
-                    SocketSpec(zmq.PUSH, sndhwm=s.pool_hwm),
-                    prepare=lambda pull, push: self._watch_members(name, push),
-                )
-            else:
-                # The PUSH binds in _watch_members, after its member monitor is connected.
-                pool_origin += (f"tcp://{federation.config.host}:*",)
-                self._add_device(
-                    f"pool-{name}-deliver",
-                    SocketSpec(zmq.PULL, bind=federation.pool_in(name), rcvhwm=s.pool_hwm),
-                    SocketSpec(zmq.PUSH, sndhwm=s.pool_hwm),
-                    prepare=lambda pull, push: self._watch_members(name, push),
-                )
             try:
-                self._add_device(
-                    f"pool-{name}-origin",
-                    SocketSpec(zmq.SUB, connect=(ep.origin,), rcvhwm=s.pool_hwm,
-                               subscribe=tuple(minimal_prefixes(patterns))),
-                    SocketSpec(zmq.PUSH, bind=pool_origin, sndhwm=s.pool_hwm,
-                               curve=federation.config.curve if federation else None),
-                    prepare=self._probe_pool,
-                )
+                self._start_pool(name, patterns)
             except BaseException:
-                # Undo the half-made pool, or a retry would find its socket address taken.
-                self._devices.pop(f"pool-{name}-deliver").stop()
+                # Undo the half-made pool: every socket it made is closed (its device
+                # threads close theirs; its member monitor is closed here), and a retry
+                # finds its socket addresses free.
+                device = self._devices.pop(f"pool-{name}-deliver", None)
+                if device is not None:
+                    device.stop()
+                self._pool_members.discard(name)
                 raise
+            self._pool_members.hand_over(name)
             with self._state:
-                if federation is not None:
-                    federation.pool_endpoints[name] = \
+                if self._federation is not None:
+                    self._federation.pool_endpoints[name] = \
                         self._devices[f"pool-{name}-origin"].last_endpoints[1]
                 self._pool_members.counts.setdefault(name, 0)
             self._pools[name] = wanted
@@ -335,6 +333,36 @@ class Proxy:
                 self._save_pools()
         log.info("pool %s declared with %s", name, wanted)
         return True
+
+    def _start_pool(self, name: str, patterns: list[TopicPattern]) -> None:
+        """Start fast pool ``name``'s two devices (caller holds _pool_lock)."""
+        ep, s, federation = self.endpoints, self.settings, self._federation
+        pool_origin: tuple[str, ...] = (ep.pool_origin(name),)
+        if federation is None:
+            # The PUSH binds in _watch_members, after its member monitor is connected.
+            self._add_device(
+                f"pool-{name}-deliver",
+                SocketSpec(zmq.PULL, connect=(ep.pool_origin(name),), rcvhwm=s.pool_hwm),
+                SocketSpec(zmq.PUSH, sndhwm=s.pool_hwm),
+                prepare=lambda pull, push: self._watch_members(name, push),
+            )
+        else:
+            # The PUSH binds in _watch_members, after its member monitor is connected.
+            pool_origin += (f"tcp://{federation.config.host}:*",)
+            self._add_device(
+                f"pool-{name}-deliver",
+                SocketSpec(zmq.PULL, bind=federation.pool_in(name), rcvhwm=s.pool_hwm),
+                SocketSpec(zmq.PUSH, sndhwm=s.pool_hwm),
+                prepare=lambda pull, push: self._watch_members(name, push),
+            )
+        self._add_device(
+            f"pool-{name}-origin",
+            SocketSpec(zmq.SUB, connect=(ep.origin,), rcvhwm=s.pool_hwm,
+                       subscribe=tuple(minimal_prefixes(patterns))),
+            SocketSpec(zmq.PUSH, bind=pool_origin, sndhwm=s.pool_hwm,
+                       curve=federation.config.curve if federation else None),
+            prepare=self._probe_pool,
+        )
 
     @property
     def pools(self) -> dict[str, list[str]]:
