@@ -25,6 +25,7 @@ from zbus import ConfigError, Endpoints, Settings, default_run_dir
 from zbus._transport import CurveKeys, read_public_keys
 
 from ._directory import DEFAULT_PORT, FederationConfig, parse_address, parse_peer
+from ._proxy import DEFAULT_MAX_POOLS
 
 __all__ = ["SCHEMA", "ProxyConfig", "build_config", "load_toml", "setup_logging"]
 
@@ -108,6 +109,9 @@ SCHEMA: dict[str, Key] = {
                                 "prefetches; lost if the host's last member leaves"),
     "limits.max_message_bytes": Key(_positive_int, _defaults.max_message_bytes,
                                     "largest frame accepted (ZMQ_MAXMSGSIZE)"),
+    "limits.max_pools": Key(_positive_int, DEFAULT_MAX_POOLS,
+                            "pools (fast and at-least-once together) this proxy serves; a "
+                            "fast pool costs ~13 fds: raise the fd limit with it"),
     "limits.linger": Key(_seconds, _defaults.linger,
                          "seconds a closing socket may flush before dropping"),
     "limits.heartbeat_ivl": Key(_seconds, _defaults.heartbeat_ivl,
@@ -141,7 +145,9 @@ SCHEMA: dict[str, Key] = {
 }
 
 _SECTIONS = sorted({k.split(".")[0] for k in SCHEMA if "." in k})
-_SETTINGS_KEYS = {k: k.split(".", 1)[1] for k in SCHEMA if k.startswith("limits.")}
+_PROXY_LIMITS = {"limits.max_pools"}  # the proxy's own, not zbus.Settings fields
+_SETTINGS_KEYS = {k: k.split(".", 1)[1] for k in SCHEMA
+                  if k.startswith("limits.") and k not in _PROXY_LIMITS}
 
 
 @dataclass(frozen=True)
@@ -155,6 +161,7 @@ class ProxyConfig:
     log_format: str = "text"
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    max_pools: int = DEFAULT_MAX_POOLS
     source: str | None = None
     federation: FederationConfig | None = None
     values: dict[str, Any] = field(default_factory=dict)
@@ -263,6 +270,7 @@ def build_config(
         log_format=values["log.format"],
         metrics_port=values["metrics.port"],
         metrics_host=values["metrics.host"],
+        max_pools=values["limits.max_pools"],
         source=source,
         federation=federation,
         values=values,

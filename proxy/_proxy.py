@@ -65,6 +65,10 @@ MAX_ACK_TIMEOUT = 86_400.0
 MAX_ATTEMPTS = 1000
 """Largest max_attempts of an at-least-once pool."""
 MAX_DEAD_LETTER_START = 2**63 - 1
+DEFAULT_MAX_POOLS = 64
+"""Most pools (fast and at-least-once together) one proxy serves: a fast pool costs ~13 fds,
+2 threads and 8 libzmq sockets, and 71 to 78 pools took a proxy at a 1,024 fd limit to
+libzmq's abort (``limits.max_pools``, docs/OPERATING.md)."""
 MAX_POOL_BINDINGS = 256
 """Most distinct bindings of one pool (duplicates are merged first): each is a subscription
 of the pool's SUB and is repeated in every hello to peers (docs/OPERATING.md)."""
@@ -88,7 +92,15 @@ class Proxy:
         settings: Settings | None = None,
         state_dir: str | os.PathLike[str] | None = None,
         federation: FederationConfig | None = None,
+        max_pools: int = DEFAULT_MAX_POOLS,
     ) -> None:
+        if isinstance(max_pools, bool) or not isinstance(max_pools, int) or max_pools < 1:
+            raise ConfigError(f"max_pools must be a positive integer, not {max_pools!r}")
+        self.max_pools = max_pools
+        """Most pools, fast and at-least-once together, declared from anywhere: this host's
+        clients, a peer's request or hello, or pools.json at start."""
+        self.pools_refused = 0
+        """Declarations of a new pool refused because ``max_pools`` were declared."""
         self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
         self.settings = settings or Settings()
         self.state_dir = Path(state_dir) if state_dir is not None else self.endpoints.run_dir
@@ -138,6 +150,12 @@ class Proxy:
                 self._federation.start_security()
             self._start_planes()
             pools, reliable = self._load_state()
+            if len(pools) + len(reliable) > self.max_pools:
+                raise ConfigError(
+                    f"{self.state_dir / POOLS_FILE} declares {len(pools) + len(reliable)} "
+                    f"pools, more than limits.max_pools ({self.max_pools}): raise "
+                    f"limits.max_pools (--max-pools) or remove pools from the file"
+                )
             for name, bindings in pools.items():
                 self._declare_pool(name, bindings, persist=False)
             for name, decl in reliable.items():
@@ -311,6 +329,7 @@ class Proxy:
                         f"{self.state_dir / POOLS_FILE}"
                     )
                 return False
+            self._check_room(name)
             try:
                 self._start_pool(name, patterns)
             except BaseException:
@@ -333,6 +352,23 @@ class Proxy:
                 self._save_pools()
         log.info("pool %s declared with %s", name, wanted)
         return True
+
+    def _check_room(self, name: str) -> None:
+        """Refuse new pool ``name`` when ``max_pools`` are declared (caller holds
+        _pool_lock): bounded here, every path to a new pool (control, peer requests,
+        hellos) is, and a proxy never runs out of fds for its own sockets."""
+        declared = len(self._pools) + len(self._reliable_decls)
+        if declared < self.max_pools:
+            return
+        with self._state:
+            self.pools_refused += 1
+        log.warning("pool declaration refused: limit reached",
+                    extra={"pool": name, "max_pools": self.max_pools})
+        raise ConfigError(
+            f"pool {name!r} refused: this proxy serves at most {self.max_pools} pools (fast "
+            f"and at-least-once together) and has {declared}; reuse a pool, or raise "
+            f"limits.max_pools (--max-pools) with the fd limit (docs/OPERATING.md)"
+        )
 
     def _start_pool(self, name: str, patterns: list[TopicPattern]) -> None:
         """Start fast pool ``name``'s two devices (caller holds _pool_lock)."""
@@ -450,6 +486,7 @@ class Proxy:
                             f"take the pool as it is, or use another pool name"
                         )
                 return False
+            self._check_room(name)
             decl: dict[str, Any] = {
                 "bindings": wanted,
                 "ack_timeout": float(DEFAULT_ACK_TIMEOUT if ack_timeout is None
@@ -568,6 +605,8 @@ class Proxy:
                                                    federated=self._federation is not None),
             "pool_receipts_refused": self._pool_members.receipts_refused,
             "pool_startup_drops": self.pool_startup_drops,
+            "max_pools": self.max_pools,
+            "pools_refused": self.pools_refused,
             "reliable_pools": self._reliable_stats(),
             "beacons": self._control.beacon_stats(),
             # Thread name -> the error it ended on; anything here means the proxy is exiting.

@@ -44,6 +44,7 @@ _FLAG_KEYS = {
     "pool_hwm": "limits.pool_hwm",
     "max_message_bytes": "limits.max_message_bytes",
     "pool_link_hwm": "limits.pool_link_hwm",
+    "max_pools": "limits.max_pools",
     "heartbeat_ivl": "limits.heartbeat_ivl",
     "heartbeat_timeout": "limits.heartbeat_timeout",
     "bind": "network.bind",
@@ -95,6 +96,9 @@ def render_metrics(stats: dict[str, Any]) -> str:
     out += family("zbus_proxy_pool_startup_drops_total", "counter",
                   "Messages dropped while pools started.",
                   [({}, stats.get("pool_startup_drops", 0))])
+    out += family("zbus_proxy_pools_refused_total", "counter",
+                  "Declarations of a new pool refused: limits.max_pools pools were declared.",
+                  [({}, stats.get("pools_refused", 0))])
     return "\n".join(out) + "\n"
 
 
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--pool-hwm", "limits.pool_hwm", type=int)
     flag("--max-message-bytes", "limits.max_message_bytes", type=int)
     flag("--pool-link-hwm", "limits.pool_link_hwm", type=int)
+    flag("--max-pools", "limits.max_pools", type=int)
     flag("--heartbeat-ivl", "limits.heartbeat_ivl", type=float)
     flag("--heartbeat-timeout", "limits.heartbeat_timeout", type=float)
     flag("--bind", "network.bind", metavar="HOST[:PORT]")
@@ -219,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     proxy = Proxy(config.run_dir, settings=config.settings, state_dir=config.state_dir,
-                  federation=config.federation)
+                  federation=config.federation, max_pools=config.max_pools)
     try:
         proxy.start()
     except ConfigError as exc:
