@@ -68,6 +68,10 @@ AWAY_SYNC = 0.25
 """Seconds between hellos while a peer does not answer: it is noticed soon after it is back."""
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 RUNS_KEPT = 64
+LEARNED_MAX = 256
+"""Peers learned from hellos (not configured) kept at most: more are refused and counted."""
+LEARNED_EXPIRE_SYNCS = 10
+"""A learned peer neither heard from nor answering for this many sync intervals is dropped."""
 """Runs of each peer whose pool-link reports are kept (a peer restarts with a new run)."""
 
 
@@ -107,6 +111,12 @@ class Federation:
         # Shared by the control, peer and manager threads (under the proxy's _state).
         self._peers: dict[str, PeerInfo] = {}
         self._learned: dict[str, PeerInfo] = {}
+        # A learned peer's id -> when it last said hello or answered one (monotonic).
+        self._heard: dict[str, float] = {}
+        # Who may go by which id: the first id an authenticated key (or, on plain tcp, a
+        # source address) said hello with. A hello claiming another's id is refused.
+        self._id_of: dict[bytes, str] = {}
+        self.hellos_refused: dict[str, int] = {}
         # origin -> the id the proxy there gave itself in a hello reply (its node id): a
         # static entry names a peer by address, its reflected probes carry its own id.
         self._named: dict[str, str] = {}
@@ -216,6 +226,8 @@ class Federation:
                 "pool_endpoints": dict(self.pool_endpoints),
                 "retired_links": {k: dict(v) for k, v in self._retired.items()},
                 "reflected": self.reflected,
+                "learned": len(self._learned),
+                "hellos_refused": dict(self.hellos_refused),
                 "zap": self._zap.stats() if self._zap else None,
                 "directory_failures": getattr(self._directory, "failures", 0),
                 "directory_rejected": getattr(self._directory, "rejected", 0),
@@ -290,8 +302,15 @@ class Federation:
         ctx = self._host._ctx
         assert ctx is not None
         fed = self.config
+        endpoint = peer.control
+        source = fed.host
+        if source and ":" not in source and source not in ("0.0.0.0", "*") \
+                and endpoint.startswith("tcp://"):
+            # From the address we bind: a peer that learns us from this hello checks that
+            # our endpoints are on the address it came from.
+            endpoint = f"tcp://{source}:0;{endpoint[len('tcp://'):]}"
         try:
-            sock = make_socket(ctx, zmq.REQ, self._host.settings, connect=peer.control,
+            sock = make_socket(ctx, zmq.REQ, self._host.settings, connect=endpoint,
                                curve=fed.curve, server_key=peer.public_key or None)
         except Exception:
             log.debug("cannot reach peer", extra={"peer": peer.id}, exc_info=True)
@@ -356,8 +375,9 @@ class Federation:
                     user = ""
                     if self.config.curve is not None:
                         user = str(frames[0].get("User-Id"))
+                    address = str(frames[0].get("Peer-Address"))
                     if len(frames) == 1:
-                        reply = self._handle_peer(frames[0].bytes, user, push)
+                        reply = self._handle_peer(frames[0].bytes, user, push, address)
                     else:
                         reply = {"ok": False, "error": "a request is one frame"}
                     sock.send(msgpack.packb(reply))
@@ -367,7 +387,8 @@ class Federation:
             push.close(linger=0)
             sock.close(linger=0)
 
-    def _handle_peer(self, raw: bytes, user: str, push: zmq.Socket[Any]) -> dict[str, Any]:
+    def _handle_peer(self, raw: bytes, user: str, push: zmq.Socket[Any],
+                     address: str = "") -> dict[str, Any]:
         try:
             try:
                 request = msgpack.unpackb(raw, raw=False, strict_map_key=True)
@@ -379,7 +400,7 @@ class Federation:
             if op == "ping":
                 return {"ok": True, "id": self.me.id}
             if op == "hello":
-                return self._hello_from(request, user)
+                return self._hello_from(request, user, address)
             if op == "declare_pool":
                 # Never passed on from here: declarations spread one hop, from the proxy
                 # a client asked; a peer that missed it catches up through hello.
@@ -405,18 +426,63 @@ class Federation:
             log.exception("peer request failed")
             return {"ok": False, "error": f"internal error: {exc}"}
 
-    def _hello_from(self, request: dict[str, Any], user: str) -> dict[str, Any]:
+    def _refuse_hello(self, reason: str, text: str, info: PeerInfo, address: str) -> None:
+        with self._host._state:
+            self.hellos_refused[reason] = self.hellos_refused.get(reason, 0) + 1
+        log.warning("refused a peer's hello", extra={"peer": info.id, "reason": reason,
+                                                     "address": address})
+        raise ConfigError(text)
+
+    def _hello_from(self, request: dict[str, Any], user: str,
+                    address: str = "") -> dict[str, Any]:
         info = PeerInfo.from_dict(request.get("peer"))
         if self.config.curve is not None and info.public_key.decode() != user:
             raise ConfigError("the hello's public key is not the key this connection used")
+        configured = self._directory.refresh() if self._directory is not None else {}
+        # Who says hello: its authenticated key; on plain tcp only its source address.
+        who = info.public_key if self.config.curve is not None else address.encode()
+        with self._host._state:
+            # Ids held by the configuration: each configured peer's (and the id its proxy
+            # gave itself in a hello reply), under the configured key.
+            owners = {p.id: self._identity(p) for p in configured.values()}
+            for p in configured.values():
+                if p.origin in self._named:
+                    owners[self._named[p.origin]] = self._identity(p)
+            owners[self.me.id] = self._identity(self.me)
+            trusted = self.config.curve is not None \
+                and any(p.public_key == who for p in configured.values())
+            first = self._id_of.get(who)
+            holder = next((k for k, i in self._id_of.items() if i == info.id), None)
+            known = info.id in self._learned
+            count = len(self._learned)
+        claimed = info.id in owners and owners[info.id] != who
+        if claimed or (not trusted and first is not None and first != info.id) \
+                or (holder is not None and holder != who):
+            self._refuse_hello("id_claimed", f"node id {info.id!r} belongs to another peer "
+                               "(ids are bound to the key that first used them)", info, address)
+        learn = self.config.directory == "static" and not trusted
+        if learn:
+            for endpoint in (info.origin, info.control):
+                endpoint_host = endpoint[len("tcp://"):].rpartition(":")[0].strip("[]")
+                if endpoint_host != address:
+                    self._refuse_hello(
+                        "address", f"endpoint {endpoint!r} is not on {address}, where this "
+                        "hello came from: a peer introduces itself at its own address", info,
+                        address)
+            if not known and count >= LEARNED_MAX:
+                self._refuse_hello("learned_full", f"this proxy knows {LEARNED_MAX} peers "
+                                   "from hellos already; list this one in its config", info,
+                                   address)
         self._adopt_pools(request.get("pools"), info.id)
-        if self.config.directory == "static" and info.id != self.me.id:
-            configured = self._directory.refresh() if self._directory is not None else {}
-            with self._host._state:
-                if info.id not in configured and info.id not in self._learned:
+        with self._host._state:
+            if not trusted and len(self._id_of) < 16 * LEARNED_MAX:
+                self._id_of.setdefault(who, info.id)
+            if learn:
+                if info.id not in configured and not known:
                     log.info("a peer not in our list introduced itself; linking to it",
                              extra={"peer": info.id})
                 self._learned[info.id] = info
+                self._heard[info.id] = time.monotonic()
         taken = self._taken_for(request.get("pool_endpoints"), request.get("run"))
         pools = self._host.pools  # before _state: _declare_pool takes _pool_lock, then _state
         with self._host._state:
@@ -424,6 +490,12 @@ class Federation:
                     "pool_endpoints": dict(self.pool_endpoints),
                     "members": dict(self._host._pool_members.counts),
                     "run": self.run, "pool_taken": taken}
+
+    def _identity(self, peer: PeerInfo) -> bytes:
+        """What a configured peer's hellos are known by: its key, or on plain tcp its host."""
+        if self.config.curve is not None:
+            return peer.public_key
+        return peer.origin[len("tcp://"):].rpartition(":")[0].strip("[]").encode()
 
     def _adopt_pools(self, pools: Any, source: str) -> None:
         if not isinstance(pools, dict):
@@ -496,6 +568,14 @@ class Federation:
         fed = self.config
         found = self._own_names(self._directory.refresh())
         with self._host._state:
+            # A learned peer silent for LEARNED_EXPIRE_SYNCS intervals (no hello from it, no
+            # answer to ours) is forgotten: made-up peers do not stay to be asked forever.
+            horizon = time.monotonic() - LEARNED_EXPIRE_SYNCS * max(fed.sync_interval,
+                                                                     PEER_TIMEOUT)
+            for pid in [p for p, t in self._heard.items() if t < horizon]:
+                log.info("forgetting a learned peer that went silent", extra={"peer": pid})
+                self._learned.pop(pid, None)
+                del self._heard[pid]
             # A peer that introduced itself is also in the directory when static peers name
             # it: same origin, same proxy, and two links would carry each of its messages
             # twice. One entry per origin.
@@ -523,7 +603,12 @@ class Federation:
         states: dict[str, dict[str, Any]] = {}
         named: dict[str, PeerInfo] = {}
         back: list[str] = []
+        dropped: set[str] = set()
         for pid, info in peers.items():
+            if self._host._stopping.is_set():
+                return False  # stopping: no more hellos to wait on
+            if pid in dropped:
+                continue
             old = self._peer_state.get(pid, {})
             # A peer that missed its last hello is asked with a shorter wait, and more
             # often (AWAY_SYNC): on a healed path its answer takes milliseconds.
@@ -540,8 +625,22 @@ class Federation:
                 named[pid] = info
                 continue
             own = reply.get("peer")
+            with self._host._state:
+                if pid in self._heard:
+                    self._heard[pid] = time.monotonic()
+                learned = pid in self._learned
+            own_id = own.get("id") if isinstance(own, dict) else None
+            if not learned and isinstance(own_id, str) and own_id[:200] in self._learned:
+                # A configured peer names itself with an id a learned one took: the
+                # configuration wins, the learned peer goes (its link with it).
+                with self._host._state:
+                    self._learned.pop(own_id[:200], None)
+                    self._heard.pop(own_id[:200], None)
+                named.pop(own_id[:200], None)
+                dropped.add(own_id[:200])
             if (isinstance(own, dict) and isinstance(own.get("id"), str) and own["id"]
-                    and own["id"][:200] != pid and own["id"][:200] not in peers):
+                    and own["id"][:200] != pid
+                    and (own["id"][:200] not in peers or own["id"][:200] in dropped)):
                 # Known by address until now: from here on by the id it gives itself (what
                 # its reflected probes carry), under the origin and key configured here.
                 pid = own["id"][:200]
