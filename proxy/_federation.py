@@ -68,11 +68,38 @@ AWAY_SYNC = 0.25
 """Seconds between hellos while a peer does not answer: it is noticed soon after it is back."""
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 RUNS_KEPT = 64
+HELLO_POOLS_SHARE = 4
+"""A hello carries at most max_message_bytes / HELLO_POOLS_SHARE of pool declarations (the
+rest of a hello is small): more pools go in pages over successive hellos."""
 LEARNED_MAX = 256
 """Peers learned from hellos (not configured) kept at most: more are refused and counted."""
 LEARNED_EXPIRE_SYNCS = 10
 """A learned peer neither heard from nor answering for this many sync intervals is dropped."""
 """Runs of each peer whose pool-link reports are kept (a peer restarts with a new run)."""
+
+
+def pool_page(pools: dict[str, list[str]], start: int,
+              budget: int) -> tuple[dict[str, list[str]], int]:
+    """Pools from the ``start``-th name (sorted, wrapping) while their msgpack size fits
+    ``budget``, and where the next page starts: however many pools are declared, a hello
+    stays bounded, and successive hellos carry every pool. A pool larger than the budget on
+    its own is never sent (declared pools are bounded well below it)."""
+    names = sorted(pools)
+    if not names:
+        return {}, 0
+    start %= len(names)
+    page: dict[str, list[str]] = {}
+    used = 0
+    for step in range(len(names)):
+        name = names[(start + step) % len(names)]
+        size = len(msgpack.packb([name, pools[name]]))
+        if used + size > budget:
+            if page:
+                return page, (start + step) % len(names)
+            continue
+        page[name] = pools[name]
+        used += size
+    return page, start
 
 
 class FederationHost(Protocol):
@@ -117,6 +144,10 @@ class Federation:
         # source address) said hello with. A hello claiming another's id is refused.
         self._id_of: dict[bytes, str] = {}
         self.hellos_refused: dict[str, int] = {}
+        # Where the next hello's page of pool declarations starts: ours (manager only),
+        # and per peer id for our replies (under _state).
+        self._page_start = 0
+        self._reply_page_start: dict[str, int] = {}
         # origin -> the id the proxy there gave itself in a hello reply (its node id): a
         # static entry names a peer by address, its reflected probes carry its own id.
         self._named: dict[str, str] = {}
@@ -486,10 +517,19 @@ class Federation:
         taken = self._taken_for(request.get("pool_endpoints"), request.get("run"))
         pools = self._host.pools  # before _state: _declare_pool takes _pool_lock, then _state
         with self._host._state:
+            pools, after = pool_page(pools, self._reply_page_start.get(info.id, 0),
+                                     self._pools_budget())
+            if info.id not in self._reply_page_start \
+                    and len(self._reply_page_start) >= 4 * LEARNED_MAX:
+                self._reply_page_start.pop(next(iter(self._reply_page_start)))
+            self._reply_page_start[info.id] = after
             return {"ok": True, "peer": self.me.as_dict(), "pools": pools,
                     "pool_endpoints": dict(self.pool_endpoints),
                     "members": dict(self._host._pool_members.counts),
                     "run": self.run, "pool_taken": taken}
+
+    def _pools_budget(self) -> int:
+        return max(self._host.settings.max_message_bytes // HELLO_POOLS_SHARE, 1)
 
     def _identity(self, peer: PeerInfo) -> bytes:
         """What a configured peer's hellos are known by: its key, or on plain tcp its host."""
@@ -597,6 +637,7 @@ class Federation:
                 continue
             peers[pid] = info
         pools = self._host.pools  # before _state: _declare_pool takes _pool_lock, then _state
+        pools, self._page_start = pool_page(pools, self._page_start, self._pools_budget())
         with self._host._state:
             hello = {"peer": self.me.as_dict(), "pools": pools, "run": self.run,
                      "pool_endpoints": dict(self.pool_endpoints)}

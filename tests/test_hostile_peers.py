@@ -3,7 +3,8 @@
 Item 7: M, whose key A allows, claims B's node id (A then followed M's origin), introduces
 made-up peers, and points A at addresses it does not own. Node ids are bound to keys, learned
 peers are bounded and expire, and a learned peer's endpoints must be where its hello came
-from. Traffic on 127.0.0.0/8 only.
+from. Item 8: declarations past the largest message a peer takes made every hello too
+large; hellos carry pools in bounded pages. Traffic on 127.0.0.0/8 only.
 """
 
 from __future__ import annotations
@@ -142,3 +143,63 @@ def test_learned_peers_are_bounded_on_plain_tcp(tmp: Path) -> None:
             liar.close()
         ctx.destroy(linger=0)
         a.stop()
+
+
+def test_hellos_stay_bounded_whatever_is_declared(tmp: Path) -> None:
+    """Issue 14, item 8: pool declarations adding up past the largest message a peer takes
+    (1 MiB by default; here 256 KiB, 16 pools of 256 bindings of ~100 bytes: 430 KB) made
+    every hello too large: peers refused each other's hellos and marked each other not
+    alive. Hellos carry the pools in bounded pages: both stay alive, and B, started after
+    the declarations (so no pass-on reached it), gets every pool from the pages."""
+    import zbus
+
+    a, b, _ = make_hosts(tmp)
+    limit = ("--max-message-bytes", str(256 * 1024))
+    try:
+        for h in (a, b):
+            h.port = free_port_pair(h.address)
+        a.start("--peer", b.peer_spec(), *limit)
+        pools = {f"big{n}": [f"notifications/p{n}.b{i}." + "x" * 80 for i in range(256)]
+                 for n in range(16)}
+        assert sum(len(msgpack.packb([k, v])) for k, v in pools.items()) > 400_000
+        with zbus.Connection(a.run_dir) as conn:
+            for name, bindings in pools.items():
+                conn.declare_pool(name, bindings, timeout=30)
+        b.start("--peer", a.peer_spec(), *limit)
+        started = time.time()
+
+        def fresh_hellos() -> bool:
+            # Each has had hellos answered since B started and counts the other alive
+            # (before: none got through, so never alive).
+            for host, other in ((a, b), (b, a)):
+                peer = _federation(host)["peers"].get(other.node, {})
+                if not peer.get("alive") or peer.get("last_hello", 0) < started + 1:
+                    return False
+            return True
+
+        until(fresh_hellos, 40, "hellos to flow both ways with 430 KB of declarations")
+
+        def b_has_all() -> bool:
+            with zbus.Connection(b.run_dir) as conn:
+                return set(pools) <= set(conn.control.request("pools", timeout=5)["pools"])
+
+        until(b_has_all, 20, "every pool to reach B in hello pages")
+        assert fresh_hellos()
+    finally:
+        for h in (a, b):
+            h.stop()
+
+
+def test_pool_pages_are_bounded_and_cover_every_pool() -> None:
+    from zbus_proxy._federation import pool_page
+
+    pools = {f"p{n:02}": [f"notifications/k{n}.{i}" for i in range(50)] for n in range(40)}
+    seen: set[str] = set()
+    start = 0
+    for _ in range(40):
+        page, start = pool_page(pools, start, 4096)
+        assert page and len(msgpack.packb(page)) <= 4096 + 8
+        seen |= set(page)
+    assert seen == set(pools)
+    assert pool_page(pools, 0, 10**9) == (pools, 0)  # all fit: every hello carries all
+    assert pool_page({}, 3, 10) == ({}, 0)
