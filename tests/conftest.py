@@ -70,8 +70,10 @@ class ProxyProcess:
                     return self
                 except zbus.Timeout:
                     if time.monotonic() > deadline:
-                        self.stop(signal.SIGKILL)  # a test ends every process it starts
                         raise
+        except BaseException:
+            self.stop(signal.SIGKILL)  # never answered, or we failed: end what we started
+            raise
         finally:
             conn.close()
 
