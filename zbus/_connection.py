@@ -13,7 +13,6 @@ import contextlib
 import logging
 import os
 import signal
-import stat
 import threading
 import time
 import weakref
@@ -34,7 +33,7 @@ from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
 from ._message import Announcer, Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
-from ._settings import Endpoints, Settings, default_run_dir
+from ._settings import Endpoints, Settings, check_private_dir, default_run_dir
 from ._transport import abandon, context, make_socket, recv_frames, wait_for_probe
 
 if TYPE_CHECKING:
@@ -428,11 +427,9 @@ def leave_beacons(directory: Path, beacons: list[list[bytes]]) -> bool:
     (proxy/_beacons.py reads them); False when the directory is missing or not safely ours
     (another user's, or writable by others: then nothing is written)."""
     try:
-        info = os.lstat(directory)
-    except OSError:
-        return False
-    if (not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
-            or info.st_mode & 0o022):
+        os.lstat(directory)  # missing: no proxy made it, nobody would read the files
+        check_private_dir(directory, "beacons directory")  # the run directory's own rule
+    except (OSError, ConfigError):
         return False
     for start in range(0, len(beacons), _BEACONS_PER_FILE):
         path = directory / f"{os.getpid()}-{os.urandom(6).hex()}.beacons"
