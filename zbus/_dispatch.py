@@ -25,7 +25,6 @@ another publisher's replay window (docs/SECURITY.md).
 from __future__ import annotations
 
 import logging
-import struct
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -33,7 +32,14 @@ from dataclasses import dataclass, field
 from itertools import islice
 from typing import Any, TypeVar
 
-from ._envelope import Envelope, decode_batch, decode_topic, signature_key_id, verify_frames
+from ._envelope import (
+    Envelope,
+    decode_batch,
+    decode_topic,
+    message_id,
+    signature_key_id,
+    verify_frames,
+)
 from ._errors import ConfigError, EnvelopeError, ReplayError, VersionError
 from ._keys import KeyRing
 from ._message import Message
@@ -249,7 +255,6 @@ class ConsumerStats:
         }
 
 
-_U64 = struct.Struct(">Q")
 
 StreamKey = tuple[str, bytes]
 """(publisher_id, stream_id): one stream (docs/PROTOCOL.md, section 5)."""
@@ -461,7 +466,7 @@ class ConsumerCore:
             if not handlers:
                 stats.unmatched += 1
                 continue
-            envelope = Envelope(stream + _U64.pack(sequence), publisher_id, sequence,
+            envelope = Envelope(message_id(stream, sequence), publisher_id, sequence,
                                 float(timestamp), message_type, version, payload)
             try:
                 message = self.dispatcher.decode(envelope, exchange)

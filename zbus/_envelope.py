@@ -106,7 +106,7 @@ class Batch(NamedTuple):
     def envelopes(self) -> list[Envelope]:
         pid, sid, first = self.publisher_id, self.stream_id, self.first_sequence
         return [
-            Envelope(sid + _U64.pack(first + i), pid, first + i, float(ts), mtype, version,
+            Envelope(message_id(sid, first + i), pid, first + i, float(ts), mtype, version,
                      payload)
             for i, (ts, mtype, version, payload) in enumerate(self.entries)
         ]

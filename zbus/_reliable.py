@@ -32,6 +32,7 @@ import zmq
 
 from ._connection import Connection, _LinkedConsumer
 from ._dispatch import ConsumerCore, Delivery, Dispatcher
+from ._envelope import message_id
 from ._errors import ConfigError, ReplayError, Timeout
 from ._keys import KeyRing
 from ._names import validate_name
@@ -94,7 +95,7 @@ class _PoolGuard(ReplayGuard):
         self.redelivery = False  # the envelope being judged came with attempt > 1
 
     def observe(self, publisher_id: str, stream: bytes, sequence: int) -> tuple[int, bool]:
-        mid = stream + _U64.pack(sequence)
+        mid = message_id(stream, sequence)
         if mid in self.member._dedup or mid in self.member._ids:
             self.duplicates.append(mid)
             raise _DuplicateError(
