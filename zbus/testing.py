@@ -24,8 +24,11 @@ What is the same as on the real fabric (and must stay so; the tests pin it):
   with no member keeps its messages (up to ``settings.pool_hwm``, then counts ``dropped``)
   until one joins. A member joining with other bindings than the pool's is refused, as the
   proxy refuses it.
-* Handler exceptions are isolated, logged and counted (``raise_handler_errors=True`` re-raises
-  them instead, which is often what a unit test wants).
+* Handler exceptions are counted as on the wire (``handler_errors``) and, unlike on the
+  wire, raised out of the ``send`` that delivered the message: a test double must fail the
+  test whose handler's ``assert`` fails, not log it and pass. ``raise_handler_errors=False``
+  isolates them as the real consumers do (logged and counted, the next handler runs), for a
+  test of that isolation itself.
 
 What differs: delivery is synchronous (during ``send_frames``) or, with
 ``autodrain=False``, on :meth:`MemoryBus.drain`; nothing is lost, so ``lost`` stays 0 unless
@@ -35,6 +38,7 @@ a test injects gaps; ``ready()`` returns at once.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections import deque
 from collections.abc import Iterator
 from typing import cast
@@ -49,6 +53,8 @@ from ._replay import ReplayGuard
 from ._settings import Settings
 
 __all__ = ["MemoryBus", "MemoryConnection", "MemoryConsumer", "MemoryPool"]
+
+log = logging.getLogger("zbus")
 
 
 class MemoryConsumer:
@@ -84,23 +90,27 @@ class MemoryConsumer:
         return any(topic.startswith(prefix) for prefix in self.prefixes)
 
     def deliver(self, frames: list[bytes]) -> None:
+        """Run the handlers of every delivery in ``frames`` (a batch may hold several); with
+        ``raise_handler_errors``, raise the first handler exception once all have run."""
         self.core.feed(frames)
+        failure: Exception | None = None
         while (delivery := self.core.next_ready()) is not None:
-            self._run(delivery)
-
-    def _run(self, delivery: Delivery) -> None:
-        self.deliveries.append(delivery)
-        if not self.bus.raise_handler_errors:
-            self.core.run_handlers(delivery)
-            return
-        try:
+            self.deliveries.append(delivery)
+            if not self.bus.raise_handler_errors:
+                self.core.run_handlers(delivery)
+                continue
             for handler in delivery.handlers:
-                handler(delivery)
-        except Exception:
-            self.core.stats.handler_errors += 1
-            raise
-        finally:
+                try:
+                    handler(delivery)
+                except Exception as exc:
+                    if failure is None:
+                        self.core.stats.handler_errors += 1
+                        failure = exc
+                    else:  # one raises; the others are logged and counted, as on the wire
+                        self.core.handler_failed(handler, delivery)
             self.core.stats.delivered += 1
+        if failure is not None:
+            raise failure
 
     def close(self) -> None:
         self.closed = True
@@ -167,11 +177,12 @@ class MemoryConnection:
     def publish(self, factory: MessageFactory, frames: list[bytes]) -> None:
         """As :meth:`zbus.Connection.publish`: on the memory bus nothing is lost, so no
         beacon is needed; a send that fails gives the message's number back."""
-        try:
-            self.send_frames(frames)
-        except BaseException:
+        if self._closed:
             factory.withdraw()
-            raise
+            raise TransportError("this Connection is closed")
+        # Sent from here on: a handler's exception raised through this call must not give
+        # the number back, or the next message would reuse it (rejected as a replay).
+        self.bus.send_frames(frames)
 
     def publish_many(self, factory: MessageFactory, batch: list[list[bytes]]) -> None:
         self.send_many(batch)
@@ -207,10 +218,13 @@ class MemoryBus:
     publishes queues its message behind the current one, so there is no recursion);
     ``autodrain=False`` queues until :meth:`drain`. ``settings.max_message_bytes`` is applied
     per frame as ZMQ_MAXMSGSIZE would: a larger message never reaches a consumer and is
-    counted in ``oversize``.
+    counted in ``oversize``. A handler's exception propagates out of the ``send`` (or
+    :meth:`drain`) that delivered its message, after being counted; the messages queued
+    behind it stay queued for the next send or drain. ``raise_handler_errors=False`` logs
+    and counts it instead, as the real consumers do.
     """
 
-    def __init__(self, *, autodrain: bool = True, raise_handler_errors: bool = False,
+    def __init__(self, *, autodrain: bool = True, raise_handler_errors: bool = True,
                  settings: Settings | None = None) -> None:
         self.autodrain = autodrain
         self.raise_handler_errors = raise_handler_errors
@@ -329,8 +343,20 @@ class MemoryBus:
                     targets.append(member)
         if not targets and not pooled:
             self.unrouted += 1
+        # Every target gets the message even when one's handler raises (fan-out does not
+        # depend on another consumer's handlers); the first failure is raised after.
+        failure: Exception | None = None
         for consumer in targets:
-            consumer.deliver(frames)
+            try:
+                consumer.deliver(frames)
+            except Exception as exc:
+                if failure is None:
+                    failure = exc
+                else:
+                    log.error("zbus.testing: another consumer's handler also raised",
+                              exc_info=exc)
+        if failure is not None:
+            raise failure
 
     def consumers(self) -> Iterator[MemoryConsumer]:
         yield from self.subscribers
