@@ -13,13 +13,14 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import msgpack
 import zmq
@@ -123,6 +124,74 @@ def _exit_on_signal(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)
 
 
+# Which backends' connections each backend's objects work over. The eventlet backend is the
+# threads API on cooperative sockets: its Exchange, Publisher and Router are the threads
+# ones, and its join_reliable_pool gives the threads ReliableMember; only its consumers need
+# its Connection (they hand deliveries to green threads).
+_WORKS_OVER = {
+    "zbus": ("zbus", "zbus.eventlet"),
+    "zbus.eventlet": ("zbus.eventlet",),
+    "zbus.asyncio": ("zbus.asyncio",),
+}
+
+
+def check_backend(obj: Any, arg: Any) -> None:
+    """Refuse, in ``obj``'s constructor, ``arg`` (a connection or an exchange) of a backend
+    ``obj`` does not work over. Unchecked, a zbus.Publisher over a zbus.asyncio connection
+    makes coroutines nobody awaits (nothing sent, no error) and a zbus.asyncio one over a
+    zbus.Connection fails at its first await, after sending. ``arg`` without a ``_backend``
+    (a duck-typed stand-in) is taken as it is."""
+    mine: str = obj._backend
+    theirs = getattr(arg, "_backend", None)
+    if not isinstance(theirs, str) or theirs in _WORKS_OVER[mine]:
+        return
+    # The public class (an application's Router subclass is named by the class it extends).
+    public = next(c.__name__ for c in type(obj).__mro__
+                  if c.__module__.startswith("zbus") and not c.__name__.startswith("_"))
+    if hasattr(sys.modules.get(theirs), public):
+        advice = f"use {theirs}.{public} with a {theirs}.Connection"
+    else:
+        advice = f"{theirs} has no {public}"
+    raise ConfigError(
+        f"{mine}.{public} does not work over a {theirs}.Connection: {advice} (or "
+        f"{mine}.{public} with a {mine}.Connection)"
+    )
+
+
+def check_exchange(publisher: Any, exchange: Any) -> None:
+    """A Publisher's first argument is an exchange of its backend."""
+    if not hasattr(exchange, "connection") or not hasattr(exchange, "name"):
+        given = getattr(exchange, "_backend", type(exchange).__module__)
+        raise ConfigError(
+            f"{publisher._backend}.Publisher takes an exchange, not a {given}."
+            f"{type(exchange).__name__}: Publisher(conn.exchange(\"metering\"), factory)"
+        )
+    check_backend(publisher, exchange)
+
+
+def _eventlet_patched() -> bool:
+    """True in a process where ``eventlet.monkey_patch()`` ran. Never imports eventlet: a
+    process that has not imported it has not patched anything."""
+    patcher = sys.modules.get("eventlet.patcher")
+    if patcher is None:
+        return False
+    try:
+        return any(patcher.is_monkey_patched(name) for name in ("thread", "socket", "select"))
+    except Exception:  # an eventlet without this API: nothing to say
+        return False
+
+
+def refuse_pickling(conn: object) -> NoReturn:
+    """What ``pickle`` (a Process's arguments under spawn or forkserver, a multiprocessing
+    queue) meets in a connection or anything holding one (a Publisher, a consumer)."""
+    name = f"{getattr(conn, '_backend', 'zbus')}.Connection"
+    raise ZbusError(
+        f"a {name} cannot be pickled (for a spawned process, a multiprocessing queue): its "
+        f"ZeroMQ sockets belong to this process; create a Connection in the child instead, "
+        f"{name}(run_dir), and a Publisher on it there"
+    )
+
+
 class Connection:
     """The sockets one thread uses to reach its host's zbus-proxy (no global state).
 
@@ -130,8 +199,12 @@ class Connection:
 
     After ``fork()`` (``multiprocessing``'s fork start method included), the child's first
     use makes its own context and socket; the parent's are left untouched (a ``context``
-    passed in belongs to the parent too: the child uses its own process context).
+    passed in belongs to the parent too: the child uses its own process context). A
+    Connection cannot be pickled (a spawned process makes its own), nor be made in an
+    eventlet monkey-patched process (use ``zbus.eventlet.Connection``): both raise at once.
     """
+
+    _backend: ClassVar[str] = "zbus"
 
     def __init__(
         self,
@@ -140,6 +213,14 @@ class Connection:
         settings: Settings | None = None,
         context: zmq.Context[Any] | None = None,
     ) -> None:
+        if self._backend == "zbus" and _eventlet_patched():
+            # Its waits are libzmq's (poll, send, the control REQ): under monkey_patch()
+            # they would block the hub, and with it every green thread, in silence.
+            raise ConfigError(
+                "this process is eventlet monkey-patched: a zbus.Connection would block the "
+                "eventlet hub (every green thread) while it waits in ZeroMQ; use "
+                "zbus.eventlet.Connection, the same API on cooperative sockets"
+            )
         self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
         self.settings = settings or Settings()
         self._base_ctx = context
@@ -162,6 +243,9 @@ class Connection:
         if self._ctx is None:
             self._ctx = self._new_context()
         return self._ctx
+
+    def __reduce__(self) -> NoReturn:
+        refuse_pickling(self)
 
     def _new_context(self) -> zmq.Context[Any]:
         return self._base_ctx or context()
@@ -445,7 +529,10 @@ def leave_beacons(directory: Path, beacons: list[list[bytes]]) -> bool:
 class Exchange:
     """A message class (``compute``, ``network``, ``notifications``) on one connection."""
 
+    _backend: ClassVar[str] = "zbus"
+
     def __init__(self, name: str, connection: Connection) -> None:
+        check_backend(self, connection)
         self.name = validate_exchange(name)
         self.connection = connection
 
@@ -459,7 +546,10 @@ class Exchange:
 class Publisher:
     """Sends messages signed by ``factory`` to ``exchange``."""
 
+    _backend: ClassVar[str] = "zbus"
+
     def __init__(self, exchange: Exchange, factory: MessageFactory) -> None:
+        check_exchange(self, exchange)
         self.exchange = exchange
         self.factory = factory
 
@@ -488,7 +578,10 @@ class Router:
     ...         self.send("metering", meter)
     """
 
+    _backend: ClassVar[str] = "zbus"
+
     def __init__(self, connection: Connection, factory: MessageFactory) -> None:
+        check_backend(self, connection)
         self.connection = connection
         self.factory = factory
 
@@ -506,9 +599,11 @@ class _Consumer:
     brings its socket and :meth:`receive`."""
 
     _sock: zmq.Socket[Any]
+    _backend: ClassVar[str] = "zbus"
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
                  *, track_sequences: bool) -> None:
+        check_backend(self, connection)
         self.connection = connection
         self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences,
                                  replay=ReplayGuard(connection.settings.replay))

@@ -36,13 +36,20 @@ import os
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ClassVar, NoReturn, cast
 
 import zmq
 import zmq.asyncio
 
 from . import _transport
-from ._connection import _BEACONS_PER_FILE, ReceiptsReporter, leave_beacons
+from ._connection import (
+    _BEACONS_PER_FILE,
+    ReceiptsReporter,
+    check_backend,
+    check_exchange,
+    leave_beacons,
+    refuse_pickling,
+)
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
@@ -67,8 +74,11 @@ class Connection:
     ``zmq.asyncio.Context``: asyncio and plain sockets share libzmq's I/O thread.
 
     After ``fork()``, the child's first use makes its own context and socket, leaving the
-    parent's untouched (as :class:`zbus.Connection` does).
+    parent's untouched (as :class:`zbus.Connection` does). It cannot be pickled: a spawned
+    process makes its own.
     """
+
+    _backend: ClassVar[str] = "zbus.asyncio"
 
     def __init__(
         self,
@@ -93,6 +103,9 @@ class Connection:
         if self._ctx is None:
             self._ctx = zmq.asyncio.Context(self._base_ctx or _process_context())
         return self._ctx
+
+    def __reduce__(self) -> NoReturn:
+        refuse_pickling(self)
 
     def _leave_parent(self) -> None:
         """In a forked child: forget the parent's socket and context untouched
@@ -240,7 +253,10 @@ class Connection:
 class Exchange:
     """A message class on one asyncio connection."""
 
+    _backend: ClassVar[str] = "zbus.asyncio"
+
     def __init__(self, name: str, connection: Connection) -> None:
+        check_backend(self, connection)
         self.name = validate_exchange(name)
         self.connection = connection
 
@@ -254,7 +270,10 @@ class Exchange:
 class Publisher:
     """Sends messages signed by ``factory`` to ``exchange`` (see :class:`zbus.Publisher`)."""
 
+    _backend: ClassVar[str] = "zbus.asyncio"
+
     def __init__(self, exchange: Exchange, factory: MessageFactory) -> None:
+        check_exchange(self, exchange)
         self.exchange = exchange
         self.factory = factory
 
@@ -276,7 +295,10 @@ class Publisher:
 class Router:
     """Base class for applications that want named async send methods."""
 
+    _backend: ClassVar[str] = "zbus.asyncio"
+
     def __init__(self, connection: Connection, factory: MessageFactory) -> None:
+        check_backend(self, connection)
         self.connection = connection
         self.factory = factory
 
@@ -292,9 +314,11 @@ class _Consumer(Linked):
     """Receive loop shared by subscribers and pool members (asyncio backend)."""
 
     _hwm: int
+    _backend: ClassVar[str] = "zbus.asyncio"
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
                  *, track_sequences: bool, kind: int, endpoint: str) -> None:
+        check_backend(self, connection)
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler first")
         self.connection = connection

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import zmq
 
@@ -109,6 +109,8 @@ class Connection(_threads.Connection):
     the green threads that run handlers, per subscriber or pool member.
     """
 
+    _backend: ClassVar[str] = "zbus.eventlet"
+
     def __init__(
         self,
         run_dir: str | os.PathLike[str] | None = None,
@@ -143,6 +145,7 @@ class _GreenConsumer(_threads._Consumer):
     thread costs more than receiving, verifying and decoding a message.
     """
 
+    _backend: ClassVar[str] = "zbus.eventlet"  # needs a zbus.eventlet.Connection
     _work: Any = None  # eventlet.queue.Queue of deliveries, made on first use
     _workers: Any = None  # eventlet.GreenPool of _handle loops
 

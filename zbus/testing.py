@@ -160,6 +160,8 @@ class MemoryConnection:
     work unchanged; ``Router`` takes this object in place of a Connection.
     """
 
+    _backend = "zbus"  # the threads backend's surface: zbus.asyncio objects refuse it
+
     def __init__(self, bus: MemoryBus) -> None:
         self.bus = bus
         self.settings = bus.settings
