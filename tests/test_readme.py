@@ -8,9 +8,8 @@ from pathlib import Path
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_guide_runs(run_dir: Path) -> None:
+def test_readme_guide_runs() -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
     assert blocks, "README has no python example"
-    code = blocks[0].replace('run_dir = "/tmp/zbus-guide"', f'run_dir = "{run_dir}"')
-    assert str(run_dir) in code
+    code = blocks[0]  # it makes (and removes) its own run directory
     exec(compile(code, str(README), "exec"), {"__name__": "readme_guide"})
