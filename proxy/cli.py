@@ -1,7 +1,7 @@
 """``zbus-proxy``: run the proxy for this host until SIGTERM or SIGINT.
 
-Configuration comes from defaults, then ``--config FILE`` (TOML, see proxy/example.toml),
-then flags. Exit codes (docs/OPERATING.md repeats them):
+Configuration comes from defaults, then ``--config FILE`` (TOML; ``--example-config``
+prints the commented example), then flags. Exit codes (docs/OPERATING.md repeats them):
 
 * 0 — stopped cleanly on SIGTERM/SIGINT, or ``--check-config`` found the config valid;
 * 2 — the configuration (file or flags) is invalid; the message names the key;
@@ -12,16 +12,20 @@ then flags. Exit codes (docs/OPERATING.md repeats them):
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import logging
+import os
 import signal
 import sys
 import threading
 import urllib.parse
 from collections.abc import Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from zbus import ConfigError, TransportError, ZbusError
+from zbus._settings import check_private_dir
 from zbus._transport import CurveKeys
 from zbus.metrics import MetricsServer, family
 
@@ -110,9 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 clean stop or valid config, 2 invalid config, 3 run directory "
         "or socket taken by another proxy, 1 other failure. See docs/OPERATING.md.",
     )
-    parser.add_argument("--config", metavar="FILE", help="TOML config file (proxy/example.toml)")
+    parser.add_argument("--config", metavar="FILE",
+                        help=f"TOML config file; --example-config prints a commented one "
+                        f"(installed as {example_config()})")
     parser.add_argument("--check-config", action="store_true",
-                        help="validate the config and flags, print the effective values, exit")
+                        help="validate the config and flags, and that the run and state "
+                        "directories can be used (this user's and private, or creatable), "
+                        "print the effective values, exit")
+    parser.add_argument("--example-config", action="store_true",
+                        help="print the example config file (every key, commented) and exit")
 
     def flag(name: str, key: str, **kwargs: Any) -> None:
         default = SCHEMA[key].default
@@ -191,8 +201,40 @@ def describe(config: ProxyConfig) -> str:
     return "\n".join(lines)
 
 
+def example_config() -> Path:
+    """proxy/example.toml, shipped in the package (zbus_proxy/example.toml)."""
+    return Path(str(importlib.resources.files(__package__ or "zbus_proxy") / "example.toml"))
+
+
+def check_dirs(config: ProxyConfig) -> None:
+    """What :meth:`Proxy.start` will demand of the run and state directories, without making
+    them: an existing one must pass check_private_dir (a real directory, this user's, not
+    writable by others); a missing one must be creatable by this user. ConfigError if not."""
+    for path, what in ((config.run_dir, "run directory"),
+                       (config.state_dir or config.run_dir, "state directory")):
+        if os.path.lexists(path):
+            check_private_dir(Path(path), what)
+            continue
+        parent = Path(path).absolute().parent
+        while not os.path.lexists(parent):
+            parent = parent.parent
+        if not parent.is_dir():
+            raise ConfigError(f"cannot create the {what} {str(path)!r}: {str(parent)!r} is "
+                              "not a directory; choose another --run-dir (or state_dir)")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(
+                f"cannot create the {what} {str(path)!r}: uid {os.getuid()} may not write "
+                f"in {str(parent)!r}. Create it for this user first (install -d -m 0700 -o "
+                f"{os.getuid()} {path}; systemd: RuntimeDirectory=/StateDirectory=), or "
+                "choose another --run-dir (or state_dir)"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.example_config:
+        sys.stdout.write(example_config().read_text())
+        return EXIT_OK
     if args.curve_keygen:
         try:
             public, secret = CurveKeys.generate().write(args.curve_keygen)
@@ -211,6 +253,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"zbus-proxy: config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.check_config:
+        try:
+            check_dirs(config)
+        except ConfigError as exc:
+            print(f"zbus-proxy: config error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
         print(describe(config))
         return EXIT_OK
     setup_logging(config.log_level, config.log_format)
