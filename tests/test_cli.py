@@ -248,7 +248,7 @@ def test_pub_errors_are_clear(tmp_path: Path, run_dir: Path) -> None:
     assert bad_name.returncode == 2 and "invalid routing key" in bad_name.stderr
     no_proxy = zbus_cmd("pub", "ex", "a.b", "1", "--key-hex", "00" * 32,
                         "--run-dir", str(run_dir), timeout=30)
-    assert no_proxy.returncode == 1 and "is it running" in no_proxy.stderr
+    assert no_proxy.returncode == 1 and "no zbus-proxy runs on" in no_proxy.stderr
 
 
 # -- stats ---------------------------------------------------------------------------------
@@ -275,7 +275,7 @@ def test_stats_table_shows_devices_and_pools(proxy_process: ProxyProcess) -> Non
     result = zbus_cmd("stats", "--run-dir", str(proxy_process.run_dir))
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert lines[1].split()[:3] == ["DEVICE", "IN", "OUT"]
+    assert lines[1].split()[:3] == ["DEVICE", "FRAMES-IN", "FRAMES-OUT"]
     assert any(line.startswith("origin ") for line in lines)
     assert any(line.startswith("pool-billing-origin ") for line in lines)
     assert "  billing: ex/invoice.#" in lines
@@ -283,7 +283,7 @@ def test_stats_table_shows_devices_and_pools(proxy_process: ProxyProcess) -> Non
 
 def test_stats_without_a_proxy_fails_clearly(run_dir: Path) -> None:
     result = zbus_cmd("stats", "--run-dir", str(run_dir), "--timeout", "0.5")
-    assert result.returncode == 1 and "is it running" in result.stderr
+    assert result.returncode == 1 and f"zbus-proxy --run-dir {run_dir}" in result.stderr
 
 
 # -- zbus-proxy config -----------------------------------------------------------------------

@@ -26,9 +26,9 @@ import msgpack
 import zmq
 
 from . import _transport
-from ._control import ControlClient, encode_request, wait_for_peers
+from ._control import ControlClient, encode_request, missing_proxy, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
-from ._errors import ConfigError, Timeout, TransportError, ZbusError
+from ._errors import ConfigError, ProxyError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
 from ._message import Announcer, Message, MessageFactory
@@ -195,7 +195,12 @@ def refuse_pickling(conn: object) -> NoReturn:
 class Connection:
     """The sockets one thread uses to reach its host's zbus-proxy (no global state).
 
-    ``run_dir`` is the proxy's run directory (default: :func:`zbus.default_run_dir`).
+    ``run_dir`` is the proxy's run directory (default: :func:`zbus.default_run_dir`). The
+    first send on a run directory with no zbus-proxy (none, a file, no proxy socket in it)
+    raises ProxyError, so that a typo is not taken for a connection whose messages then
+    vanish at ``close()``; once it has sent, a connection outlives its proxy's restarts.
+    ``require_proxy=False`` skips the check, for a process that may start before its proxy:
+    it sends into its own queue (``publish_hwm`` messages) until the proxy is up.
 
     After ``fork()`` (``multiprocessing``'s fork start method included), the child's first
     use makes its own context and socket; the parent's are left untouched (a ``context``
@@ -212,6 +217,7 @@ class Connection:
         *,
         settings: Settings | None = None,
         context: zmq.Context[Any] | None = None,
+        require_proxy: bool = True,
     ) -> None:
         if self._backend == "zbus" and _eventlet_patched():
             # Its waits are libzmq's (poll, send, the control REQ): under monkey_patch()
@@ -222,6 +228,7 @@ class Connection:
                 "zbus.eventlet.Connection, the same API on cooperative sockets"
             )
         self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
+        self._check_proxy = require_proxy  # until the first send finds one
         self.settings = settings or Settings()
         self._base_ctx = context
         self._ctx: zmq.Context[Any] | None = None
@@ -268,6 +275,12 @@ class Connection:
     def _publish_socket(self) -> zmq.Socket[Any]:
         if self._closed:
             raise TransportError("this Connection is closed")
+        if self._check_proxy:
+            cause = missing_proxy(self.endpoints)
+            if cause is not None:
+                raise ProxyError(f"nothing sent: {cause} (to send before it starts, make the "
+                                 "Connection with require_proxy=False)")
+            self._check_proxy = False
         sock = make_socket(
             self.ctx, zmq.PUSH, self.settings,
             sndhwm=self.settings.publish_hwm, connect=self.endpoints.ingress,

@@ -7,7 +7,10 @@ socket, so a proxy that died mid-request never leaves a REQ stuck in the wrong s
 
 from __future__ import annotations
 
+import errno
 import os
+import socket
+import stat
 import time
 from typing import Any
 
@@ -19,7 +22,15 @@ from ._names import CONTROL_PREFIX
 from ._settings import Endpoints, Settings
 from ._transport import make_socket
 
-__all__ = ["ControlClient", "decode_reply", "encode_request", "no_answer", "wait_for_peers"]
+__all__ = [
+    "ControlClient",
+    "decode_reply",
+    "encode_request",
+    "missing_proxy",
+    "no_answer",
+    "unreachable",
+    "wait_for_peers",
+]
 
 
 def encode_request(op: str, **fields: Any) -> bytes:
@@ -38,13 +49,91 @@ def decode_reply(op: str, raw: bytes) -> dict[str, Any]:
     return reply
 
 
+def _start_hint(endpoints: Endpoints) -> str:
+    return (f"start one with 'zbus-proxy --run-dir {endpoints.run_dir}', or use the run "
+            "directory your proxy serves")
+
+
+def missing_proxy(endpoints: Endpoints) -> str | None:
+    """Why no zbus-proxy can be on ``endpoints`` by the files alone (no such run directory,
+    a file in its place, no proxy socket in it), or None. Sockets left by a proxy that was
+    killed pass: one restarting on them is served as soon as it is back."""
+    run_dir = endpoints.run_dir
+    try:
+        info = os.stat(run_dir)
+    except FileNotFoundError:
+        return f"no zbus-proxy runs on {run_dir}: there is no such directory; " + \
+            _start_hint(endpoints)
+    except NotADirectoryError:
+        return (f"no zbus-proxy runs on {run_dir}: a part of that path is a file, not a "
+                "directory; " + _start_hint(endpoints))
+    except OSError as exc:
+        return f"cannot reach the run directory {run_dir}: {exc.strerror}"
+    if not stat.S_ISDIR(info.st_mode):
+        return (f"{run_dir} is a file, not a run directory: give the directory a zbus-proxy "
+                "runs on")
+    if not any(os.path.lexists(sock[len("ipc://"):])
+               for sock in (endpoints.control, endpoints.ingress, endpoints.deliver)):
+        return (f"no zbus-proxy runs on {run_dir}: it has no control.sock (a proxy removes "
+                "its sockets when it stops); " + _start_hint(endpoints))
+    return None
+
+
+def unreachable(endpoints: Endpoints) -> str | None:
+    """Why nothing can answer on ``endpoints``' control socket, found at once (no such run
+    directory, no control socket, a socket this user may not open, a socket nothing listens
+    on), or None when a proxy may be there.
+
+    One connect on a unix socket tells the cases apart: ENOENT, EACCES or ECONNREFUSED
+    come back at once, where ZeroMQ's connect would retry in silence until a timeout."""
+    cause = missing_proxy(endpoints)
+    if cause is not None:
+        return cause
+    run_dir = endpoints.run_dir
+    path = endpoints.control[len("ipc://"):]
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)  # a full backlog (a stuck proxy) must not block the probe
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        return (f"no zbus-proxy runs on {run_dir}: it has no control.sock (a proxy removes "
+                "its sockets when it stops); " + _start_hint(endpoints))
+    except PermissionError:
+        try:
+            sock = os.stat(path)
+            owner = f" (owner uid {sock.st_uid}, mode {stat.S_IMODE(sock.st_mode):04o})"
+        except OSError:
+            owner = ""
+        return (f"permission denied on {path}{owner}: uid {os.getuid()} may not use this "
+                "proxy's sockets; run as the proxy's user, or as a member of its group with "
+                "a run directory of mode 0750 (docs/OPERATING.md)")
+    except ConnectionRefusedError:
+        return (f"no zbus-proxy runs on {run_dir}: nothing listens on {path}, left by a "
+                "proxy that was killed; " + _start_hint(endpoints))
+    except TimeoutError:
+        return None  # accepted no connection within the second: a stuck proxy, not absent
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK):
+            return None  # a listener whose backlog is full: a busy proxy, not an absent one
+        return f"cannot reach {path}: {exc.strerror}"
+    finally:
+        probe.close()
+    return None
+
+
 def no_answer(endpoints: Endpoints, settings: Settings, op: str, timeout: float) -> Timeout:
-    return Timeout(
-        f"zbus-proxy did not answer {op!r} within {timeout:g}s on {endpoints.control}: is it "
-        f"running with --run-dir {endpoints.run_dir}? (A reply larger than this connection's "
-        f"max_message_bytes={settings.max_message_bytes}, such as a page of big dead letters, "
-        "is refused the same way: ask with a connection whose limit is the proxy's.)"
-    )
+    """The error for a control request that got no reply within ``timeout``: what
+    :func:`unreachable` finds, else a proxy that took the request and did not answer."""
+    cause = unreachable(endpoints)
+    if cause is not None:
+        return Timeout(cause)
+    text = (f"zbus-proxy on {endpoints.run_dir} did not answer {op!r} within {timeout:g}s: "
+            "it is busy or stuck (see its log), or it is not a zbus-proxy")
+    if op == "dead_letters":
+        text += (f"; or the page of dead letters is larger than this connection's "
+                 f"max_message_bytes={settings.max_message_bytes}: ask with a connection "
+                 "whose limit is the proxy's")
+    return Timeout(text)
 
 
 class ControlClient:
@@ -54,6 +143,14 @@ class ControlClient:
         self.endpoints = endpoints
         self.settings = settings
         self.ctx = ctx
+
+    def check(self) -> None:
+        """Raise ProxyError at once when nothing can answer (:func:`unreachable`): for a
+        command a user waits on. A service keeps to :meth:`request`, which waits for a proxy
+        that is restarting."""
+        cause = unreachable(self.endpoints)
+        if cause is not None:
+            raise ProxyError(cause)
 
     def request(self, op: str, timeout: float = 5.0, **fields: Any) -> dict[str, Any]:
         sock = make_socket(self.ctx, zmq.REQ, self.settings, connect=self.endpoints.control)

@@ -1,8 +1,11 @@
 """The ``zbus`` command: demo, tap, pub, stats, keygen and bench.
 
-Every command takes ``--run-dir`` (default :func:`zbus.default_run_dir`), the run directory of
-the local zbus-proxy. Exit codes: 0 success, 1 the operation failed (proxy absent, demo books
-not balanced, ...), 2 a usage or configuration error (bad argument, key file, payload).
+Every command that talks to the local zbus-proxy finds its run directory, first found first:
+``--run-dir``, ``$ZBUS_RUN_DIR``, ``run_dir`` in the proxy's TOML (``--config`` or
+``$ZBUS_CONFIG``), :func:`zbus.default_run_dir`; its key: ``--key-file``/``--key-hex``, then
+``$ZBUS_KEY_FILE``/``$ZBUS_KEY_HEX``. Exit codes: 0 success, 1 the operation failed (no
+proxy, demo books not balanced, ...), 2 a usage or configuration error (bad argument, key
+file, payload, config file).
 
 Invariant kept by ``tap``: without a key the signature is *not checked* (the line says
 UNVERIFIED), but every other check of the core still runs on the untrusted frames: frame count,
@@ -35,6 +38,7 @@ from typing import Any, TextIO
 
 import zmq
 
+from . import __version__
 from ._connection import Connection, Publisher
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
 from ._envelope import Envelope
@@ -69,6 +73,13 @@ def _unhex(text: str, where: str) -> bytes:
 KEY_HEX_ENV = "ZBUS_KEY_HEX"
 """Environment variable holding ``[KEY_ID:]HEX`` when neither --key-file nor --key-hex is
 given: unlike an argument, it is not shown to other users by ``ps``."""
+KEY_FILE_ENV = "ZBUS_KEY_FILE"
+"""Environment variable naming the key file when neither --key-file nor --key-hex is given."""
+KEY_ID_ENV = "ZBUS_KEY_ID"
+"""Environment variable: the key id that signs (of a key file), or names a bare hex key."""
+RUN_DIR_ENV = "ZBUS_RUN_DIR"
+CONFIG_ENV = "ZBUS_CONFIG"
+"""Environment variable naming the proxy's TOML, read for its ``run_dir`` and limits."""
 
 
 def _key_hex_text(args: argparse.Namespace) -> tuple[str, str] | None:
@@ -91,22 +102,85 @@ def _key_hex_text(args: argparse.Namespace) -> tuple[str, str] | None:
     return None
 
 
+def _env(name: str) -> str | None:
+    return os.environ.get(name, "").strip() or None
+
+
 def keys_from_args(args: argparse.Namespace, *, required: bool) -> KeyRing | None:
+    """The ring to sign or verify with: --key-file or --key-hex, else $ZBUS_KEY_FILE or
+    $ZBUS_KEY_HEX (not both); --key-id or $ZBUS_KEY_ID picks the signing key of a file,
+    or names a bare hex key."""
     if args.key_file and args.key_hex:
         raise UsageError("give either --key-file or --key-hex, not both")
-    if args.key_file:
-        return KeyRing.from_file(args.key_file)
+    key_id = args.key_id or _env(KEY_ID_ENV)
+    key_file = args.key_file
+    if not key_file and not args.key_hex and (env_file := _env(KEY_FILE_ENV)):
+        if _env(KEY_HEX_ENV):
+            raise UsageError(f"${KEY_FILE_ENV} and ${KEY_HEX_ENV} are both set: unset one")
+        key_file = env_file
+    if key_file:
+        ring = KeyRing.from_file(key_file)
+        if key_id and key_id != ring.active_id:
+            if key_id not in ring.ids():
+                raise UsageError(f"key id {key_id!r} (--key-id or ${KEY_ID_ENV}) is not in "
+                                 f"{key_file}, which holds {ring.ids()}")
+            ring = ring.with_active(key_id)
+        return ring
     given = _key_hex_text(args)
     if given is not None:
         text, where = given
-        key_id, sep, hexkey = text.rpartition(":")
-        return KeyRing.of(_unhex(hexkey, where), key_id if sep else DEFAULT_KEY_ID)
+        named, sep, hexkey = text.rpartition(":")
+        return KeyRing.of(_unhex(hexkey, where),
+                          named if sep else key_id or DEFAULT_KEY_ID)
     if required:
         raise UsageError(
             "this command signs what it sends: give --key-file FILE (make one with "
-            f"'zbus keygen FILE'), --key-hex - (the key on stdin) or ${KEY_HEX_ENV}"
+            f"'zbus keygen FILE'), --key-hex - (the key on stdin), ${KEY_FILE_ENV} or "
+            f"${KEY_HEX_ENV}"
         )
     return None
+
+
+# -- shared configuration --------------------------------------------------------------------
+
+# What the CLI takes from the proxy's TOML: where it serves, and the largest message it lets
+# through (so a big stats reply or dead letter is not refused here).
+_CONFIG_KEYS = ("run_dir", "limits.max_message_bytes")
+
+
+def read_proxy_config(path: str) -> dict[str, Any]:
+    """``run_dir`` and ``limits.max_message_bytes`` from the proxy's TOML, checked as the
+    proxy checks them (an unknown key is an error there too). Nothing else is read: the CURVE
+    secret and the Redis password it may name are the proxy's, not this user's."""
+    # The daemon's package ships in the same distribution (see cmd_demo for the import).
+    config: Any = importlib.import_module("zbus_proxy._config")
+    flat = config.flatten(config.load_toml(path), path)
+    values = {}
+    for key in _CONFIG_KEYS:
+        if key in flat:
+            try:
+                values[key] = config.SCHEMA[key].check(flat[key])
+            except ValueError as exc:
+                raise ConfigError(f"key {key!r} in {path}: {exc}") from None
+    return values
+
+
+def resolve_run_dir(args: argparse.Namespace) -> None:
+    """Set ``args.run_dir``, ``args.run_dir_from`` and ``args.settings``: flag, then
+    environment, then config file, then default."""
+    config_path = args.config or _env(CONFIG_ENV)
+    from_file = read_proxy_config(config_path) if config_path else {}
+    if args.run_dir is not None:
+        args.run_dir_from = "--run-dir"
+    elif (env := _env(RUN_DIR_ENV)) is not None:
+        args.run_dir, args.run_dir_from = env, f"${RUN_DIR_ENV}"
+    elif "run_dir" in from_file:
+        args.run_dir, args.run_dir_from = from_file["run_dir"], f"run_dir in {config_path}"
+    else:
+        args.run_dir, args.run_dir_from = str(default_run_dir()), "the default"
+    args.run_dir = str(Path(args.run_dir).expanduser())
+    limit = from_file.get("limits.max_message_bytes")
+    args.settings = Settings() if limit is None else Settings(max_message_bytes=limit)
 
 
 # -- output helpers --------------------------------------------------------------------------
@@ -130,8 +204,28 @@ def _err(text: str) -> None:
     print(f"zbus: {text}", file=sys.stderr, flush=True)
 
 
-def _ping(conn: Connection, timeout: float = 3.0) -> dict[str, Any]:
-    return conn.control.request("ping", timeout)
+def _silence_stdout() -> None:
+    """After EPIPE on stdout: point it at /dev/null, so that the interpreter's last flush
+    at exit does not print a BrokenPipeError traceback (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+PING_TIMEOUT = 3.0
+
+
+def _reach(conn: Connection, args: argparse.Namespace, timeout: float) -> dict[str, Any]:
+    """Ping the proxy; at once a ProxyError saying why when nothing there can answer (no
+    such directory, no socket, permission denied), else a Timeout after ``timeout``."""
+    try:
+        conn.control.check()
+        reply: dict[str, Any] = conn.control.request("ping", timeout)
+    except ZbusError as exc:
+        where = getattr(args, "run_dir_from", "--run-dir")
+        note = "" if where == "--run-dir" else f" [run directory from {where}]"
+        raise type(exc)(f"{exc}{note}") from None
+    return reply
 
 
 # -- keygen ----------------------------------------------------------------------------------
@@ -193,8 +287,8 @@ def cmd_pub(args: argparse.Namespace) -> int:
                        message_type=args.message_type, version=args.type_version)
         for _ in range(args.count)
     ]
-    with Connection(args.run_dir) as conn:
-        _ping(conn)
+    with Connection(args.run_dir, settings=args.settings) as conn:
+        _reach(conn, args, PING_TIMEOUT)
         conn.send_many(frames)
     stream_id, following = factory.stream(args.exchange, args.routing_key)
     first = following - args.count
@@ -285,12 +379,12 @@ def cmd_tap(args: argparse.Namespace) -> int:
     keys = keys_from_args(args, required=False)
     patterns = [TopicPattern.parse(p) for p in args.pattern]
     tap = Tap(patterns, keys)
-    settings = Settings()
+    settings: Settings = args.settings
     out: TextIO = sys.stdout
     shown = 0
     signal.signal(signal.SIGTERM, _raise_stop)
     with Connection(args.run_dir, settings=settings) as conn:
-        _ping(conn)
+        _reach(conn, args, args.ready_timeout)
         sub = make_socket(conn.ctx, zmq.SUB, settings, rcvhwm=settings.subscriber_hwm,
                           connect=conn.endpoints.deliver)
         pending: deque[list[bytes]] = deque()
@@ -331,6 +425,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
                 out.flush()
         except (KeyboardInterrupt, _StopRequested):
             pass
+        except BrokenPipeError:  # the reader left ('zbus tap ... | head -1'): done
+            _silence_stdout()
         finally:
             sub.close(linger=0)
     s = tap.stats
@@ -341,25 +437,31 @@ def cmd_tap(args: argparse.Namespace) -> int:
 
 # -- stats -----------------------------------------------------------------------------------
 
+# The devices count ZeroMQ frames (libzmq's proxy loop sees no messages): the columns say
+# so, and ~MSGS-IN divides by the 3 frames of a message for those who think in messages.
 _DEVICE_COLUMNS = (
-    ("IN", "frontend_frames_in"),
-    ("OUT", "backend_frames_out"),
-    ("BYTES IN", "frontend_bytes_in"),
-    ("UPSTREAM", "backend_frames_in"),
+    ("FRAMES-IN", "frontend_frames_in"),
+    ("FRAMES-OUT", "backend_frames_out"),
+    ("BYTES-IN", "frontend_bytes_in"),
+    ("UPSTREAM-FRAMES", "backend_frames_in"),
 )
 
 
 def format_stats(stats: dict[str, Any], previous: dict[str, Any] | None = None,
                  interval: float | None = None) -> str:
     """The proxy's counters as a table (frames; a message is 3 frames, a probe 1)."""
-    lines = [f"zbus-proxy pid {stats.get('pid')} on {stats.get('run_dir')}"]
+    lines = [f"zbus-proxy pid {stats.get('pid')} on {stats.get('run_dir')} "
+             "(counters since it started)"]
     devices: dict[str, dict[str, int]] = stats.get("devices") or {}
     rate = previous is not None and bool(interval)
-    header = ["DEVICE"] + [c for c, _ in _DEVICE_COLUMNS] + (["IN/s"] if rate else [])
+    header = (["DEVICE"] + [c for c, _ in _DEVICE_COLUMNS] + ["~MSGS-IN"]
+              + (["FRAMES-IN/s"] if rate else []))
     rows: list[list[str]] = [header]
     for name in sorted(devices, key=lambda n: (n.startswith("pool-"), n)):
         counters = devices[name]
         row = [name] + [str(counters.get(field, "-")) for _, field in _DEVICE_COLUMNS]
+        frames_in = counters.get("frontend_frames_in")
+        row.append("-" if frames_in is None else str(frames_in // 3))
         if rate and previous is not None and interval:
             before = (previous.get("devices") or {}).get(name, {}).get("frontend_frames_in", 0)
             row.append(f"{(counters.get('frontend_frames_in', 0) - before) / interval:.0f}")
@@ -370,8 +472,12 @@ def format_stats(stats: dict[str, Any], previous: dict[str, Any] | None = None,
             cell.ljust(w) if i == 0 else cell.rjust(w)
             for i, (cell, w) in enumerate(zip(row, widths, strict=True))
         ))
-    lines.append("IN: frames received from upstream; OUT: frames sent on; UPSTREAM: "
-                 "subscription/return traffic (a message is 3 frames, a readiness probe 1)")
+    lines.extend([
+        "Counted in ZeroMQ frames, not messages: a message is 3 frames (so is an envelope",
+        "batching several), a readiness probe 1; ~MSGS-IN is FRAMES-IN/3. FRAMES-IN: from",
+        "publishers (or the plane upstream); FRAMES-OUT: passed on; UPSTREAM-FRAMES:",
+        "subscriptions and returns. Consumers count messages (zbus tap, stats.received).",
+    ])
     pools: dict[str, list[str]] = stats.get("pools") or {}
     lines.append(f"pools: {len(pools)}")
     for name in sorted(pools):
@@ -406,12 +512,17 @@ def _format_peers(federation: dict[str, Any] | None) -> list[str]:
     return lines + _table(["PEER", "ORIGIN", "STATE", "MISSED HELLOS", "LAST HELLO"], rows)
 
 
+# members_lost counts every disconnect the members' PUSH saw: a socket monitor cannot tell
+# a crash from a clean close. A member that closes cleanly also sends a final report
+# (members_closed), so both are shown, and the difference is the members that went away
+# without a goodbye.
 _FAST_COLUMNS = (
     ("MEMBERS", "members"),
     ("HANDED-OUT", "handed_out"),
     ("REPORTED", "reported"),
     ("UNACCOUNTED", "unaccounted"),
-    ("MEMBERS-LOST", "members_lost"),
+    ("DISCONNECTS", "members_lost"),
+    ("GOODBYES", "members_closed"),
 )
 
 
@@ -431,7 +542,10 @@ def _format_fast(pools: dict[str, dict[str, Any]]) -> list[str]:
                       for _, field in _FAST_COLUMNS] for name in sorted(pools)]
     return [*_table(["POOL"] + [c for c, _ in _FAST_COLUMNS], rows),
             "  UNACCOUNTED: handed to members and not reported received by them: lost with "
-            "dead members once the pool is quiet and live members have reported"]
+            "dead members once the pool is quiet and live members have reported",
+            "  DISCONNECTS: members' connections that ended, clean leaves and crashes alike; "
+            "GOODBYES: members that closed cleanly (final report); DISCONNECTS - GOODBYES: "
+            "members gone without a goodbye, once both have arrived"]
 
 
 _RELIABLE_COLUMNS = (
@@ -474,7 +588,8 @@ def _format_reliable(pools: dict[str, dict[str, Any]]) -> list[str]:
 def cmd_stats(args: argparse.Namespace) -> int:
     if args.watch is not None and args.watch <= 0:
         raise UsageError("--watch needs a positive number of seconds")
-    with Connection(args.run_dir) as conn:
+    with Connection(args.run_dir, settings=args.settings) as conn:
+        _reach(conn, args, args.timeout)
         previous: dict[str, Any] | None = None
         try:
             while True:
@@ -494,6 +609,68 @@ def cmd_stats(args: argparse.Namespace) -> int:
                 time.sleep(args.watch)  # a refresh interval, not synchronisation
         except KeyboardInterrupt:
             return EXIT_OK
+
+
+# -- pools -----------------------------------------------------------------------------------
+
+
+def _pools_connection(args: argparse.Namespace) -> Connection:
+    return Connection(args.run_dir, settings=getattr(args, "settings", None))
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    """zbus pools list | declare NAME BINDING... | remove NAME [--fabric]."""
+    if args.pools_command == "declare":
+        bindings = sorted({str(TopicPattern.parse(b)) for b in args.bindings})
+        validate_name(args.name, "pool name")
+    with _pools_connection(args) as conn:
+        if args.pools_command == "declare":
+            conn.declare_pool(args.name, bindings, args.timeout)
+            print(f"pool {args.name} declared with {' '.join(bindings)}")
+            return EXIT_OK
+        if args.pools_command == "remove":
+            reply = conn.control.request("remove_pool", args.timeout,
+                                         name=validate_name(args.name, "pool name"),
+                                         fabric=args.fabric)
+            where = ("here and on every peer (they refuse its older declarations too)"
+                     if reply.get("fabric") else "on this host")
+            print(f"{reply.get('kind', 'fast')} pool {args.name} "
+                  f"({' '.join(reply.get('bindings') or [])}) removed {where}")
+            return EXIT_OK
+        reply = conn.control.request("pools", args.timeout)
+    reply.pop("ok", None)
+    if args.json:
+        print(_dumps(reply))
+        return EXIT_OK
+    print("\n".join(format_pools(reply)))
+    return EXIT_OK
+
+
+def _left_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    rows = [header, *rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+            for row in rows]
+
+
+def format_pools(reply: dict[str, Any]) -> list[str]:
+    """The ``pools`` control reply as tables: declared pools, then removed ones."""
+    fast: dict[str, list[str]] = reply.get("pools") or {}
+    reliable: dict[str, dict[str, Any]] = reply.get("reliable_pools") or {}
+    generations: dict[str, int] = reply.get("generations") or {}
+    removed: dict[str, dict[str, Any]] = reply.get("removed") or {}
+    rows = [[name, "fast", str(generations.get(name, "")), " ".join(fast[name])]
+            for name in sorted(fast)]
+    rows += [[name, "at-least-once", "", " ".join(reliable[name].get("bindings") or [])]
+             for name in sorted(reliable)]
+    lines = (_left_table(["POOL", "KIND", "GENERATION", "BINDINGS"], rows) if rows
+             else ["no pools declared"])
+    if removed:
+        lines += ["", "removed (a peer's older declaration of these bindings is refused):"]
+        lines += _left_table(["POOL", "WHERE", "GENERATION", "BINDINGS"], [
+            [name, "fabric" if t.get("fabric") else "this host", str(t.get("generation")),
+             " ".join(t.get("bindings") or [])] for name, t in sorted(removed.items())])
+    return lines
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -696,11 +873,24 @@ def _per_key(per_key: dict[str, int]) -> str:
     return ", ".join(f"{k.split('.')[-2]}={v}" for k, v in sorted(per_key.items())) or "-"
 
 
+BENCH_HELP = """\
+usage: zbus bench [ARGS]
+
+Run the benchmark suite, 'python -m bench ARGS', from the working directory. The bench
+ships with the zbus source tree, not the wheel: run it from the root of a checkout, where
+'zbus bench --help' shows the bench's own options (scenarios, --list, --only, ...).
+bench/README.md there explains the scenarios and holds the latest figures.
+"""
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """``python -m bench ARGS`` in the working directory, when it is a zbus source tree."""
     here = Path.cwd()
     if not (here / "bench" / "__main__.py").is_file() or \
             not (here / "bench" / "_scenarios.py").is_file():
+        if not args.bench_args or args.bench_args[0] in ("-h", "--help"):
+            print(BENCH_HELP + f"\n{here} is not a checkout's root: there is no bench/ here.")
+            return EXIT_OK
         _err("no bench/ in the working directory: the bench ships with the zbus source tree, "
              "not the wheel; run 'zbus bench' (or 'python -m bench') from a checkout's root")
         return EXIT_FAILED
@@ -711,25 +901,42 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_run_dir(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run-dir", default=str(default_run_dir()),
-                   help="the local zbus-proxy's run directory (default: %(default)s)")
+    """--run-dir and --config; main() resolves them (resolve_run_dir)."""
+    p.add_argument("--run-dir", default=None, metavar="DIR",
+                   help=f"the local zbus-proxy's run directory (default: ${RUN_DIR_ENV}, "
+                   f"else run_dir in --config, else {default_run_dir()})")
+    p.add_argument("--config", metavar="FILE",
+                   help="the proxy's TOML config (as zbus-proxy --config takes): its run_dir "
+                   f"and limits.max_message_bytes are used (default: ${CONFIG_ENV}, if set)")
 
 
 def _add_keys(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("--key-file", metavar="FILE",
-                   help=f"key file (from 'zbus keygen') to {verb} with")
+                   help=f"key file (from 'zbus keygen') to {verb} with (default: "
+                   f"${KEY_FILE_ENV}, if set)")
     p.add_argument("--key-hex", metavar="[KEY_ID:]HEX",
                    help=f"the key as hex (key id 'default' unless given) to {verb} with; "
                    "'-' reads it from stdin's first line. A key given here is visible to "
                    "every local user in 'ps' and /proc: prefer --key-file, '-' or "
                    f"${KEY_HEX_ENV} (used when neither --key-file nor --key-hex is given)")
+    p.add_argument("--key-id", metavar="KEY_ID",
+                   help="which key of the file signs, or the id of a bare --key-hex key "
+                   f"(default: ${KEY_ID_ENV}, else the file's first key, or 'default')")
+
+
+_ENVIRONMENT = (
+    f"Environment (a flag wins over it, and it over --config): {RUN_DIR_ENV}, {CONFIG_ENV}, "
+    f"{KEY_FILE_ENV}, {KEY_HEX_ENV}, {KEY_ID_ENV}. See docs/OPERATING.md."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="zbus",
         description="Look at and talk to the local zbus-proxy; 'zbus demo' shows zbus working.",
+        epilog=_ENVIRONMENT,
     )
+    parser.add_argument("--version", action="version", version=f"zbus {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -744,8 +951,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="forged messages mixed in, which every consumer must reject (default: 3)")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds to wait for readiness and for delivery (default: 30)")
-    p.add_argument("--run-dir", default=None,
-                   help="run the embedded proxy here instead of a fresh temporary directory")
+    p.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="run the embedded proxy here (default: a fresh temporary directory, "
+                   "removed at the end)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -754,25 +962,36 @@ def build_parser() -> argparse.ArgumentParser:
         "With a key every message is verified and forged ones are reported as REJECTED on "
         "stderr; without a key the signature is NOT checked and lines say UNVERIFIED (every "
         "other check still runs). Prints a READY line on stderr once the subscription is live.",
+        epilog=_ENVIRONMENT,
     )
     p.add_argument("pattern", nargs="+", metavar="PATTERN",
                    help="'exchange/pattern' in AMQP syntax, e.g. 'notifications/compute.#'")
-    p.add_argument("--json", action="store_true", help="one JSON object per line")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line (default: one readable line per message)")
     _add_keys(p, "verify")
-    p.add_argument("--count", type=int, default=None, help="exit after this many messages")
-    p.add_argument("--timeout", type=float, default=None, help="exit after this many seconds")
+    p.add_argument("--count", type=int, default=None,
+                   help="exit after this many messages (default: no limit)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="exit after this many seconds (default: none; Ctrl-C or SIGTERM)")
     p.add_argument("--ready-timeout", type=float, default=10.0,
-                   help="seconds to wait for the subscription to be live (default: 10)")
+                   help="seconds to wait for the proxy and for the subscription to be live "
+                   "(default: 10)")
     _add_run_dir(p)
     p.set_defaults(func=cmd_tap)
 
     p = sub.add_parser(
         "pub", help="publish one signed message (payload as JSON)",
         description="Publish a signed message from the shell, e.g. "
-        "zbus pub notifications compute.instance.create.end '{\"id\": 1}' --key-file k.key",
+        "zbus pub notifications compute.instance.create.end '{\"id\": 1}' --key-file k.key. "
+        "A signing key is required: --key-file FILE, --key-hex - (stdin), or "
+        f"${KEY_FILE_ENV} / ${KEY_HEX_ENV}; make one with 'zbus keygen FILE'.",
+        epilog=_ENVIRONMENT,
     )
-    p.add_argument("exchange", metavar="EXCHANGE")
-    p.add_argument("routing_key", metavar="ROUTING_KEY")
+    p.add_argument("exchange", metavar="EXCHANGE",
+                   help="the exchange (message class) to publish on, e.g. notifications")
+    p.add_argument("routing_key", metavar="ROUTING_KEY",
+                   help="dotted words that consumers' patterns match, e.g. "
+                   "compute.instance.create.end (also the message type unless --message-type)")
     p.add_argument("payload", metavar="PAYLOAD", help="a JSON value, or '-' to read stdin")
     _add_keys(p, "sign")
     p.add_argument("--publisher-id", default=f"zbus-cli@{socket.gethostname()}",
@@ -781,7 +1000,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="message type in the envelope (default: the routing key)")
     p.add_argument("--type-version", type=int, default=None,
                    help="message type version (default: 1)")
-    p.add_argument("--count", type=int, default=1, help="publish it this many times")
+    p.add_argument("--count", type=int, default=1,
+                   help="publish it this many times (default: 1)")
     _add_run_dir(p)
     p.set_defaults(func=cmd_pub)
 
@@ -790,15 +1010,45 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask the local proxy's control socket for its counters: frames in and "
         "out per device (forwarding loop), the declared pools with their bindings, the fast "
         "pools' receipts (what members never reported), the at-least-once pools, and, on a "
-        "federating proxy, its peers and their liveness.",
+        "federating proxy, its peers and their liveness. The devices count ZeroMQ frames, "
+        "not messages: a message is 3 frames.",
+        epilog=_ENVIRONMENT,
     )
-    p.add_argument("--json", action="store_true", help="print the raw counters as JSON")
+    p.add_argument("--json", action="store_true",
+                   help="print the raw counters as JSON (default: tables)")
     p.add_argument("--watch", type=float, default=None, metavar="SECONDS",
-                   help="refresh every SECONDS until Ctrl-C, with rates")
+                   help="refresh every SECONDS until Ctrl-C, with rates; on a terminal the "
+                   "screen is redrawn (default: print once)")
     p.add_argument("--timeout", type=float, default=3.0,
                    help="seconds to wait for the proxy (default: 3)")
     _add_run_dir(p)
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser(
+        "pools", help="list, declare or remove the local proxy's pools",
+        description="List the pools the local proxy serves (and those removed), declare a "
+        "fast pool, or remove a pool (fast or at-least-once). 'remove --fabric' removes a "
+        "fast pool on every peer too, and every host then refuses declarations of it made "
+        "before the removal (a peer's hello would otherwise bring it back); a declaration "
+        "made after it brings it back everywhere. See docs/OPERATING.md, 'Removing a pool'.",
+    )
+    pools = p.add_subparsers(dest="pools_command", metavar="ACTION", required=True)
+    q = pools.add_parser("list", help="the declared and the removed pools")
+    q.add_argument("--json", action="store_true", help="print the proxy's reply as JSON")
+    q = pools.add_parser("declare", help="declare a fast pool (idempotent)")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("bindings", nargs="+", metavar="BINDING",
+                   help="'exchange/pattern' in AMQP syntax, e.g. 'billing/charge.#'")
+    q = pools.add_parser("remove", help="remove a pool here, or with --fabric everywhere")
+    q.add_argument("name", metavar="NAME")
+    q.add_argument("--fabric", action="store_true",
+                   help="remove the fast pool on every peer too, and have every host refuse "
+                   "its older declarations")
+    for q in pools.choices.values():
+        q.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to wait for the proxy (default: 5)")
+        _add_run_dir(q)
+        q.set_defaults(func=cmd_pools)
 
     p = sub.add_parser(
         "keygen", help="write a new signing key file (mode 0600)",
@@ -817,7 +1067,7 @@ def build_parser() -> argparse.ArgumentParser:
     # the bench's help): no option prefix, no -h of its own.
     p = sub.add_parser(
         "bench", add_help=False, prefix_chars="\0",
-        help="run the benchmark suite (python -m bench; needs the source tree's bench/)",
+        help="run the benchmark suite (python -m bench; needs a checkout's bench/)",
         description="Run 'python -m bench ARGS' from the working directory, which must be the "
         "root of a zbus source tree: the bench ships with the source, not the wheel.",
     )
@@ -833,10 +1083,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         args.run_dir_given = args.run_dir is not None
     try:
+        if hasattr(args, "config"):  # a command that talks to the local proxy
+            resolve_run_dir(args)
         if getattr(args, "run_dir", None) is not None:
             Endpoints(Path(args.run_dir))  # a run dir too long for ipc fails here, clearly
         result: int = args.func(args)
         return result
+    except BrokenPipeError:  # the reader of our output left ('zbus stats | head -1')
+        _silence_stdout()
+        return EXIT_OK
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE
