@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ __all__ = ["SCHEMA", "ProxyConfig", "build_config", "load_toml", "setup_logging"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+_POOL_GLOB = re.compile(r"[A-Za-z0-9_\-*?\[\]!]{1,64}")
 
 
 def _positive_int(value: Any) -> int:
@@ -84,6 +86,20 @@ def _choice(options: tuple[str, ...]) -> Callable[[Any], str]:
     return check
 
 
+def _pool_policy(value: Any) -> str | list[str]:
+    """"all", "none", or pool names and glob patterns (a list, or one comma-separated
+    string as a flag gives it)."""
+    if isinstance(value, str) and value.strip().lower() in ("all", "none"):
+        return value.strip().lower()
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",")]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(v, str) and v and _POOL_GLOB.fullmatch(v) for v in value):
+        raise ValueError(f"must be \"all\", \"none\" or a list of pool names and glob "
+                         f"patterns (A-Z a-z 0-9 _ - and * ? [ ]), got {value!r}")
+    return list(value)
+
+
 _defaults = Settings()
 
 
@@ -109,6 +125,9 @@ SCHEMA: dict[str, Key] = {
                                 "prefetches; lost if the host's last member leaves"),
     "limits.max_message_bytes": Key(_positive_int, _defaults.max_message_bytes,
                                     "largest frame accepted (ZMQ_MAXMSGSIZE)"),
+    "limits.max_queue_bytes": Key(_positive_int, _defaults.max_queue_bytes,
+                                  "bytes one queue may hold: every high-water mark is at "
+                                  "most max_queue_bytes / max_message_bytes messages"),
     "limits.max_pools": Key(_positive_int, DEFAULT_MAX_POOLS,
                             "pools (fast and at-least-once together) this proxy serves; a "
                             "fast pool costs ~13 fds: raise the fd limit with it"),
@@ -129,6 +148,9 @@ SCHEMA: dict[str, Key] = {
     "network.sync_interval": Key(_seconds, 1.0, "seconds between directory polls and peer "
                                  "hellos"),
     "network.node_id": Key(_string, None, "this proxy's id among peers (default HOST:PORT)"),
+    "network.pools_from_peers": Key(_pool_policy, "all", "pools peers may declare and remove "
+                                     "here: all, none, or a list of names and glob patterns "
+                                     "(flag: comma-separated); this host's own are unaffected"),
     "curve.secret_key": Key(_path, None, "this proxy's CURVE secret key file (mode 0600; "
                             "make one with --curve-keygen DIR)"),
     "curve.allow": Key(_strings, [], "files (one Z85 public key a line) or directories "
@@ -286,6 +308,9 @@ def _federation(values: dict[str, Any], source: str | None) -> FederationConfig 
                                   "(the interface this proxy joins other hosts on)")
         if values["directory.kind"] == "redis":
             raise ConfigError(f"key 'directory.kind'{_where(source)}: redis needs network.bind")
+        if values["network.pools_from_peers"] != "all":
+            raise ConfigError(f"key 'network.pools_from_peers'{_where(source)}: needs "
+                              "network.bind (without it this proxy has no peers)")
         return None
     host, port = parse_address(bind, "network.bind")
     curve = None
@@ -311,7 +336,15 @@ def _federation(values: dict[str, Any], source: str | None) -> FederationConfig 
         redis_prefix=values["directory.prefix"], ttl=values["directory.ttl"],
         sync_interval=max(values["network.sync_interval"], 0.05),
         node_id=values["network.node_id"] or "",
+        pools_from_peers=_policy_tuple(values["network.pools_from_peers"]),
     )
+
+
+def _policy_tuple(policy: str | list[str]) -> tuple[str, ...] | None:
+    """network.pools_from_peers as FederationConfig keeps it: None all, () none."""
+    if policy == "all":
+        return None
+    return () if policy == "none" else tuple(policy)
 
 
 def load_config(path: str | os.PathLike[str] | None,

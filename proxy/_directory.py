@@ -157,6 +157,8 @@ class FederationConfig:
     ttl: float = 10.0
     sync_interval: float = 1.0
     node_id: str = ""
+    pools_from_peers: tuple[str, ...] | None = None
+    """Pool names (and glob patterns) peers may declare and remove here: None all, () none."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fnmatch
 import logging
 import os
 import threading
@@ -49,7 +50,7 @@ from ._guard import ServiceHealth
 from ._members import FRAMES_PER_MESSAGE, PoolMembers
 
 __all__ = ["LINK_CONNECT_TIMEOUT", "PEER_TIMEOUT", "PROBE_PREFIX", "Federation",
-           "FederationHost"]
+           "FederationHost", "PoolRefusedError", "accepts_peer_pool"]
 
 log = logging.getLogger("zbus.proxy")
 
@@ -71,6 +72,14 @@ RUNS_KEPT = 64
 HELLO_POOLS_SHARE = 4
 """A hello carries at most max_message_bytes / HELLO_POOLS_SHARE of pool declarations (the
 rest of a hello is small): more pools go in pages over successive hellos."""
+HELLO_REMOVED_SHARE = 16
+"""... and at most max_message_bytes / HELLO_REMOVED_SHARE of fabric-wide pool removals
+(tombstones), in pages the same way."""
+GENERATION_AHEAD_MS = 3_600_000
+"""A peer's pool generation (ms clock) more than this ahead of our clock is refused: a made-up
+one far ahead would hold the name's generations up for that long."""
+REFUSALS_LOGGED = 1024
+"""Pool names whose refused peer declarations are logged (once each, per reason)."""
 LEARNED_MAX = 256
 """Peers learned from hellos (not configured) kept at most: more are refused and counted."""
 LEARNED_EXPIRE_SYNCS = 10
@@ -78,17 +87,34 @@ LEARNED_EXPIRE_SYNCS = 10
 """Runs of each peer whose pool-link reports are kept (a peer restarts with a new run)."""
 
 
-def pool_page(pools: dict[str, list[str]], start: int,
-              budget: int) -> tuple[dict[str, list[str]], int]:
+class PoolRefusedError(ConfigError):
+    """A pool declaration refused for ``reason`` (counted per reason when a peer's)."""
+
+    def __init__(self, reason: str, text: str) -> None:
+        super().__init__(text)
+        self.reason = reason
+
+
+def accepts_peer_pool(policy: tuple[str, ...] | None, name: str) -> bool:
+    """Whether ``network.pools_from_peers`` lets peers declare (and remove) pool ``name``:
+    None is "all", ``()`` "none", else names and glob patterns (``billing``, ``compute-*``)."""
+    if policy is None:
+        return True
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in policy)
+
+
+def pool_page(pools: dict[str, Any], start: int,
+              budget: int) -> tuple[dict[str, Any], int]:
     """Pools from the ``start``-th name (sorted, wrapping) while their msgpack size fits
     ``budget``, and where the next page starts: however many pools are declared, a hello
     stays bounded, and successive hellos carry every pool. A pool larger than the budget on
-    its own is never sent (declared pools are bounded well below it)."""
+    its own is never sent (declared pools are bounded well below it). The same pages carry
+    tombstones (name -> [bindings, generation])."""
     names = sorted(pools)
     if not names:
         return {}, 0
     start %= len(names)
-    page: dict[str, list[str]] = {}
+    page: dict[str, Any] = {}
     used = 0
     for step in range(len(names)):
         name = names[(start + step) % len(names)]
@@ -112,6 +138,8 @@ class FederationHost(Protocol):
     _state: threading.Lock
     _tag: str
     _pools: dict[str, list[str]]
+    _generations: dict[str, int]
+    _removed: dict[str, dict[str, Any]]
     _pool_members: PoolMembers
     _devices: dict[str, Device]
     health: ServiceHealth
@@ -119,7 +147,16 @@ class FederationHost(Protocol):
     @property
     def pools(self) -> dict[str, list[str]]: ...
 
-    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> bool: ...
+    @property
+    def pool_generations(self) -> dict[str, int]: ...
+
+    @property
+    def removed_pools(self) -> dict[str, dict[str, Any]]: ...
+
+    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool,
+                      peer_generation: int | None = None) -> bool: ...
+
+    def apply_removal(self, name: Any, bindings: Any, generation: int) -> bool: ...
 
     def _make(self, spec: SocketSpec) -> zmq.Socket[Any]: ...
 
@@ -144,10 +181,15 @@ class Federation:
         # source address) said hello with. A hello claiming another's id is refused.
         self._id_of: dict[bytes, str] = {}
         self.hellos_refused: dict[str, int] = {}
-        # Where the next hello's page of pool declarations starts: ours (manager only),
-        # and per peer id for our replies (under _state).
+        # Peers' pool declarations and removals refused, per reason (policy, removed,
+        # conflict, generation, invalid, limit); the (reason, pool) pairs logged. Under _state.
+        self.peer_pools_refused: dict[str, int] = {}
+        self._refusals_logged: set[tuple[str, str]] = set()
+        # Where the next hello's pages of pool declarations and of removals start: ours
+        # (manager only), and per peer id for our replies (under _state).
         self._page_start = 0
-        self._reply_page_start: dict[str, int] = {}
+        self._removed_start = 0
+        self._reply_page_start: dict[str, tuple[int, int]] = {}
         # origin -> the id the proxy there gave itself in a hello reply (its node id): a
         # static entry names a peer by address, its reflected probes carry its own id.
         self._named: dict[str, str] = {}
@@ -163,6 +205,10 @@ class Federation:
         # with no tcp side (from this host's own pool origin) is always up. Under _state.
         self._link_up: dict[str, bool] = {}
         self.link_restarts = 0
+        self.link_disconnects = 0
+        """Data links that lost their connection (libzmq reconnects them): a link that keeps
+        dropping shows here, where a peer that refuses what it is sent would otherwise only
+        log (issue 14 item 2)."""
         # Pool-link books (docs/RELIABILITY.md): frames that stopped pool links took, by
         # (source endpoint, source run); and per peer origin, per run of that peer, the frames
         # its pool links took from our pool origins, as its last hello reply said. Under _state.
@@ -252,6 +298,7 @@ class Federation:
                 "run": self.run,
                 "peers": peers,
                 "link_restarts": self.link_restarts,
+                "link_disconnects": self.link_disconnects,
                 "pool_links": books,
                 "members": dict(self._host._pool_members.counts),
                 "pool_endpoints": dict(self.pool_endpoints),
@@ -259,6 +306,9 @@ class Federation:
                 "reflected": self.reflected,
                 "learned": len(self._learned),
                 "hellos_refused": dict(self.hellos_refused),
+                "peer_pools_refused": dict(self.peer_pools_refused),
+                "pools_from_peers": ("all" if self.config.pools_from_peers is None
+                                      else list(self.config.pools_from_peers) or "none"),
                 "zap": self._zap.stats() if self._zap else None,
                 "directory_failures": getattr(self._directory, "failures", 0),
                 "directory_rejected": getattr(self._directory, "rejected", 0),
@@ -309,20 +359,35 @@ class Federation:
         return {pool: self._taken(endpoint, run) for pool, endpoint in endpoints.items()
                 if isinstance(pool, str) and isinstance(endpoint, str)}
 
-    def pass_on_declaration(self, name: str, bindings: list[str], created: bool) -> None:
+    def pass_on_declaration(self, name: str, bindings: list[str], created: bool,
+                            generation: int = 0) -> None:
         """Pass a pool declaration a client made here on to every peer that answered lately
         (the others get it with their next hello)."""
-        with self._host._state:
-            live = [self._peers[p] for p, st in self._peer_state.items()
-                    if st.get("answering") and p in self._peers]
-        for peer in live:
-            reply = self._peer_request(peer, "declare_pool", name=name, bindings=bindings)
+        for peer in self._answering():
+            reply = self._peer_request(peer, "declare_pool", name=name, bindings=bindings,
+                                       generation=generation)
             if reply is None or not reply.get("ok"):
                 log.warning("a peer did not take a pool declaration; its next hello will", extra={
                     "peer": peer.id, "pool": name,
                     "error": (reply or {}).get("error", "no answer")})
         if created:
             self._wake()
+
+    def pass_on_removal(self, name: str, bindings: list[str], generation: int) -> None:
+        """Pass a fabric-wide removal made here on to every peer that answered lately (the
+        others get it with their next hello, like every host's tombstones)."""
+        for peer in self._answering():
+            reply = self._peer_request(peer, "remove_pool", name=name, bindings=bindings,
+                                       generation=generation)
+            if reply is None or not reply.get("ok"):
+                log.warning("a peer did not take a pool removal; its next hello will", extra={
+                    "peer": peer.id, "pool": name,
+                    "error": (reply or {}).get("error", "no answer")})
+
+    def _answering(self) -> list[PeerInfo]:
+        with self._host._state:
+            return [self._peers[p] for p, st in self._peer_state.items()
+                    if st.get("answering") and p in self._peers]
 
     # -- requests to peers ---------------------------------------------------------------
 
@@ -435,8 +500,14 @@ class Federation:
             if op == "declare_pool":
                 # Never passed on from here: declarations spread one hop, from the proxy
                 # a client asked; a peer that missed it catches up through hello.
-                self._host._declare_pool(request.get("name"), request.get("bindings"),  # type: ignore[arg-type]
-                                         persist=True)
+                self._adopt_pool(request.get("name"), request.get("bindings"),
+                                 request.get("generation", 0), user or address, raising=True)
+                self._wake()
+                return {"ok": True}
+            if op == "remove_pool":
+                self._adopt_removal(request.get("name"), [request.get("bindings"),
+                                                          request.get("generation")],
+                                    user or address, raising=True)
                 self._wake()
                 return {"ok": True}
             if op == "reflect":
@@ -504,7 +575,7 @@ class Federation:
                 self._refuse_hello("learned_full", f"this proxy knows {LEARNED_MAX} peers "
                                    "from hellos already; list this one in its config", info,
                                    address)
-        self._adopt_pools(request.get("pools"), info.id)
+        self._adopt_pools(request, info.id)
         with self._host._state:
             if not trusted and len(self._id_of) < 16 * LEARNED_MAX:
                 self._id_of.setdefault(who, info.id)
@@ -515,15 +586,15 @@ class Federation:
                 self._learned[info.id] = info
                 self._heard[info.id] = time.monotonic()
         taken = self._taken_for(request.get("pool_endpoints"), request.get("run"))
-        pools = self._host.pools  # before _state: _declare_pool takes _pool_lock, then _state
+        declared = self._declarations()  # before _state: the pool lock comes first
         with self._host._state:
-            pools, after = pool_page(pools, self._reply_page_start.get(info.id, 0),
-                                     self._pools_budget())
+            start, removed_start = self._reply_page_start.get(info.id, (0, 0))
+            pages, after = self._pages(declared, start, removed_start)
             if info.id not in self._reply_page_start \
                     and len(self._reply_page_start) >= 4 * LEARNED_MAX:
                 self._reply_page_start.pop(next(iter(self._reply_page_start)))
             self._reply_page_start[info.id] = after
-            return {"ok": True, "peer": self.me.as_dict(), "pools": pools,
+            return {"ok": True, "peer": self.me.as_dict(), **pages,
                     "pool_endpoints": dict(self.pool_endpoints),
                     "members": dict(self._host._pool_members.counts),
                     "run": self.run, "pool_taken": taken}
@@ -531,23 +602,114 @@ class Federation:
     def _pools_budget(self) -> int:
         return max(self._host.settings.max_message_bytes // HELLO_POOLS_SHARE, 1)
 
+    def _declarations(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """For a hello: each fast pool as [bindings, generation], and each fabric-wide
+        removal as [bindings, generation] (call without _state: the pool lock is first)."""
+        host = self._host
+        pools, generations = host.pools, host.pool_generations
+        removed = host.removed_pools
+        return ({name: [bindings, generations.get(name, 0)] for name, bindings in pools.items()},
+                {name: [t["bindings"], t["generation"]] for name, t in removed.items()
+                 if t["fabric"]})
+
+    def _pages(self, declared: tuple[dict[str, Any], dict[str, Any]], start: int,
+               removed_start: int) -> tuple[dict[str, Any], tuple[int, int]]:
+        """A hello's pages: "pools" (name -> bindings, as every zbus-proxy reads them),
+        "pool_generations" and "removed" (name -> [bindings, generation]); each bounded."""
+        max_bytes = self._host.settings.max_message_bytes
+        pools, after = pool_page(declared[0], start, self._pools_budget())
+        removed, removed_after = pool_page(declared[1], removed_start,
+                                           max(max_bytes // HELLO_REMOVED_SHARE, 1))
+        return ({"pools": {name: entry[0] for name, entry in pools.items()},
+                 "pool_generations": {name: entry[1] for name, entry in pools.items()},
+                 "removed": removed}, (after, removed_after))
+
     def _identity(self, peer: PeerInfo) -> bytes:
         """What a configured peer's hellos are known by: its key, or on plain tcp its host."""
         if self.config.curve is not None:
             return peer.public_key
         return peer.origin[len("tcp://"):].rpartition(":")[0].strip("[]").encode()
 
-    def _adopt_pools(self, pools: Any, source: str) -> None:
+    def _adopt_pools(self, hello: dict[str, Any], source: str) -> None:
+        """Take the pool removals, then the declarations, a hello (or its reply) carries."""
+        removed = hello.get("removed")
+        if isinstance(removed, dict):
+            for name, entry in removed.items():
+                self._adopt_removal(name, entry, source)
+        pools = hello.get("pools")
         if not isinstance(pools, dict):
             return
+        generations = hello.get("pool_generations")
+        if not isinstance(generations, dict):
+            generations = {}  # an older peer: its declarations are generation 0
         for name, bindings in pools.items():
-            if name in self._host._pools:
-                continue
-            try:
-                self._host._declare_pool(name, bindings, persist=True)
-            except (ConfigError, ValueError, TypeError) as exc:
-                log.warning("refused a peer's pool declaration",
-                            extra={"peer": source, "pool": name, "error": str(exc)})
+            self._adopt_pool(name, bindings, generations.get(name, 0), source)
+
+    def _adopt_pool(self, name: Any, bindings: Any, generation: Any, source: str, *,
+                    raising: bool = False) -> None:
+        """A peer's declaration of pool ``name``: taken if local policy accepts the name,
+        it is not older than this host's removal of the same bindings, and the name is
+        free; else refused, counted and logged once per pool and reason (and, with
+        ``raising``, the ConfigError raised for the peer's reply)."""
+        host = self._host
+        known = host._generations.get(name) if isinstance(name, str) else None
+        if known is not None and host._pools.get(name) == bindings \
+                and isinstance(generation, int) and generation <= known:
+            return  # what every hello repeats: nothing to do (read without the lock)
+        try:
+            self._check_peer_pool(name, generation)
+            host._declare_pool(name, bindings, persist=True, peer_generation=generation)
+        except (ConfigError, ValueError, TypeError) as exc:
+            reason = exc.reason if isinstance(exc, PoolRefusedError) else "invalid"
+            self._refused(reason, name, source, str(exc), "declaration")
+            if raising:
+                raise
+
+    def _adopt_removal(self, name: Any, entry: Any, source: str, *,
+                       raising: bool = False) -> None:
+        """A peer's fabric-wide removal (``entry``: [bindings, generation]): taken when
+        local policy accepts the name (``Proxy.apply_removal`` then decides); else refused
+        and counted like a declaration."""
+        try:
+            if not isinstance(entry, list) or len(entry) != 2:
+                raise PoolRefusedError("invalid", "a pool removal is [bindings, generation]")
+            bindings, generation = entry
+            self._check_peer_pool(name, generation)
+            old = self._host._removed.get(name)
+            if old is not None and old["generation"] >= generation:
+                return  # known already (read without the lock; apply_removal checks again)
+            if self._host.apply_removal(name, bindings, generation):
+                self._wake()
+        except (ConfigError, ValueError, TypeError) as exc:
+            reason = exc.reason if isinstance(exc, PoolRefusedError) else "invalid"
+            self._refused(reason, name, source, str(exc), "removal")
+            if raising:
+                raise
+
+    def _check_peer_pool(self, name: Any, generation: Any) -> None:
+        """Local policy (``network.pools_from_peers``) and a sane generation, before any
+        lock: PoolRefusedError."""
+        if not isinstance(name, str) or not accepts_peer_pool(self.config.pools_from_peers,
+                                                              name):
+            raise PoolRefusedError("policy", f"this proxy does not take pool {name!r} from peers "
+                              f"(network.pools_from_peers)")
+        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 0 \
+                or generation > time.time_ns() // 1_000_000 + GENERATION_AHEAD_MS:
+            raise PoolRefusedError("generation", f"pool {name!r}: generation {generation!r} is not "
+                              f"an integer from 0 to this host's clock (ms) + "
+                              f"{GENERATION_AHEAD_MS}")
+
+    def _refused(self, reason: str, name: Any, source: str, text: str, what: str) -> None:
+        with self._host._state:
+            self.peer_pools_refused[reason] = self.peer_pools_refused.get(reason, 0) + 1
+            key = (reason, name if isinstance(name, str) else repr(name)[:80])
+            first = key not in self._refusals_logged \
+                and len(self._refusals_logged) < REFUSALS_LOGGED
+            if first:
+                self._refusals_logged.add(key)
+        if first:  # once per pool and reason: a hello repeats it every sync interval
+            log.warning(f"refused a peer's pool {what}", extra={
+                "peer": source, "pool": key[1], "reason": reason, "error": text})
 
     # -- the manager (directory, hellos, links) ------------------------------------------
 
@@ -579,7 +741,10 @@ class Federation:
                     elif sock in links:
                         self._link_event(links[sock], sock.recv_multipart())
                     else:
-                        host._pool_members.event(monitors[sock], sock.recv_multipart())
+                        host._pool_members.event(monitors[sock], sock.recv_multipart(), sock)
+                for reader in host._pool_members.stale(list(monitors)):
+                    del monitors[reader]  # a removed pool's
+                    reader.close(linger=0)
                 if time.monotonic() >= next_sync:
                     away = False
                     try:
@@ -636,10 +801,11 @@ class Federation:
                     self._peer_state[pid] = {"answering": None, "alive": None, "refused": True}
                 continue
             peers[pid] = info
-        pools = self._host.pools  # before _state: _declare_pool takes _pool_lock, then _state
-        pools, self._page_start = pool_page(pools, self._page_start, self._pools_budget())
+        declared = self._declarations()  # before _state: the pool lock comes first
+        pages, (self._page_start, self._removed_start) = self._pages(
+            declared, self._page_start, self._removed_start)
         with self._host._state:
-            hello = {"peer": self.me.as_dict(), "pools": pools, "run": self.run,
+            hello = {"peer": self.me.as_dict(), **pages, "run": self.run,
                      "pool_endpoints": dict(self.pool_endpoints)}
         states: dict[str, dict[str, Any]] = {}
         named: dict[str, PeerInfo] = {}
@@ -694,7 +860,7 @@ class Federation:
                 log.info("peer answering", extra={"peer": pid, "origin": info.origin})
             if old.get("missed"):
                 back.append(pid)
-            self._adopt_pools(reply.get("pools"), pid)
+            self._adopt_pools(reply, pid)
             endpoints = reply.get("pool_endpoints")
             members = reply.get("members")
             run = reply.get("run")
@@ -873,6 +1039,8 @@ class Federation:
         else:
             return
         with self._host._state:
+            if not up:
+                self.link_disconnects += 1
             if name in self._links:
                 self._link_up[name] = up
         log.info("link connected" if up else "link disconnected", extra={"link": name})

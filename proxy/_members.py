@@ -19,6 +19,7 @@ federation) through a queue.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -195,6 +196,11 @@ class PoolMembers:
         self._monitor_inbox: queue.SimpleQueue[tuple[str, zmq.Socket[Any]]] = queue.SimpleQueue()
         self._pending: dict[str, zmq.Socket[Any]] = {}
         self._pending_lock = threading.Lock()
+        # Per declared pool, the monitor reader of its current declaration (under _state): a
+        # pool removed and declared again has a new one, and the old one's late events are
+        # not its members.
+        self._current: dict[str, zmq.Socket[Any]] = {}
+        self._seq = itertools.count()
 
     def watch(self, ctx: zmq.Context[Any], name: str, push: zmq.Socket[Any],
               endpoint: str) -> None:
@@ -202,7 +208,8 @@ class PoolMembers:
         members' PUSH, connected before the PUSH binds (to ``endpoint``) so that no member
         goes uncounted. Its events are read by the manager thread (federation) or the
         control thread."""
-        monitor = f"inproc://zbus-members-{name}-{self._tag}"
+        # Unique per declaration: a removed pool's monitor may still hold the old address.
+        monitor = f"inproc://zbus-members-{name}-{self._tag}-{next(self._seq)}"
         push.monitor(monitor, _MEMBER_EVENTS)
         reader: zmq.Socket[Any] = ctx.socket(zmq.PAIR)
         reader.setsockopt(zmq.LINGER, 0)
@@ -222,7 +229,28 @@ class PoolMembers:
         with self._pending_lock:
             reader = self._pending.pop(name, None)
         if reader is not None:
+            with self._state:
+                self._current[name] = reader
             self._monitor_inbox.put((name, reader))
+
+    def retire(self, name: str) -> None:
+        """Pool ``name`` was removed (its devices stopped): forget its members and receipts,
+        so that a pool declared again under the name starts afresh; its monitor reader is
+        now :meth:`stale`, for the thread that reads it to close."""
+        with self._state:
+            self._current.pop(name, None)
+            kept: list[dict[str, Any]] = [
+                self.counts, self._receipts, self._receipts_closed, self._members_closed,
+                self._members_lost, self._not_members, self._receipts_refused, self._books]
+            for books in kept:
+                books.pop(name, None)
+
+    def stale(self, readers: Iterable[zmq.Socket[Any]]) -> list[zmq.Socket[Any]]:
+        """Of ``readers`` (the caller's monitor readers), those of removed pools: the
+        caller closes them."""
+        with self._state:
+            current = {id(reader) for reader in self._current.values()}
+        return [reader for reader in readers if id(reader) not in current]
 
     def discard(self, name: str) -> None:
         """Pool ``name``'s declaration failed, its device threads ended: close its monitor."""
@@ -254,14 +282,18 @@ class PoolMembers:
                 break
             reader.close(linger=0)
 
-    def event(self, pool: str, frames: list[bytes]) -> None:
-        """One event of ``pool``'s member monitor."""
+    def event(self, pool: str, frames: list[bytes],
+              reader: zmq.Socket[Any] | None = None) -> None:
+        """One event of ``pool``'s member monitor (read from ``reader``: ignored when that
+        is not the monitor of the pool's current declaration, one removed since)."""
         # Members are the open connections (a handshaking one counts at once: a member is
         # never missed). Any peer can connect and send garbage; when libzmq flags the failed
         # handshake (HANDSHAKE_FAILED_*, before that connection's DISCONNECTED), its end is
         # not counted as a lost member. Handshake events carry no fd, hence the credit.
         event = zmq.utils.monitor.parse_monitor_message(frames)["event"]
         with self._state:
+            if reader is not None and self._current.get(pool) is not reader:
+                return
             count = self.counts.get(pool, 0)
             if event == zmq.EVENT_ACCEPTED:
                 count += 1

@@ -37,6 +37,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,7 @@ from zbus._transport import make_socket, wait_for_probe
 from ._control import ControlServer
 from ._device import Device, SocketSpec
 from ._directory import FederationConfig, PeerInfo
-from ._federation import Federation
+from ._federation import Federation, PoolRefusedError
 from ._guard import ServiceHealth
 from ._members import PoolMembers
 from ._reliable import DEFAULT_ACK_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DeadLetter, ReliablePool
@@ -72,10 +73,26 @@ libzmq's abort (``limits.max_pools``, docs/OPERATING.md)."""
 MAX_POOL_BINDINGS = 256
 """Most distinct bindings of one pool (duplicates are merged first): each is a subscription
 of the pool's SUB and is repeated in every hello to peers (docs/OPERATING.md)."""
+MAX_TOMBSTONES = 1024
+"""Removed pools (tombstones, docs/OPERATING.md "Removing a pool") kept at most; beyond, the
+oldest generation is forgotten (a peer that still holds that pool may bring it back)."""
+MAX_GENERATION = 2**53 - 1
+"""Largest pool generation (exact in JSON and msgpack floats alike)."""
 MAX_POOL_BINDING_ENTRIES = 4096
 """Most entries, duplicates included, of a declaration's binding list (checked before any
 is parsed, so that a huge list cannot hold the control thread)."""
 LOCK_FILE = "zbus-proxy.lock"
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def next_generation(now: int, *seen: int) -> int:
+    """A pool declaration's or removal's generation: the wall clock in ms, but always above
+    every generation seen for that name (so a removal is newer than the declaration it
+    removes, and a declaration made after a removal newer than it, whatever the clocks)."""
+    return min(max(now, max(seen, default=0) + 1), MAX_GENERATION)
 
 
 class Proxy:
@@ -102,7 +119,9 @@ class Proxy:
         self.pools_refused = 0
         """Declarations of a new pool refused because ``max_pools`` were declared."""
         self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
-        self.settings = settings or Settings()
+        # Every queue of this proxy holds at most max_queue_bytes (issue 14 item 10): a
+        # subscriber, member or peer that stops reading can hold no more of its memory.
+        self.settings = (settings or Settings()).queue_limits()
         self.state_dir = Path(state_dir) if state_dir is not None else self.endpoints.run_dir
         self._ctx: zmq.Context[Any] | None = None
         self._devices: dict[str, Device] = {}
@@ -111,6 +130,10 @@ class Proxy:
         # under _pool_lock, which also keeps a name from being a fast and a reliable pool.
         self._reliable_decls: dict[str, dict[str, Any]] = {}
         self._reliable: dict[str, ReliablePool] = {}
+        # Fast pools' generations, and the pools removed here (tombstones: name -> bindings,
+        # generation, fabric), persisted with the declarations; both under _pool_lock.
+        self._generations: dict[str, int] = {}
+        self._removed: dict[str, dict[str, Any]] = {}
         self._pool_lock = threading.Lock()
         self._lock_fd: int | None = None
         self._stopping = threading.Event()
@@ -289,7 +312,10 @@ class Proxy:
         created = self._declare_pool(name, bindings, persist=True)
         if self._federation is None:
             return
-        self._federation.pass_on_declaration(name, bindings, created)
+        with self._pool_lock:
+            generation = self._generations.get(name, 0)
+            wanted = self._pools.get(name, bindings)
+        self._federation.pass_on_declaration(name, wanted, created, generation)
 
     @staticmethod
     def _check_bindings(bindings: Any) -> tuple[list[TopicPattern], list[str]]:
@@ -311,23 +337,42 @@ class Proxy:
         wanted = sorted(unique)
         return [unique[text] for text in wanted], wanted
 
-    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool) -> bool:
+    def _declare_pool(self, name: str, bindings: list[str], *, persist: bool,
+                      peer_generation: int | None = None) -> bool:
+        """Declare fast pool ``name``; True when it is new. Three callers: a client here
+        (``persist``: a new generation, and a tombstone of these bindings is cleared),
+        ``pools.json`` at start (neither), a peer (``peer_generation``: refused with
+        PoolRefusedError when a tombstone of these bindings is as new, or the name is taken)."""
         validate_name(name, "pool name")
         patterns, wanted = self._check_bindings(bindings)
         with self._pool_lock:
             if name in self._reliable_decls:
-                raise ConfigError(
+                raise PoolRefusedError(
+                    "conflict",
                     f"{name!r} is an at-least-once pool (declare_reliable_pool): a name is "
                     f"either a fast pool or an at-least-once pool; use another pool name"
                 )
+            tomb = self._removed.get(name)
+            revives = tomb is not None and tomb["bindings"] == wanted
+            if peer_generation is not None and revives and tomb is not None \
+                    and peer_generation <= tomb["generation"]:
+                raise PoolRefusedError(
+                    "removed", f"pool {name!r} with bindings {wanted} was removed here at "
+                    f"generation {tomb['generation']}; a declaration from before that "
+                    f"(generation {peer_generation}) does not bring it back")
             known = self._pools.get(name)
             if known is not None:
                 if known != wanted:
-                    raise ConfigError(
+                    raise PoolRefusedError(
+                        "conflict",
                         f"pool {name!r} is declared with bindings {known}, not {wanted}: use "
-                        f"another pool name, or stop the proxy and remove it from "
-                        f"{self.state_dir / POOLS_FILE}"
+                        f"another pool name, or remove it first (zbus pools remove {name} "
+                        f"--fabric; docs/OPERATING.md)"
                     )
+                if peer_generation is not None \
+                        and peer_generation > self._generations.get(name, 0):
+                    self._generations[name] = peer_generation  # converge on the newest
+                    self._save_pools()
                 return False
             self._check_room(name)
             try:
@@ -347,11 +392,162 @@ class Proxy:
                     self._federation.pool_endpoints[name] = \
                         self._devices[f"pool-{name}-origin"].last_endpoints[1]
                 self._pool_members.counts.setdefault(name, 0)
+            if peer_generation is not None:
+                generation = peer_generation
+            elif persist and self._federation is not None:  # single-host: no tombstones
+                generation = next_generation(now_ms(), self._generations.get(name, 0),
+                                             tomb["generation"] if tomb is not None else 0)
+            else:
+                generation = self._generations.get(name, 0)
+            if revives and (persist or peer_generation is not None):
+                # A declaration newer than the removal of these same bindings: it is back.
+                del self._removed[name]
             self._pools[name] = wanted
+            self._generations[name] = generation
             if persist:
                 self._save_pools()
-        log.info("pool %s declared with %s", name, wanted)
+        log.info("pool %s declared with %s", name, wanted, extra={"generation": generation})
         return True
+
+    # -- removing pools ------------------------------------------------------------------
+
+    def remove_pool(self, name: str, *, fabric: bool = False) -> dict[str, Any]:
+        """Remove pool ``name`` (fast or at-least-once): stop its devices or component, drop
+        it from ``pools.json`` (atomically, before it stops) and free its slot under
+        ``max_pools``. What it held in flight is lost; its members stay connected to
+        nothing (they receive again if the pool is declared again).
+
+        On a federated proxy a fast pool leaves a *tombstone* (its bindings and a
+        generation newer than the pool's): a peer's declaration of the same bindings from
+        before the removal is refused here. With ``fabric`` the tombstone goes to the peers
+        too (at once to those answering, in hellos to the others), which remove the pool
+        and refuse its old declarations the same way. A declaration made after it (here or
+        on any host, so with a newer generation) brings the pool back. Returns what was
+        removed; ConfigError for an unknown pool."""
+        validate_name(name, "pool name")
+        if not isinstance(fabric, bool):
+            raise ConfigError("remove_pool: fabric must be true or false")
+        with self._pool_lock:
+            if name in self._reliable_decls:
+                return self._remove_reliable(name, fabric)
+            bindings = self._pools.get(name)
+            if bindings is None:
+                known = sorted([*self._pools, *self._reliable_decls])
+                gone = self._removed.get(name)
+                hint = (f" (removed at generation {gone['generation']})" if gone else "")
+                raise ConfigError(f"no pool {name!r} on this proxy{hint}; declared: "
+                                  f"{', '.join(known) or 'none'}")
+            if fabric and self._federation is None:
+                raise ConfigError("this proxy has no peers (network.bind is not set): "
+                                  "remove the pool without --fabric")
+            saved = (dict(self._pools), dict(self._generations), dict(self._removed))
+            generation = None
+            if self._federation is not None:
+                old = self._removed.get(name)
+                generation = next_generation(now_ms(), self._generations.get(name, 0),
+                                             old["generation"] if old else 0)
+                self._removed[name] = {"bindings": bindings, "generation": generation,
+                                       "fabric": fabric}
+                self._bound_tombstones()
+            del self._pools[name]
+            self._generations.pop(name, None)
+            try:
+                self._save_pools()
+            except BaseException:
+                self._pools, self._generations, self._removed = saved
+                raise
+            self._stop_pool(name)
+        log.warning("pool removed", extra={"pool": name, "bindings": bindings,
+                                           "fabric": fabric, "generation": generation})
+        if self._federation is not None:
+            if fabric and generation is not None:
+                self._federation.pass_on_removal(name, bindings, generation)
+            self._federation._wake()  # its links go at once
+        return {"name": name, "kind": "fast", "bindings": bindings, "fabric": fabric,
+                "generation": generation}
+
+    def _remove_reliable(self, name: str, fabric: bool) -> dict[str, Any]:
+        """Remove at-least-once pool ``name`` (caller holds _pool_lock)."""
+        if fabric:
+            raise ConfigError(f"{name!r} is an at-least-once pool, which lives on this host "
+                              f"only: remove it without --fabric")
+        decl = self._reliable_decls.pop(name)
+        try:
+            self._save_pools()
+        except BaseException:
+            self._reliable_decls[name] = decl
+            raise
+        self._reliable.pop(name).stop()
+        log.warning("at-least-once pool removed", extra={"pool": name})
+        return {"name": name, "kind": "at-least-once", "bindings": decl["bindings"],
+                "fabric": False, "generation": None}
+
+    def _stop_pool(self, name: str) -> None:
+        """Stop fast pool ``name``'s devices, then forget its members (caller holds
+        _pool_lock): its sockets, ipc files and inproc addresses are free for a new one."""
+        with self._state:
+            if self._federation is not None:
+                self._federation.pool_endpoints.pop(name, None)
+        for part in ("origin", "deliver"):  # the origin first: it stops taking messages
+            device = self._devices.pop(f"pool-{name}-{part}", None)
+            if device is not None:
+                device.stop()
+        self._pool_members.retire(name)
+        # libzmq leaves a closed listener's ipc file: remove it, so that a member finds no
+        # pool there rather than a dead socket (a new declaration binds afresh).
+        for endpoint in (self.endpoints.pool(name), self.endpoints.pool_origin(name)):
+            Path(endpoint[len("ipc://"):]).unlink(missing_ok=True)
+
+    def _bound_tombstones(self) -> None:
+        """Keep at most MAX_TOMBSTONES, the newest (caller holds _pool_lock)."""
+        while len(self._removed) > MAX_TOMBSTONES:
+            oldest = min(self._removed, key=lambda n: self._removed[n]["generation"])
+            del self._removed[oldest]
+
+    def apply_removal(self, name: Any, bindings: Any, generation: int) -> bool:
+        """A peer's fabric-wide removal of ``name`` with ``bindings`` at ``generation``
+        (checked by the caller): kept as this host's tombstone when newer than the one it
+        has, and this host's pool of those bindings removed when not newer than it. True
+        when it removed the pool here."""
+        validate_name(name, "pool name")
+        _, wanted = self._check_bindings(bindings)
+        with self._pool_lock:
+            old = self._removed.get(name)
+            if old is not None and old["generation"] >= generation:
+                return False
+            held = self._pools.get(name)
+            removes = held == wanted and self._generations.get(name, 0) <= generation
+            if held == wanted and not removes:
+                return False  # declared again since: that declaration stands
+            saved = (dict(self._pools), dict(self._generations), dict(self._removed))
+            self._removed[name] = {"bindings": wanted, "generation": generation,
+                                   "fabric": True}
+            self._bound_tombstones()
+            if removes:
+                del self._pools[name]
+                self._generations.pop(name, None)
+            try:
+                self._save_pools()
+            except BaseException:
+                self._pools, self._generations, self._removed = saved
+                raise
+            if removes:
+                self._stop_pool(name)
+        if removes:
+            log.warning("pool removed by a peer's fabric-wide removal",
+                        extra={"pool": name, "bindings": wanted, "generation": generation})
+        return removes
+
+    @property
+    def pool_generations(self) -> dict[str, int]:
+        with self._pool_lock:
+            return dict(self._generations)
+
+    @property
+    def removed_pools(self) -> dict[str, dict[str, Any]]:
+        """The tombstones: name -> bindings, generation and fabric (carried to peers)."""
+        with self._pool_lock:
+            return {name: dict(t) for name, t in self._removed.items()}
 
     def _check_room(self, name: str) -> None:
         """Refuse new pool ``name`` when ``max_pools`` are declared (caller holds
@@ -364,7 +560,8 @@ class Proxy:
             self.pools_refused += 1
         log.warning("pool declaration refused: limit reached",
                     extra={"pool": name, "max_pools": self.max_pools})
-        raise ConfigError(
+        raise PoolRefusedError(
+            "limit",
             f"pool {name!r} refused: this proxy serves at most {self.max_pools} pools (fast "
             f"and at-least-once together) and has {declared}; reuse a pool, or raise "
             f"limits.max_pools (--max-pools) with the fd limit (docs/OPERATING.md)"
@@ -552,7 +749,9 @@ class Proxy:
 
     def _load_state(self) -> tuple[dict[str, list[str]], dict[str, dict[str, Any]]]:
         """The persisted declarations: fast pools, and at-least-once pools (a file written
-        before those existed has no "reliable_pools": none)."""
+        before those existed has no "reliable_pools": none). The fast pools' generations and
+        the tombstones ("generations", "removed": none in an older file) go straight into
+        this proxy's books."""
         path = self.state_dir / POOLS_FILE
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -570,15 +769,54 @@ class Proxy:
                 isinstance(decl, dict) for decl in reliable.values()):
             raise ConfigError(f"{path}: 'reliable_pools' must map each pool name to "
                               f"{{bindings, ack_timeout, max_attempts}}: fix or remove the file")
+        self._generations, self._removed = self._load_removals(path, data)
         return pools, reliable
+
+    def _load_removals(self, path: Path, data: dict[str, Any]
+                       ) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+        """``pools.json``'s "generations" and "removed" (tombstones), each entry checked."""
+        generations = data.get("generations", {})
+        if not isinstance(generations, dict) or not all(
+                isinstance(g, int) and not isinstance(g, bool) and 0 <= g <= MAX_GENERATION
+                for g in generations.values()):
+            raise ConfigError(f"{path}: 'generations' must map pool names to integers from 0 "
+                              f"to {MAX_GENERATION}: fix or remove the entry")
+        removed = data.get("removed", {})
+        if not isinstance(removed, dict):
+            raise ConfigError(f"{path}: 'removed' must map pool names to tombstones: fix or "
+                              f"remove the entry")
+        tombs: dict[str, dict[str, Any]] = {}
+        for name, tomb in removed.items():
+            try:
+                validate_name(name, "pool name")
+                if not isinstance(tomb, dict) or set(tomb) != {"bindings", "generation",
+                                                               "fabric"}:
+                    raise ConfigError("a tombstone is {bindings, generation, fabric}")
+                _, bindings = self._check_bindings(tomb["bindings"])
+                generation, fabric = tomb["generation"], tomb["fabric"]
+                if isinstance(generation, bool) or not isinstance(generation, int) \
+                        or not 0 <= generation <= MAX_GENERATION or not isinstance(fabric, bool):
+                    raise ConfigError("a tombstone's generation is an integer, its fabric "
+                                      "true or false")
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: removed pool {name!r}: {exc}; fix or remove the "
+                                  f"entry") from None
+            tombs[name] = {"bindings": bindings, "generation": generation, "fabric": fabric}
+        return dict(generations), tombs
 
     def _save_pools(self) -> None:
         """Write every declaration (caller holds _pool_lock), atomically."""
         path = self.state_dir / POOLS_FILE
         tmp = path.with_suffix(".tmp")
         state: dict[str, Any] = {"pools": self._pools}
-        if self._reliable_decls:  # absent when none: the file stays as older proxies wrote it
+        # Each absent when empty: the file stays as older proxies wrote it.
+        if self._reliable_decls:
             state["reliable_pools"] = self._reliable_decls
+        generations = {n: g for n, g in self._generations.items() if g and n in self._pools}
+        if generations:
+            state["generations"] = generations
+        if self._removed:
+            state["removed"] = self._removed
         text = json.dumps(state, indent=2, sort_keys=True).encode()
         # A leftover tmp (a crash mid-write, or a planted symlink) is removed, never
         # followed: O_EXCL | O_NOFOLLOW creates a fresh file of ours or fails.
@@ -606,9 +844,18 @@ class Proxy:
             "pool_receipts_refused": self._pool_members.receipts_refused,
             "pool_startup_drops": self.pool_startup_drops,
             "max_pools": self.max_pools,
+            "queues": {"max_queue_bytes": self.settings.max_queue_bytes,
+                       "max_message_bytes": self.settings.max_message_bytes,
+                       "publish_hwm": self.settings.publish_hwm,
+                       "subscriber_hwm": self.settings.subscriber_hwm,
+                       "pool_hwm": self.settings.pool_hwm,
+                       "pool_link_hwm": self.settings.pool_link_hwm},
             "pools_refused": self.pools_refused,
             "reliable_pools": self._reliable_stats(),
             "beacons": self._control.beacon_stats(),
+            # What this host asks its origin and every peer for; libzmq holds a node per
+            # byte of each, on this host and on each peer (docs/SECURITY.md).
+            "subscriptions": self._control.subscription_stats(),
             # Thread name -> the error it ended on; anything here means the proxy is exiting.
             "service_failures": self.health.stats(),
         }

@@ -5,7 +5,8 @@ prints the commented example), then flags. Exit codes (docs/OPERATING.md repeats
 
 * 0 — stopped cleanly on SIGTERM/SIGINT, or ``--check-config`` found the config valid;
 * 2 — the configuration (file or flags) is invalid; the message names the key;
-* 3 — the run directory or a socket is taken (another zbus-proxy serves it);
+* 3 — the run directory or a socket is taken (another zbus-proxy serves it), or the
+  metrics port is;
 * 1 — any other failure to start or run, including a service thread that failed.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from zbus import ConfigError, TransportError, ZbusError
+from zbus import ConfigError, TransportError, ZbusError, __version__
 from zbus._settings import check_private_dir
 from zbus._transport import CurveKeys
 from zbus.metrics import MetricsServer, family
@@ -47,6 +48,7 @@ _FLAG_KEYS = {
     "subscriber_hwm": "limits.subscriber_hwm",
     "pool_hwm": "limits.pool_hwm",
     "max_message_bytes": "limits.max_message_bytes",
+    "max_queue_bytes": "limits.max_queue_bytes",
     "pool_link_hwm": "limits.pool_link_hwm",
     "max_pools": "limits.max_pools",
     "heartbeat_ivl": "limits.heartbeat_ivl",
@@ -56,6 +58,7 @@ _FLAG_KEYS = {
     "insecure_plain_tcp": "network.insecure_tcp",
     "sync_interval": "network.sync_interval",
     "node_id": "network.node_id",
+    "pools_from_peers": "network.pools_from_peers",
     "curve_secret": "curve.secret_key",
     "curve_allow": "curve.allow",
     "directory": "directory.kind",
@@ -103,6 +106,13 @@ def render_metrics(stats: dict[str, Any]) -> str:
     out += family("zbus_proxy_pools_refused_total", "counter",
                   "Declarations of a new pool refused: limits.max_pools pools were declared.",
                   [({}, stats.get("pools_refused", 0))])
+    subscriptions = stats.get("subscriptions") or {}
+    out += family("zbus_proxy_subscriptions", "gauge",
+                  "Distinct prefixes this host's subscribers hold (asked of every peer too).",
+                  [({}, subscriptions.get("prefixes", 0))])
+    out += family("zbus_proxy_subscription_bytes", "gauge",
+                  "Bytes of those prefixes (libzmq keeps a node per byte, here and on peers).",
+                  [({}, subscriptions.get("bytes", 0))])
     return "\n".join(out) + "\n"
 
 
@@ -112,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run this host's zbus proxy: ipc sockets under the run directory, the hot "
         "path in libzmq. Settings come from defaults, then --config, then these flags.",
         epilog="Exit codes: 0 clean stop or valid config, 2 invalid config, 3 run directory "
-        "or socket taken by another proxy, 1 other failure. See docs/OPERATING.md.",
+        "or socket taken by another proxy, or metrics port taken, 1 other failure. See "
+        "docs/OPERATING.md.",
     )
+    parser.add_argument("--version", action="version", version=f"zbus-proxy {__version__}")
     parser.add_argument("--config", metavar="FILE",
                         help=f"TOML config file; --example-config prints a commented one "
                         f"(installed as {example_config()})")
@@ -135,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--subscriber-hwm", "limits.subscriber_hwm", type=int)
     flag("--pool-hwm", "limits.pool_hwm", type=int)
     flag("--max-message-bytes", "limits.max_message_bytes", type=int)
+    flag("--max-queue-bytes", "limits.max_queue_bytes", type=int)
     flag("--pool-link-hwm", "limits.pool_link_hwm", type=int)
     flag("--max-pools", "limits.max_pools", type=int)
     flag("--heartbeat-ivl", "limits.heartbeat_ivl", type=float)
@@ -145,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
          const=True)
     flag("--sync-interval", "network.sync_interval", type=float)
     flag("--node-id", "network.node_id")
+    flag("--pools-from-peers", "network.pools_from_peers",
+         metavar="all|none|NAME[,GLOB...]")
     flag("--curve-secret", "curve.secret_key", metavar="FILE")
     flag("--curve-allow", "curve.allow", action="append", metavar="PATH")
     flag("--directory", "directory.kind", choices=["static", "redis"])
@@ -166,6 +181,10 @@ def config_from_args(args: argparse.Namespace) -> ProxyConfig:
     overrides = {key: getattr(args, dest) for dest, key in _FLAG_KEYS.items()}
     return load_config(args.config, overrides)
 
+
+_STARTING = "".join(line + "\n" for line in family(
+    "zbus_proxy_up", "gauge",
+    "1 while the proxy serves; 0 once a service thread failed (it is exiting).", [({}, 0)]))
 
 REDACTED = "<redacted>"
 
@@ -199,6 +218,30 @@ def describe(config: ProxyConfig) -> str:
     for key, value in config.values.items():
         lines.append(f"  {key.ljust(width)} = {redact(key, value)!r}")
     return "\n".join(lines)
+
+
+def _start_failed(exc: BaseException | None) -> int:
+    """Log and print why Proxy.start failed; the exit code (re-raise what is no error)."""
+    if isinstance(exc, ConfigError):
+        log.error("config error", extra={"error": str(exc)})
+        print(f"zbus-proxy: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if isinstance(exc, TransportError):
+        log.error("cannot take the run directory", extra={"error": str(exc)})
+        print(f"zbus-proxy: {exc}", file=sys.stderr)
+        return EXIT_TAKEN
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        # mkdir's "[Errno 20] Not a directory: PATH" names neither the setting nor why
+        text = (f"cannot make the run directory (or state_dir) {exc.filename}: a part of "
+                "that path is a file, not a directory; choose another --run-dir")
+    elif isinstance(exc, (ZbusError, OSError)):
+        text = str(exc)
+    else:
+        assert exc is not None
+        raise exc
+    log.error("failed to start", extra={"error": text})
+    print(f"zbus-proxy: failed to start: {text}", file=sys.stderr)
+    return EXIT_FAILED
 
 
 def example_config() -> Path:
@@ -272,31 +315,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_signal)
     proxy = Proxy(config.run_dir, settings=config.settings, state_dir=config.state_dir,
                   federation=config.federation, max_pools=config.max_pools)
+    # The metrics port first: a busy one fails here, before the proxy takes its run
+    # directory or logs that it is ready. Until then a scrape reads zbus_proxy_up 0.
+    serving = threading.Event()
+    metrics = None
+    if config.metrics_port:
+        try:
+            metrics = MetricsServer(
+                lambda: render_metrics(proxy.stats()) if serving.is_set() else _STARTING,
+                config.metrics_host, config.metrics_port, on_failure=proxy.health.report)
+        except TransportError as exc:
+            log.error("cannot serve metrics", extra={"error": str(exc)})
+            print(f"zbus-proxy: {exc} (metrics.port, --metrics-port)", file=sys.stderr)
+            return EXIT_TAKEN
+        log.info("metrics endpoint listening", extra={
+            "url": f"http://{config.metrics_host}:{metrics.port}/metrics"})
     try:
         proxy.start()
-    except ConfigError as exc:
-        log.error("config error", extra={"error": str(exc)})
-        print(f"zbus-proxy: config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except TransportError as exc:
-        log.error("cannot take the run directory", extra={"error": str(exc)})
-        print(f"zbus-proxy: {exc}", file=sys.stderr)
-        return EXIT_TAKEN
-    except (ZbusError, OSError) as exc:
-        log.error("failed to start", extra={"error": str(exc)})
-        print(f"zbus-proxy: failed to start: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    metrics = None
+        serving.set()
+    except BaseException:
+        if metrics is not None:
+            metrics.stop()
+        return _start_failed(sys.exc_info()[1])
     try:
         log.info("zbus-proxy started", extra={
             "run_dir": str(config.run_dir), "config": config.source,
             "pools": sorted(proxy.pools),
         })
-        if config.metrics_port:
-            metrics = MetricsServer(lambda: render_metrics(proxy.stats()), config.metrics_host,
-                                    config.metrics_port, on_failure=proxy.health.report)
-            log.info("metrics endpoint listening", extra={
-                "url": f"http://{config.metrics_host}:{metrics.port}/metrics"})
         # The supervisor restarts a proxy that exits non-zero: a failed service thread
         # (proxy/_guard.py) ends the process rather than leave it up and half dead.
         while not stop.wait(0.2):
