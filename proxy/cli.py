@@ -48,7 +48,6 @@ _FLAG_KEYS = {
     "subscriber_hwm": "limits.subscriber_hwm",
     "pool_hwm": "limits.pool_hwm",
     "max_message_bytes": "limits.max_message_bytes",
-    "max_queue_bytes": "limits.max_queue_bytes",
     "pool_link_hwm": "limits.pool_link_hwm",
     "max_pools": "limits.max_pools",
     "heartbeat_ivl": "limits.heartbeat_ivl",
@@ -106,13 +105,6 @@ def render_metrics(stats: dict[str, Any]) -> str:
     out += family("zbus_proxy_pools_refused_total", "counter",
                   "Declarations of a new pool refused: limits.max_pools pools were declared.",
                   [({}, stats.get("pools_refused", 0))])
-    subscriptions = stats.get("subscriptions") or {}
-    out += family("zbus_proxy_subscriptions", "gauge",
-                  "Distinct prefixes this host's subscribers hold (asked of every peer too).",
-                  [({}, subscriptions.get("prefixes", 0))])
-    out += family("zbus_proxy_subscription_bytes", "gauge",
-                  "Bytes of those prefixes (libzmq keeps a node per byte, here and on peers).",
-                  [({}, subscriptions.get("bytes", 0))])
     return "\n".join(out) + "\n"
 
 
@@ -147,7 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--subscriber-hwm", "limits.subscriber_hwm", type=int)
     flag("--pool-hwm", "limits.pool_hwm", type=int)
     flag("--max-message-bytes", "limits.max_message_bytes", type=int)
-    flag("--max-queue-bytes", "limits.max_queue_bytes", type=int)
     flag("--pool-link-hwm", "limits.pool_link_hwm", type=int)
     flag("--max-pools", "limits.max_pools", type=int)
     flag("--heartbeat-ivl", "limits.heartbeat_ivl", type=float)
