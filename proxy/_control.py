@@ -97,6 +97,9 @@ class ControlServer:
         self._ready = threading.Event()
         self.beacons = BeaconStore()
         self._next_scan = 0.0  # when to look for beacon files again
+        self.subscriptions = 0
+        """Distinct prefixes this host's subscribers hold (the fan-in's subscriptions)."""
+        self.subscription_bytes = 0
 
     def start(self) -> None:
         """Start the thread; return once the socket is bound."""
@@ -119,14 +122,17 @@ class ControlServer:
         assert proxy._ctx is not None
         sock = make_socket(proxy._ctx, zmq.REP, proxy.settings, bind=proxy.endpoints.control)
         # Beacons go out again into this host's delivery plane (its fan-in subscribes here):
-        # to its subscribers, filtered by their subscriptions, and to nothing else.
-        again = make_socket(proxy._ctx, zmq.PUB, proxy.settings, sndhwm=10_000,
+        # to its subscribers, filtered by their subscriptions, and to nothing else. An XPUB,
+        # so that the subscriptions the fan-in passes up (each distinct prefix this host's
+        # subscribers hold, as it asks the origin and every peer for it) are counted here.
+        again = make_socket(proxy._ctx, zmq.XPUB, proxy.settings, sndhwm=10_000,
                             bind=proxy.beacons_endpoint)
         # Without federation there is no manager thread: the pools' member monitors are read
         # here (with federation the manager reads them, and reconciles links on each event).
         monitors: dict[zmq.Socket[Any], str] = {}
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(again, zmq.POLLIN)
         self._ready.set()
         try:
             while not proxy._stopping.is_set():
@@ -141,6 +147,8 @@ class ControlServer:
                         del monitors[reader]
                         reader.close(linger=0)
                 ready = dict(poller.poll(100))
+                if again in ready:
+                    self._count_subscriptions(again)
                 self._publish_beacons(again)
                 for reader, name in monitors.items():
                     while reader in ready:
@@ -187,6 +195,24 @@ class ControlServer:
             self.beacons.take_files(self._proxy.endpoints.beacons_dir, now)
         for frames in self.beacons.due(now):
             again.send_multipart(frames, zmq.NOBLOCK)  # a PUB never waits
+
+    def _count_subscriptions(self, again: zmq.Socket[Any]) -> None:
+        # The fan-in passes a prefix up when the first subscriber takes it and its
+        # cancellation when the last one leaves: these counts are the distinct prefixes
+        # held now. Drained to the end: an XPUB keeps what it was not asked for.
+        while True:
+            try:
+                frame = again.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if not frame or frame[0] not in (0, 1):
+                continue
+            sign = 1 if frame[0] == 1 else -1
+            self.subscriptions += sign
+            self.subscription_bytes += sign * (len(frame) - 1)
+
+    def subscription_stats(self) -> dict[str, int]:
+        return {"prefixes": self.subscriptions, "bytes": self.subscription_bytes}
 
     def beacon_stats(self) -> dict[str, int]:
         return self.beacons.stats()

@@ -205,6 +205,10 @@ class Federation:
         # with no tcp side (from this host's own pool origin) is always up. Under _state.
         self._link_up: dict[str, bool] = {}
         self.link_restarts = 0
+        self.link_disconnects = 0
+        """Data links that lost their connection (libzmq reconnects them): a link that keeps
+        dropping shows here, where a peer that refuses what it is sent would otherwise only
+        log (issue 14 item 2)."""
         # Pool-link books (docs/RELIABILITY.md): frames that stopped pool links took, by
         # (source endpoint, source run); and per peer origin, per run of that peer, the frames
         # its pool links took from our pool origins, as its last hello reply said. Under _state.
@@ -294,6 +298,7 @@ class Federation:
                 "run": self.run,
                 "peers": peers,
                 "link_restarts": self.link_restarts,
+                "link_disconnects": self.link_disconnects,
                 "pool_links": books,
                 "members": dict(self._host._pool_members.counts),
                 "pool_endpoints": dict(self.pool_endpoints),
@@ -1034,6 +1039,8 @@ class Federation:
         else:
             return
         with self._host._state:
+            if not up:
+                self.link_disconnects += 1
             if name in self._links:
                 self._link_up[name] = up
         log.info("link connected" if up else "link disconnected", extra={"link": name})

@@ -845,6 +845,9 @@ class Proxy:
             "pools_refused": self.pools_refused,
             "reliable_pools": self._reliable_stats(),
             "beacons": self._control.beacon_stats(),
+            # What this host asks its origin and every peer for; libzmq holds a node per
+            # byte of each, on this host and on each peer (docs/SECURITY.md).
+            "subscriptions": self._control.subscription_stats(),
             # Thread name -> the error it ended on; anything here means the proxy is exiting.
             "service_failures": self.health.stats(),
         }

@@ -105,6 +105,13 @@ def render_metrics(stats: dict[str, Any]) -> str:
     out += family("zbus_proxy_pools_refused_total", "counter",
                   "Declarations of a new pool refused: limits.max_pools pools were declared.",
                   [({}, stats.get("pools_refused", 0))])
+    subscriptions = stats.get("subscriptions") or {}
+    out += family("zbus_proxy_subscriptions", "gauge",
+                  "Distinct prefixes this host's subscribers hold (asked of every peer too).",
+                  [({}, subscriptions.get("prefixes", 0))])
+    out += family("zbus_proxy_subscription_bytes", "gauge",
+                  "Bytes of those prefixes (libzmq keeps a node per byte, here and on peers).",
+                  [({}, subscriptions.get("bytes", 0))])
     return "\n".join(out) + "\n"
 
 

@@ -40,8 +40,20 @@ _RECEIVING = {zmq.SUB, zmq.XSUB, zmq.PULL, zmq.REP, zmq.REQ, zmq.DEALER, zmq.ROU
 # What PUB/XPUB sockets receive is subscriptions, and libzmq 4.3.5 walks a subscription
 # recursively, one level per byte: a ~200 KB subscription crashes the process (SIGSEGV).
 # Subscriptions are topic prefixes (at most 64 + 1 + 255 bytes, plus a probe), so cap them.
+# Two caps, because a subscription a host takes goes on over every CURVE link to its peers'
+# origins, and there CURVE's framing counts against the limit too: ZMTP 3.1 sends a
+# subscription as a SUBSCRIBE command (10 bytes more than the topic), CURVE wraps it in a
+# MESSAGE command (33 more). A host's XPUBs, which take its clients' subscriptions, keep a
+# cap low enough that whatever they took passes every PUB behind a link (a peer's origin,
+# this or an older zbus): one subscription a host took once cut it off from its peers.
 _SUBSCRIBED = {zmq.PUB, zmq.XPUB}
-SUBSCRIPTION_MAX_BYTES = 1024
+SUBSCRIPTION_MAX_BYTES = 512
+"""ZMQ_MAXMSGSIZE of every XPUB (a host's clients subscribe there): a longer subscription
+ends the connection that sent it, and that connection alone."""
+SUBSCRIPTION_MAX_TOPIC = SUBSCRIPTION_MAX_BYTES - len(b"\x09SUBSCRIBE")
+"""The longest prefix a client may subscribe to (502 bytes; zbus's own are at most 321)."""
+LINK_SUBSCRIPTION_MAX_BYTES = 1024
+"""ZMQ_MAXMSGSIZE of every PUB (an origin: peers' links subscribe there, under CURVE)."""
 
 
 @dataclass(frozen=True)
@@ -218,7 +230,10 @@ def make_socket(
     try:
         sock.setsockopt(zmq.LINGER, int(settings.linger * 1000))
         if kind in _SUBSCRIBED:
-            sock.setsockopt(zmq.MAXMSGSIZE, min(settings.max_message_bytes, SUBSCRIPTION_MAX_BYTES))
+            # Not tied to max_message_bytes: hosts with other message limits still agree
+            # on what a subscription may be.
+            sock.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_MAX_BYTES if kind == zmq.XPUB
+                            else LINK_SUBSCRIPTION_MAX_BYTES)
         elif kind in _RECEIVING:
             sock.setsockopt(zmq.MAXMSGSIZE, settings.max_message_bytes)
         if kind in (zmq.XPUB, zmq.XSUB):
