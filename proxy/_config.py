@@ -125,6 +125,11 @@ SCHEMA: dict[str, Key] = {
                                 "prefetches; lost if the host's last member leaves"),
     "limits.max_message_bytes": Key(_positive_int, _defaults.max_message_bytes,
                                     "largest frame accepted (ZMQ_MAXMSGSIZE)"),
+    "limits.max_queue_bytes": Key(_positive_int, _defaults.max_queue_bytes,
+                                  "bytes one queue may hold: every high-water mark is at "
+                                  "most max_queue_bytes / max_message_bytes messages "
+                                  "(default: off, a queue holds up to its hwm of the "
+                                  "largest messages)"),
     "limits.max_pools": Key(_positive_int, DEFAULT_MAX_POOLS,
                             "pools (fast and at-least-once together) this proxy serves; a "
                             "fast pool costs ~13 fds: raise the fd limit with it"),

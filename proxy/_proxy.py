@@ -119,7 +119,9 @@ class Proxy:
         self.pools_refused = 0
         """Declarations of a new pool refused because ``max_pools`` were declared."""
         self.endpoints = Endpoints(Path(run_dir) if run_dir is not None else default_run_dir())
-        self.settings = settings or Settings()
+        # Every queue of this proxy holds at most max_queue_bytes (issue 14 item 10): a
+        # subscriber, member or peer that stops reading can hold no more of its memory.
+        self.settings = (settings or Settings()).queue_limits()
         self.state_dir = Path(state_dir) if state_dir is not None else self.endpoints.run_dir
         self._ctx: zmq.Context[Any] | None = None
         self._devices: dict[str, Device] = {}
@@ -842,6 +844,13 @@ class Proxy:
             "pool_receipts_refused": self._pool_members.receipts_refused,
             "pool_startup_drops": self.pool_startup_drops,
             "max_pools": self.max_pools,
+            "queues": {"max_queue_bytes": self.settings.max_queue_bytes,
+                       "worst_queue_bytes": self.settings.worst_queue_bytes,
+                       "max_message_bytes": self.settings.max_message_bytes,
+                       "publish_hwm": self.settings.publish_hwm,
+                       "subscriber_hwm": self.settings.subscriber_hwm,
+                       "pool_hwm": self.settings.pool_hwm,
+                       "pool_link_hwm": self.settings.pool_link_hwm},
             "pools_refused": self.pools_refused,
             "reliable_pools": self._reliable_stats(),
             "beacons": self._control.beacon_stats(),

@@ -48,6 +48,7 @@ _FLAG_KEYS = {
     "subscriber_hwm": "limits.subscriber_hwm",
     "pool_hwm": "limits.pool_hwm",
     "max_message_bytes": "limits.max_message_bytes",
+    "max_queue_bytes": "limits.max_queue_bytes",
     "pool_link_hwm": "limits.pool_link_hwm",
     "max_pools": "limits.max_pools",
     "heartbeat_ivl": "limits.heartbeat_ivl",
@@ -146,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--subscriber-hwm", "limits.subscriber_hwm", type=int)
     flag("--pool-hwm", "limits.pool_hwm", type=int)
     flag("--max-message-bytes", "limits.max_message_bytes", type=int)
+    flag("--max-queue-bytes", "limits.max_queue_bytes", type=int)
     flag("--pool-link-hwm", "limits.pool_link_hwm", type=int)
     flag("--max-pools", "limits.max_pools", type=int)
     flag("--heartbeat-ivl", "limits.heartbeat_ivl", type=float)

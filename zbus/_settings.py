@@ -10,7 +10,7 @@ import contextlib
 import os
 import stat
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ._errors import ConfigError
@@ -40,6 +40,14 @@ class Settings:
     what a link holds when its host's last member leaves is lost (docs/OPERATING.md)."""
     max_message_bytes: int = 1 << 20
     """ZMQ_MAXMSGSIZE on every receiving socket: larger frames never reach Python."""
+    max_queue_bytes: int | None = None
+    """Bytes one proxy queue may hold (None: not bounded beyond the high-water marks, so up
+    to ``hwm * max_message_bytes``). libzmq bounds queues in messages only, so a proxy
+    makes each of its high-water marks at most ``max_queue_bytes // max_message_bytes``
+    (``queue_limits``): a consumer or peer that stops reading holds at most this much of the
+    proxy's memory, whatever size the messages sent to it. Not on by default: at the default
+    1 MiB ``max_message_bytes`` a budget of 1 GiB makes every queue 1,024 messages deep, and
+    bursts of small messages were lost that 100,000 held (docs/OPERATING.md)."""
     linger: float = 1.0
     """How long close() waits to flush unsent messages before dropping them."""
     heartbeat_ivl: float = 2.0
@@ -57,8 +65,29 @@ class Settings:
                      "max_message_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"Settings.{name} must be positive")
+        if self.max_queue_bytes is not None and self.max_queue_bytes < self.max_message_bytes:
+            raise ConfigError(
+                f"Settings.max_queue_bytes ({self.max_queue_bytes}) must hold at least one "
+                f"message of max_message_bytes ({self.max_message_bytes}): raise it"
+            )
         if self.send_timeout < 0 or self.linger < 0:
             raise ConfigError("Settings.send_timeout and Settings.linger must be >= 0")
+
+    def queue_limits(self) -> Settings:
+        """These settings with every high-water mark at most ``max_queue_bytes //
+        max_message_bytes`` messages: what a proxy runs its queues with, so that each holds
+        at most ``max_queue_bytes`` (unchanged when that is None)."""
+        if self.max_queue_bytes is None:
+            return self
+        depth = self.max_queue_bytes // self.max_message_bytes
+        return replace(self, **{name: min(getattr(self, name), depth) for name in (
+            "publish_hwm", "subscriber_hwm", "pool_hwm", "pool_link_hwm")})
+
+    @property
+    def worst_queue_bytes(self) -> int:
+        """What the deepest queue may hold: its high-water mark of the largest messages."""
+        return max(self.publish_hwm, self.subscriber_hwm, self.pool_hwm,
+                   self.pool_link_hwm) * self.max_message_bytes
 
 
 def default_run_dir() -> Path:
