@@ -169,3 +169,50 @@ def test_one_long_local_subscription_never_cuts_a_host_off_its_peers(
         ctx.term()
         for h in (a, b):
             h.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_subscription_flood_is_counted_and_freed_with_its_client(run_dir: Path) -> None:
+    """Item 9: 5,000 distinct prefixes of 500 bytes from one raw SUB (the red team used
+    20,000 of 1,000; 1,000 are now refused). libzmq stores each before anything could
+    refuse it, so the proxy counts them where an operator alerts (stats, /metrics), and
+    they go when the client does. A prefix past the cap is not stored at all."""
+    from .conftest import ProxyProcess
+
+    proxy = ProxyProcess(run_dir).start()
+    ctx: zmq.Context[Any] = zmq.Context()
+    flood = ctx.socket(zmq.SUB)
+    flood.setsockopt(zmq.LINGER, 0)
+    flood.setsockopt(zmq.SNDHWM, 0)  # libzmq drops subscriptions past it, silently (#2258)
+    try:
+        with zbus.Connection(run_dir) as conn:
+            def held() -> dict[str, int]:
+                counts: dict[str, int] = conn.control.request("stats", timeout=5)["subscriptions"]
+                return counts
+
+            base = held()
+            flood.connect(zbus.Endpoints(run_dir).deliver)
+            count, size = 5000, SUBSCRIPTION_MAX_TOPIC - 2
+            for i in range(count):
+                flood.subscribe(b"%06d" % i + b"f" * (size - 6))
+            until(lambda: held()["prefixes"] == base["prefixes"] + count, 30,
+                  "the flood to be counted")
+            assert held()["bytes"] == base["bytes"] + count * size
+            flood.close(linger=0)
+            until(lambda: held() == base, 30, "the flood to be freed with its client")
+            # One past the cap: its connection is refused before anything is stored.
+            long_one = _sub(ctx, _host_of(run_dir), b"l" * (SUBSCRIPTION_MAX_TOPIC + 1))
+            short = _sub(ctx, _host_of(run_dir), b"short.prefix")
+            until(lambda: held()["prefixes"] == base["prefixes"] + 1, 10,
+                  "a later subscription to be counted")
+            assert held()["bytes"] == base["bytes"] + len(b"short.prefix")
+            long_one.close(linger=0)
+            short.close(linger=0)
+    finally:
+        flood.close(linger=0)
+        ctx.term()
+        proxy.stop()
+
+
+def _host_of(run_dir: Path) -> Host:
+    return Host("local", "127.0.0.1", run_dir, CurveKeys.generate())
