@@ -9,6 +9,7 @@ from ._connection import (
     LinkStats,
     PoolMember,
     Publisher,
+    RetryPolicy,
     Router,
     Subscriber,
     exit_on_sigterm,
@@ -32,7 +33,7 @@ from ._errors import (
     ZbusError,
 )
 from ._keys import KeyRing, generate_key
-from ._message import Message, MessageFactory
+from ._message import Message, MessageFactory, OutgoingMessage
 from ._names import TopicPattern
 from ._reliable import ReliableMember, ReliableStats
 from ._replay import ReplayPolicy
@@ -57,6 +58,7 @@ __all__ = [
     "LinkStats",
     "Message",
     "MessageFactory",
+    "OutgoingMessage",
     "PoolMember",
     "ProxyError",
     "Publisher",
@@ -64,6 +66,7 @@ __all__ = [
     "ReliableMember",
     "ReliableStats",
     "ReplayError",
+    "RetryPolicy",
     "Router",
     "RoutingError",
     "ReplayPolicy",

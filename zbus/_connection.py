@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -18,9 +19,10 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 import msgpack
 import zmq
@@ -31,7 +33,7 @@ from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, Stream
 from ._errors import ConfigError, ProxyError, Timeout, TransportError, ZbusError
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
-from ._message import Announcer, Message, MessageFactory
+from ._message import Announcer, Message, MessageFactory, OutgoingMessage
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, check_private_dir, default_run_dir
@@ -46,6 +48,7 @@ __all__ = [
     "LinkStats",
     "PoolMember",
     "Publisher",
+    "RetryPolicy",
     "Router",
     "Subscriber",
 ]
@@ -539,6 +542,106 @@ def leave_beacons(directory: Path, beacons: list[list[bytes]]) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a :class:`Publisher` or :class:`Router` retries a send the proxy did not take
+    (kombu's ``retry_policy``): a ``Timeout`` (the proxy took nothing for
+    ``Settings.send_timeout``: its queue is full, or it is down or restarting) or a
+    ``ProxyError`` of a connection's first send (no proxy at the run directory yet).
+
+    Waits ``interval_start`` seconds before the first retry, ``interval_step`` more before
+    each next one, never more than ``interval_max``; gives up after ``max_retries`` retries
+    (None: never) and raises the last error. Each retry signs the message again under the
+    same sequence number (a failed send gives its number back), so consumers see neither a
+    gap nor a duplicate. ``retry=True`` means ``RetryPolicy()``: up to 3 retries after
+    0, 1 and 2 s (each also waits up to ``send_timeout`` when the queue is full).
+    """
+
+    max_retries: int | None = 3
+    interval_start: float = 0.0
+    interval_step: float = 1.0
+    interval_max: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries is not None and (
+                not isinstance(self.max_retries, int) or isinstance(self.max_retries, bool)
+                or self.max_retries < 0):
+            raise ConfigError(f"RetryPolicy.max_retries must be an int >= 0 or None (retry "
+                              f"forever), not {self.max_retries!r}")
+        for name in ("interval_start", "interval_step", "interval_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not 0 <= value < float("inf"):
+                raise ConfigError(f"RetryPolicy.{name} must be a finite number of seconds "
+                                  f">= 0, not {value!r}")
+
+    def intervals(self) -> Iterator[float]:
+        """The wait before each retry, in order (endless when ``max_retries`` is None)."""
+        wait = float(self.interval_start)
+        for _ in itertools.count() if self.max_retries is None else range(self.max_retries):
+            yield min(wait, self.interval_max)
+            wait += self.interval_step
+
+
+def _policy(retry: RetryPolicy | bool | None) -> RetryPolicy | None:
+    if retry is None or retry is False:
+        return None
+    if retry is True:
+        return RetryPolicy()
+    if not isinstance(retry, RetryPolicy):
+        raise ConfigError(f"retry is a zbus.RetryPolicy, True (the default policy) or "
+                          f"False/None (no retry), not {type(retry).__name__}")
+    return retry
+
+
+def _sleeper(connection: Any) -> Callable[[float], None]:
+    """How a retry waits on ``connection``'s backend: a green sleep for zbus.eventlet (a
+    plain one would stop every green thread with the hub), else time.sleep."""
+    if getattr(connection, "_backend", None) == "zbus.eventlet":
+        import eventlet  # only in a process that made a zbus.eventlet.Connection
+
+        return cast(Callable[[float], None], eventlet.sleep)
+    return time.sleep
+
+
+class _Retrying:
+    """Sends with a retry policy; counts the retries made (``retries``)."""
+
+    retry: RetryPolicy | None
+    retries: int
+
+    def _send_retrying(self, connection: Any, retry: RetryPolicy | bool | None,
+                       send: Callable[[], None]) -> None:
+        policy = self.retry if retry is None else _policy(retry)
+        if policy is None:
+            send()
+            return
+        waits = policy.intervals()
+        while True:
+            try:
+                send()
+                return
+            except (Timeout, ProxyError) as exc:  # a ProxyError here: no proxy there yet
+                wait = next(waits, None)
+                if wait is None:
+                    raise
+                self.retries += 1
+                log.warning("zbus: send not taken (%s); retry %d in %gs", exc, self.retries,
+                            wait)
+                _sleeper(connection)(wait)
+
+
+def _sign(factory: MessageFactory, exchange: str, routing_key: str,
+          obj: Message | Any) -> tuple[MessageFactory, list[bytes]]:
+    """The factory that signs ``obj`` (a message from ``create_message`` names its own)
+    and the frames it makes."""
+    if isinstance(obj, OutgoingMessage):
+        return obj.factory, obj.factory.frames(exchange, routing_key, obj.body,
+                                               message_type=obj.message_type,
+                                               version=obj.version)
+    return factory, factory.frames(exchange, routing_key, obj)
+
+
 class Exchange:
     """A message class (``compute``, ``network``, ``notifications``) on one connection."""
 
@@ -549,27 +652,58 @@ class Exchange:
         self.name = validate_exchange(name)
         self.connection = connection
 
-    def send(self, routing_key: str, obj: Message | Any, factory: MessageFactory) -> None:
-        self.connection.publish(factory, factory.frames(self.name, routing_key, obj))
+    def send(self, routing_key: str, obj: Message | Any,
+             factory: MessageFactory | None = None) -> None:
+        """Publish ``obj`` under ``routing_key``, signed by ``factory``; a message made by
+        ``factory.create_message(obj)`` carries its factory, so ``send(routing_key, m)``."""
+        if isinstance(obj, OutgoingMessage):
+            if factory is not None and factory is not obj.factory:
+                raise ConfigError("this message was created by another MessageFactory than "
+                                  "the one given: send it without a factory")
+            factory = obj.factory
+        elif factory is None:
+            raise ConfigError(
+                "Exchange.send needs the factory that signs: e.send(routing_key, obj, "
+                "factory), or a message made by factory.create_message(obj)")
+        signer, frames = _sign(factory, self.name, routing_key, obj)
+        self.connection.publish(signer, frames)
 
     def __repr__(self) -> str:
         return f"Exchange({self.name!r})"
 
 
-class Publisher:
-    """Sends messages signed by ``factory`` to ``exchange``."""
+class Publisher(_Retrying):
+    """Sends messages signed by ``factory`` to ``exchange``.
+
+    ``retry``: a :class:`RetryPolicy` (or True for the default one) applied to every
+    :meth:`send` and :meth:`publish` that does not give its own; None (default) or False:
+    a send the proxy does not take raises at once. :meth:`send_many` never retries (the
+    messages before the one that failed were sent: retrying all would send them twice).
+    """
 
     _backend: ClassVar[str] = "zbus"
 
-    def __init__(self, exchange: Exchange, factory: MessageFactory) -> None:
+    def __init__(self, exchange: Exchange, factory: MessageFactory, *,
+                 retry: RetryPolicy | bool | None = None) -> None:
         check_exchange(self, exchange)
         self.exchange = exchange
         self.factory = factory
+        self.retry = _policy(retry)
+        self.retries = 0
+        """Retries made so far (each a send the proxy did not take, tried again)."""
 
-    def send(self, routing_key: str, obj: Message | Any, *, exchange: str | None = None) -> None:
-        """Publish ``obj`` under ``routing_key`` (on another ``exchange`` when given)."""
+    def send(self, routing_key: str, obj: Message | Any, *, exchange: str | None = None,
+             retry: RetryPolicy | bool | None = None) -> None:
+        """Publish ``obj`` under ``routing_key`` (on another ``exchange`` when given);
+        ``retry`` overrides the publisher's policy for this send (False: none)."""
         name = self.exchange.name if exchange is None else exchange
-        self.exchange.connection.publish(self.factory, self.factory.frames(name, routing_key, obj))
+        connection = self.exchange.connection
+
+        def send() -> None:
+            signer, frames = _sign(self.factory, name, routing_key, obj)
+            connection.publish(signer, frames)
+
+        self._send_retrying(connection, retry, send)
 
     def send_many(self, routing_key: str, objs: list[Any], *, exchange: str | None = None) -> None:
         """Publish each of ``objs`` under ``routing_key``, in order, signing each one."""
@@ -578,33 +712,82 @@ class Publisher:
         self.exchange.connection.publish_many(
             self.factory, [frames(name, routing_key, obj) for obj in objs])
 
-    def publish(self, message: Message) -> None:
+    def publish(self, message: Message, *, retry: RetryPolicy | bool | None = None) -> None:
         """Publish a :class:`Message` under its own message type as the routing key."""
-        self.send(message.message_type, message)
+        self.send(message.message_type, message, retry=retry)
 
 
-class Router:
-    """Base class for applications that want named send methods.
+class Router(_Retrying):
+    """Base class for applications that want named send methods, in one of two forms.
 
-    >>> class MeteringRouter(Router):
-    ...     def send_meter_message(self, meter: MeterMessage) -> None:
-    ...         self.send("metering", meter)
+    ``Router(publisher)``: ``send(routing_key, message)`` publishes on the publisher's
+    exchange, signed by its factory, with its retry policy (the straw man's form)::
+
+        class MeteringRouter(Router):
+            def send_meter_message(self, meter: MeterMessage) -> None:
+                self.send("metering", meter)   # routing key "metering"
+
+    ``Router(connection, factory)``: ``send(exchange, message, routing_key=None)``
+    publishes on ``exchange``, the routing key defaulting to the message's type. The same
+    subclass thus sends ``"metering"`` as a routing key in the first form and as an exchange
+    in the second: ``router.exchange`` is the publisher's exchange, or None in the second.
     """
 
     _backend: ClassVar[str] = "zbus"
 
-    def __init__(self, connection: Connection, factory: MessageFactory) -> None:
+    def __init__(self, connection: Connection | Publisher,
+                 factory: MessageFactory | None = None, *,
+                 retry: RetryPolicy | bool | None = None) -> None:
+        self.publisher: Publisher | None = None
+        self.exchange: Exchange | None = None
+        self.retries = 0
+        if isinstance(connection, Publisher):
+            check_backend(self, connection)
+            if factory is not None and factory is not connection.factory:
+                raise ConfigError("Router(publisher) signs with the publisher's factory: "
+                                  "give no other")
+            self.publisher = connection
+            self.exchange = connection.exchange
+            self.connection = connection.exchange.connection
+            self.factory = connection.factory
+            self.retry = connection.retry if retry is None else _policy(retry)
+            return
         check_backend(self, connection)
+        if factory is None:
+            raise ConfigError("a Router takes a Publisher, Router(publisher), or a "
+                              "connection and the factory that signs, Router(conn, factory)")
         self.connection = connection
         self.factory = factory
+        self.retry = _policy(retry)
 
-    def send(self, exchange: str, obj: Message | Any, routing_key: str | None = None) -> None:
-        """Publish on ``exchange``; the routing key defaults to the message's type."""
-        if routing_key is None:
-            if not isinstance(obj, Message):
-                raise ConfigError("a plain payload needs an explicit routing_key")
-            routing_key = obj.message_type
-        self.connection.publish(self.factory, self.factory.frames(exchange, routing_key, obj))
+    def send(self, target: str, obj: Message | Any, routing_key: str | None = None, *,
+             retry: RetryPolicy | bool | None = None) -> None:
+        """``Router(publisher)``: publish ``obj`` under routing key ``target`` on the
+        publisher's exchange. ``Router(connection, factory)``: publish on exchange
+        ``target`` under ``routing_key``, which defaults to the message's type."""
+        if self.exchange is not None:
+            if routing_key is not None:
+                raise ConfigError(
+                    f"this Router sends on its publisher's exchange {self.exchange.name!r}: "
+                    f"send(routing_key, message), here send({target!r}, message)")
+            exchange, routing_key = self.exchange.name, target
+        else:
+            exchange = target
+            if routing_key is None:
+                body = obj.body if isinstance(obj, OutgoingMessage) else obj
+                if not isinstance(body, Message):
+                    raise ConfigError("a plain payload needs an explicit routing_key")
+                routing_key = body.message_type
+        connection, key = self.connection, routing_key
+
+        def send() -> None:
+            signer, frames = _sign(self.factory, exchange, key, obj)
+            connection.publish(signer, frames)
+
+        before = self.retries
+        self._send_retrying(connection, retry, send)
+        if self.publisher is not None:
+            self.publisher.retries += self.retries - before
 
 
 class _Consumer:

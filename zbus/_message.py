@@ -6,7 +6,7 @@ import os
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import msgpack
 
@@ -15,7 +15,7 @@ from ._errors import ConfigError
 from ._keys import KeyRing
 from ._names import topic_frame, validate_routing_key
 
-__all__ = ["Message", "MessageFactory"]
+__all__ = ["Message", "MessageFactory", "OutgoingMessage"]
 
 
 class Message:
@@ -57,6 +57,18 @@ class Message:
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
         return f"{type(self).__name__}({fields})"
+
+
+class OutgoingMessage(NamedTuple):
+    """A message made by :meth:`MessageFactory.create_message`, not yet signed: ``body``
+    (a :class:`Message` or a plain payload) and the ``factory`` that signs it when an
+    exchange, publisher or router sends it. Signing waits for the send because the signature
+    covers the topic (exchange and routing key) and the number is the topic's next."""
+
+    factory: MessageFactory
+    body: Message | Any
+    message_type: str | None = None
+    version: int | None = None
 
 
 _factories: weakref.WeakSet[MessageFactory] = weakref.WeakSet()
@@ -192,6 +204,18 @@ class MessageFactory:
             # Consumers reject anything else; fail here, where the caller can fix it.
             raise ConfigError(f"version must be a non-negative int, not {mversion!r}")
         return [now, mtype, mversion, obj]
+
+    def create_message(self, obj: Message | Any, *, message_type: str | None = None,
+                       version: int | None = None) -> OutgoingMessage:
+        """``obj`` ready for ``Exchange.send(routing_key, message)``, which signs it with this
+        factory (the straw man's ``mf.create_message(obj)``; docs/GUIDE.md). A plain
+        payload's type is ``message_type``, else the routing key it is sent under."""
+        if isinstance(obj, Message):
+            if getattr(obj, "message_type", None) is None:
+                raise ConfigError(f"{type(obj).__name__} declares no message_type")
+        elif message_type is not None:
+            validate_routing_key(message_type)
+        return OutgoingMessage(self, obj, message_type, version)
 
     def frames(
         self,
