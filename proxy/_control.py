@@ -37,10 +37,17 @@ __all__ = ["CONTROL_OPS", "ControlServer"]
 log = logging.getLogger("zbus.proxy")
 
 CONTROL_OPS = ("ping", "stats", "pools", "declare_pool", "declare_reliable_pool",
-               "remove_pool", "dead_letters", "reflect", "pool_receipts", "beacons")
+               "remove_pool", "dead_letters", "replay_dead_letters", "purge_dead_letters",
+               "reflect", "pool_receipts", "beacons")
 """Every op the local control socket serves (named in the unknown-op error)."""
 _RELIABLE_FIELDS = {"op", "name", "bindings", "ack_timeout", "max_attempts"}
 _REMOVE_FIELDS = {"op", "name", "fabric"}
+_TAKE_DEAD_FIELDS = {"op", "name", "before", "limit"}
+MAX_TAKE_DEAD = 1000
+"""Dead letters one ``replay_dead_letters`` or ``purge_dead_letters`` request may move (a
+client repeats it for more): the pool's lock is held that long, and no longer."""
+MAX_DEAD_POSITION = 2**63 - 1
+"""The largest ``before`` position a request may name (positions count up from 0)."""
 MAX_REPORT_STREAMS = 1000
 """Streams one ``pool_receipts`` report may carry (a member sends the rest next time)."""
 _MAX_SEQUENCE = 2**64 - 1
@@ -264,6 +271,9 @@ class ControlServer:
             if op == "dead_letters":
                 return {"ok": True, **proxy._dead_letter_page(
                     request.get("name"), request.get("start", 0), request.get("limit", 100))}
+            if op in ("replay_dead_letters", "purge_dead_letters"):
+                return {"ok": True, **self._take_dead_letters(
+                    request, replay=op == "replay_dead_letters")}
             if op == "reflect":
                 return {"ok": True, "peers": self._reflect(request.get("token"))}
             if op == "pool_receipts":
@@ -280,6 +290,36 @@ class ControlServer:
         except Exception as exc:  # a control request must never kill the proxy
             log.exception("control request failed")
             return {"ok": False, "error": f"internal error: {exc}"}
+
+    def _take_dead_letters(self, request: dict[str, Any], *, replay: bool) -> dict[str, Any]:
+        """``replay_dead_letters`` / ``purge_dead_letters``: the oldest dead letters of pool
+        ``name`` at positions below ``before`` (absent: every one held now), at most ``limit``
+        (1 to ``MAX_TAKE_DEAD``, default that), back into the pool's queue or gone. Every
+        field is checked before anything moves; a refused request for a pool that exists is
+        counted in its ``dead_letter_requests_refused``."""
+        op = request.get("op")
+        pool = self._proxy._reliable_pool(request.get("name"))  # names the pools if unknown
+        try:
+            unknown = sorted(set(request) - _TAKE_DEAD_FIELDS)
+            if unknown:
+                raise ConfigError(f"{op} takes name, before and limit, not "
+                                  f"{', '.join(map(str, unknown))}")
+            before = request.get("before")
+            if before is not None and (not _is_int(before)
+                                       or not 0 <= before <= MAX_DEAD_POSITION):
+                raise ConfigError(f"{op}: before must be a position from 0 to "
+                                  f"{MAX_DEAD_POSITION} (or absent: every one held now)")
+            limit = request.get("limit", MAX_TAKE_DEAD)
+            if not _is_int(limit) or not 1 <= limit <= MAX_TAKE_DEAD:
+                raise ConfigError(f"{op}: limit must be an integer from 1 to {MAX_TAKE_DEAD} "
+                                  "(repeat the request for more)")
+        except ConfigError:
+            pool.refused_request()
+            raise
+        taken = pool.take_dead_letters(before, limit, replay=replay)
+        log.info("%s: %s of at-least-once pool %s", op,
+                 taken.get("replayed", taken.get("purged")), pool.name)
+        return taken
 
     def _reflect(self, token: Any) -> list[str]:
         """Ask every live peer to publish ``token`` (plus its id) on its own origin

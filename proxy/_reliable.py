@@ -22,7 +22,8 @@ Invariants a maintainer must keep:
   for; ``CREDIT 0`` stops the flow, and ``CREDITED`` is sent after the last MSG it will get;
 * a message leaves this component's memory only by an ACK, or into the dead letters after
   ``max_attempts`` deliveries without one (each NACK, ack timeout or member death is an
-  attempt);
+  attempt); a dead letter leaves only the oldest first (evicted, replayed back into the queue
+  with ``max_attempts`` more attempts, or purged), so its position stays its name;
 * everything is bounded: queued + in flight <= ``max_pending`` (beyond: the newest message is
   dropped and counted as ``overflow``), dead letters <= ``dead_letter_max`` (the oldest is
   evicted and counted);
@@ -88,6 +89,7 @@ class _Entry:
     id: int
     frames: list[bytes]
     attempts: int = 0
+    granted: int = 0  # attempts given back by replays of it from the dead letters
 
 
 @dataclass(slots=True)
@@ -137,7 +139,8 @@ class ReliableCore:
         self.counters: dict[str, int] = dict.fromkeys(
             ("accepted", "delivered", "redelivered", "acked", "nacked", "ack_timeouts",
              "members_lost", "dead_lettered", "dead_letters_evicted", "overflow",
-             "unknown_acks", "refused"), 0)
+             "unknown_acks", "refused", "dead_letters_replayed", "dead_letters_purged",
+             "dead_letter_requests_refused"), 0)
 
     # -- input ---------------------------------------------------------------------------
 
@@ -215,13 +218,46 @@ class ReliableCore:
 
     def _retry(self, i: int, reason: str) -> None:
         entry, _ = self._inflight.pop(i)
-        if entry.attempts >= self.max_attempts:
+        if entry.attempts >= self.max_attempts + entry.granted:
             if len(self.dead) == self.dead.maxlen:
                 self.counters["dead_letters_evicted"] += 1
             self.dead.append(DeadLetter(entry.frames, entry.attempts, reason))
             self.counters["dead_lettered"] += 1
         else:
             self._queue.appendleft(entry)
+
+    # -- dead letters --------------------------------------------------------------------
+
+    @property
+    def dead_base(self) -> int:
+        """The position of the oldest dead letter held: every one that ever left the front
+        (evicted, replayed or purged) moved it on, so positions never change meaning."""
+        c = self.counters
+        return c["dead_letters_evicted"] + c["dead_letters_replayed"] + c["dead_letters_purged"]
+
+    def take_dead(self, before: int | None, limit: int, *, replay: bool) -> dict[str, Any]:
+        """Replay (back to the queue's end, with ``max_attempts`` more attempts) or purge
+        the oldest dead letters, those at positions below ``before`` (None: every one held
+        now), at most ``limit``. A replay stops when the queue is full (``max_pending``):
+        what it could not take stays a dead letter, and ``full`` says so."""
+        moved, full = 0, False
+        counter = "dead_letters_replayed" if replay else "dead_letters_purged"
+        while moved < limit and self.dead and (before is None or self.dead_base < before):
+            if replay and self.pending >= self.max_pending:
+                full = True
+                break
+            dead = self.dead.popleft()
+            self.counters[counter] += 1
+            moved += 1
+            if replay:
+                # Its attempt count goes on (a member sees attempt > 1: a redelivery, which
+                # its replay guard lets through), with max_attempts more before it dies again.
+                self._queue.append(_Entry(self._next_id, dead.frames, dead.attempts,
+                                          dead.attempts))
+                self._next_id += 1
+        base = self.dead_base
+        return {"replayed" if replay else "purged": moved, "next": base,
+                "end": base + len(self.dead), "held": len(self.dead), "full": full}
 
     # -- time and distribution -----------------------------------------------------------
 
@@ -348,7 +384,8 @@ class ReliablePool:
         """
         with self._lock:
             evicted = self.core.counters["dead_letters_evicted"]
-            begin = max(start - evicted, 0)
+            base = self.core.dead_base
+            begin = max(start - base, 0)
             held = len(self.core.dead)
             out: list[dict[str, Any]] = []
             used = 0
@@ -358,7 +395,7 @@ class ReliablePool:
                 size = sum(len(f) for f in dead.frames)
                 if out and used + size > max_bytes:
                     break
-                entry: dict[str, Any] = {"position": evicted + i, "attempts": dead.attempts,
+                entry: dict[str, Any] = {"position": base + i, "attempts": dead.attempts,
                                          "reason": dead.reason, "size": size}
                 if size > max_bytes:
                     entry["frames"] = []
@@ -368,8 +405,20 @@ class ReliablePool:
                     used += size
                 out.append(entry)
                 i += 1
-            return {"dead_letters": out, "next": evicted + i, "more": i < held,
+            return {"dead_letters": out, "next": base + i, "more": i < held,
                     "evicted": evicted}
+
+    def take_dead_letters(self, before: int | None, limit: int, *,
+                          replay: bool) -> dict[str, Any]:
+        """:meth:`ReliableCore.take_dead` under the pool's lock (the control thread asks)."""
+        with self._lock:
+            return self.core.take_dead(before, limit, replay=replay)
+
+    def refused_request(self) -> None:
+        """Count a dead-letter request for this pool that was refused (a field out of
+        bounds or of the wrong type)."""
+        with self._lock:
+            self.core.counters["dead_letter_requests_refused"] += 1
 
     # -- the thread ----------------------------------------------------------------------
 

@@ -1,4 +1,5 @@
-"""The ``zbus`` command: demo, tap, pub, stats, keygen and bench.
+"""The ``zbus`` command: demo, tap (sub, types), pub, stats, pools, dead-letters, keygen and
+bench.
 
 Every command that talks to the local zbus-proxy finds its run directory, first found first:
 ``--run-dir``, ``$ZBUS_RUN_DIR``, ``run_dir`` in the proxy's TOML (``--config`` or
@@ -41,11 +42,18 @@ import zmq
 from . import __version__
 from ._connection import Connection, Publisher
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher
-from ._envelope import Envelope
-from ._errors import ConfigError, ZbusError
+from ._envelope import (
+    Envelope,
+    decode_batch,
+    decode_topic,
+    signature_key_id,
+    verify_frames,
+)
+from ._errors import ConfigError, EnvelopeError, ZbusError
 from ._keys import DEFAULT_KEY_ID, KeyRing, check_key_dir, format_key_file, generate_key
 from ._message import MessageFactory
 from ._names import CONTROL_PREFIX, TopicPattern, minimal_prefixes, validate_name
+from ._replay import ReplayPolicy
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import CurveKeys, make_socket, wait_for_probe
 
@@ -192,8 +200,9 @@ def _json_default(obj: object) -> Any:
     return repr(obj)
 
 
-def _dumps(obj: Any) -> str:
-    return json.dumps(obj, default=_json_default, ensure_ascii=False, sort_keys=True)
+def _dumps(obj: Any, *, pretty: bool = False) -> str:
+    return json.dumps(obj, default=_json_default, ensure_ascii=False, sort_keys=True,
+                      indent=2 if pretty else None)
 
 
 def _iso(ts: float) -> str:
@@ -367,6 +376,78 @@ def format_record(rec: dict[str, Any]) -> str:
     )
 
 
+def render_record(rec: dict[str, Any], args: argparse.Namespace) -> str:
+    """One received message as tap/sub prints it: a readable line, the record as JSON
+    (--json, indented with --pretty), or only the payload as JSON (--payload-only)."""
+    if args.payload_only:
+        return _dumps(rec["payload"], pretty=args.pretty)
+    if args.json or args.pretty:
+        return _dumps(rec, pretty=args.pretty)
+    return format_record(rec)
+
+
+class TypeSummary:
+    """What ``tap --summary`` (``zbus types``) counts: messages per exchange, routing key,
+    message type and version, and how many publisher ids sent each (bounded: past
+    ``MAX_ROWS`` distinct rows, new ones are counted together as ``other``)."""
+
+    MAX_ROWS = 10_000
+    MAX_PUBLISHERS = 1000  # per row; beyond, the row says "1000+"
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, str, str, int], tuple[int, set[str]]] = {}
+        self.other = 0
+        self.total = 0
+        self.verified = 0
+
+    def add(self, rec: dict[str, Any]) -> None:
+        self.total += 1
+        self.verified += bool(rec["verified"])
+        row = (rec["exchange"], rec["routing_key"], rec["message_type"],
+               rec["message_type_version"])
+        held = self.rows.get(row)
+        if held is None:
+            if len(self.rows) >= self.MAX_ROWS:
+                self.other += 1
+                return
+            held = self.rows[row] = (0, set())
+        count, publishers = held
+        if len(publishers) < self.MAX_PUBLISHERS:
+            publishers.add(rec["publisher_id"])
+        self.rows[row] = (count + 1, publishers)
+
+    def as_json(self, seconds: float) -> dict[str, Any]:
+        return {"seconds": round(seconds, 3), "messages": self.total,
+                "verified": self.verified, "other": self.other,
+                "types": [{"exchange": e, "routing_key": k, "message_type": t, "version": v,
+                           "messages": n, "publishers": len(p)}
+                          for (e, k, t, v), (n, p) in self._sorted()]}
+
+    def _sorted(self) -> list[tuple[tuple[str, str, str, int], tuple[int, set[str]]]]:
+        return sorted(self.rows.items(), key=lambda item: (-item[1][0], item[0]))
+
+    def format(self, seconds: float) -> str:
+        unverified = self.total - self.verified
+        lines = [f"{self.total} message(s) in {seconds:.1f}s"
+                 + (f", {unverified} UNVERIFIED (no key given)" if unverified else "")]
+        if not self.rows:
+            return "\n".join(lines)
+        rows = [[e, k, t, str(v), str(n),
+                 f"{len(p)}+" if len(p) >= self.MAX_PUBLISHERS else str(len(p))]
+                for (e, k, t, v), (n, p) in self._sorted()]
+        header = ["EXCHANGE", "ROUTING-KEY", "MESSAGE-TYPE", "VERSION", "MESSAGES",
+                  "PUBLISHERS"]
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        # Names left-aligned, counts right-aligned.
+        lines += ["  " + "  ".join(cell.ljust(w) if i < 3 else cell.rjust(w)
+                                   for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
+                  for row in [header, *rows]]
+        if self.other:
+            lines.append(f"  and {self.other} message(s) of types beyond the first "
+                         f"{self.MAX_ROWS}")
+        return "\n".join(lines)
+
+
 class _StopRequested(Exception):  # noqa: N818 (a signal, not an error)
     pass
 
@@ -382,6 +463,11 @@ def cmd_tap(args: argparse.Namespace) -> int:
     settings: Settings = args.settings
     out: TextIO = sys.stdout
     shown = 0
+    summary = TypeSummary() if args.summary else None
+    if summary is not None and (args.payload_only or args.pretty):
+        raise UsageError("--summary prints a table (or with --json one object) at the end: "
+                         "--payload-only and --pretty apply to messages, not to it")
+    started = time.monotonic()
     signal.signal(signal.SIGTERM, _raise_stop)
     with Connection(args.run_dir, settings=settings) as conn:
         _reach(conn, args, args.ready_timeout)
@@ -402,6 +488,7 @@ def cmd_tap(args: argparse.Namespace) -> int:
             mode = f"verifying with keys {keys.ids()}" if keys else "UNVERIFIED: no key given"
             print(f"READY tapping {' '.join(map(str, patterns))} on {conn.endpoints.run_dir} "
                   f"({mode})", file=sys.stderr, flush=True)
+            started = time.monotonic()  # --summary's window: from when it is live
             deadline = None if args.timeout is None else time.monotonic() + args.timeout
             while args.count is None or shown < args.count:
                 if pending:
@@ -420,15 +507,26 @@ def cmd_tap(args: argparse.Namespace) -> int:
                 for reason in reasons:
                     print(f"REJECTED {reason}", file=sys.stderr, flush=True)
                 for record in records:
-                    out.write((_dumps(record) if args.json else format_record(record)) + "\n")
+                    if summary is not None:
+                        summary.add(record)
+                    else:
+                        out.write(render_record(record, args) + "\n")
                     shown += 1
-                out.flush()
+                if summary is None:
+                    out.flush()
         except (KeyboardInterrupt, _StopRequested):
             pass
         except BrokenPipeError:  # the reader left ('zbus tap ... | head -1'): done
             _silence_stdout()
         finally:
             sub.close(linger=0)
+    if summary is not None:
+        took = time.monotonic() - started
+        try:
+            print(_dumps(summary.as_json(took)) if args.json else summary.format(took),
+                  flush=True)
+        except BrokenPipeError:
+            _silence_stdout()
     s = tap.stats
     print(f"tap: shown {shown}, lost {s.lost}, unmatched {s.unmatched}, "
           f"rejected {dict(s.rejected) or 0}", file=sys.stderr, flush=True)
@@ -671,6 +769,125 @@ def format_pools(reply: dict[str, Any]) -> list[str]:
             [name, "fabric" if t.get("fabric") else "this host", str(t.get("generation")),
              " ".join(t.get("bindings") or [])] for name, t in sorted(removed.items())])
     return lines
+
+
+# -- dead-letters ----------------------------------------------------------------------------
+
+# Consumers' default freshness window (ReplayPolicy.max_age): a replayed message older than
+# this is rejected as stale by members that keep the default, and acknowledged as bad input.
+_DEFAULT_MAX_AGE = ReplayPolicy().max_age
+
+
+def decode_dead_letter(dead: dict[str, Any], keys: KeyRing | None) -> dict[str, Any]:
+    """A ``dead_letters`` entry with its message decoded: verified with ``keys`` (or, with
+    none, every check but the HMAC, as tap does); ``error`` says why it did not decode."""
+    out = {k: dead.get(k) for k in ("position", "attempts", "reason", "size")}
+    frames = dead.get("frames") or []
+    if dead.get("truncated"):
+        out["error"] = (f"its frames ({dead.get('size')} bytes) are larger than a control "
+                        "reply may carry: read it with zbus.Connection.dead_letters over a "
+                        "connection with a larger max_message_bytes")
+        return out
+    try:
+        if len(frames) != 3:
+            raise EnvelopeError(f"{len(frames)} frames, not 3")
+        topic, envelope, signature = frames
+        exchange, routing_key = decode_topic(topic)
+        if keys is not None:
+            key_id, verified = verify_frames(keys, topic, envelope, signature), True
+        else:
+            key_id, verified = signature_key_id(signature), False
+        batch = decode_batch(envelope)
+    except ZbusError as exc:
+        out["error"] = str(exc)
+        return out
+    messages = [_record(exchange, routing_key, env, key_id, verified=verified)
+                for env in batch.envelopes()]
+    out["messages"] = messages
+    return out
+
+
+def format_dead_letter(entry: dict[str, Any], now: float) -> str:
+    head = (f"#{entry['position']} attempts={entry['attempts']} reason={entry['reason']} "
+            f"size={entry['size']}")
+    if "error" in entry:
+        return f"{head} NOT DECODED: {entry['error']}"
+    return "\n".join(f"{head} age={now - rec['timestamp']:.0f}s {format_record(rec)}"
+                     for rec in entry["messages"])
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    """zbus dead-letters list | replay | purge POOL."""
+    pool = validate_name(args.pool, "pool name")
+    if args.dead_command == "list":
+        keys = keys_from_args(args, required=False)
+        with _pools_connection(args) as conn:
+            _reach(conn, args, args.timeout)
+            held = conn.dead_letters(pool, args.timeout)
+        now = time.time()
+        for dead in held:
+            entry = decode_dead_letter(dead, keys)
+            print(_dumps(entry, pretty=args.pretty) if args.json or args.pretty
+                  else format_dead_letter(entry, now), flush=True)
+        if not (args.json or args.pretty):
+            mode = f"verified with keys {keys.ids()}" if keys else "UNVERIFIED: no key given"
+            print(f"{len(held)} dead letter(s) in pool {pool} ({mode})", file=sys.stderr)
+        return EXIT_OK
+    if args.count is not None and args.count < 1:
+        raise UsageError("--count must be at least 1")
+    replay = args.dead_command == "replay"
+    op = "replay_dead_letters" if replay else "purge_dead_letters"
+    if not replay and not args.yes:
+        raise UsageError(
+            f"purge drops dead letters of pool {pool} for good: add --yes to do it, or "
+            f"see them first with 'zbus dead-letters list {pool}'")
+    with _pools_connection(args) as conn:
+        _reach(conn, args, args.timeout)
+        if replay:
+            _warn_stale(conn, pool, args.timeout)
+        moved, before, full = 0, None, False
+        reply: dict[str, Any] = {}
+        while args.count is None or moved < args.count:
+            limit = 1000 if args.count is None else min(1000, args.count - moved)
+            fields: dict[str, Any] = {"name": pool, "limit": limit}
+            if before is not None:
+                fields["before"] = before
+            reply = conn.control.request(op, args.timeout, **fields)
+            took = int(reply.get("replayed" if replay else "purged", 0))
+            moved += took
+            before = reply["end"] if before is None else before  # those held at the start
+            full = bool(reply.get("full"))
+            if took < limit or full:
+                break
+    held = reply.get("held", 0)
+    if replay:
+        print(f"replayed {moved} dead letter(s) of pool {pool} into its queue "
+              f"({held} still held)")
+        if full:
+            _err(f"pool {pool}'s queue is full (its max_pending): the rest stay dead letters; "
+                 "replay again once its members have taken the queue")
+            return EXIT_FAILED
+        return EXIT_OK
+    print(f"purged {moved} dead letter(s) of pool {pool} ({held} still held)")
+    return EXIT_OK
+
+
+def _warn_stale(conn: Connection, pool: str, timeout: float) -> None:
+    """Say when the oldest dead letter is older than consumers' default freshness window:
+    members that keep it reject the replayed message as stale (and acknowledge it)."""
+    first = conn.control.request("dead_letters", timeout, name=pool, limit=1)
+    held = first.get("dead_letters") or []
+    if not held or _DEFAULT_MAX_AGE is None:
+        return
+    entry = decode_dead_letter(held[0], None)
+    if "messages" not in entry:
+        return
+    age = time.time() - min(rec["timestamp"] for rec in entry["messages"])
+    if age > _DEFAULT_MAX_AGE:
+        _err(f"warning: the oldest dead letter was published {age:.0f}s ago; members with "
+             f"the default ReplayPolicy(max_age={_DEFAULT_MAX_AGE:g}) reject it as stale (and "
+             "acknowledge it): give the pool's members Settings(replay=ReplayPolicy(max_age="
+             "...)) long enough before replaying")
 
 
 # -- demo ------------------------------------------------------------------------------------
@@ -924,6 +1141,23 @@ def _add_keys(p: argparse.ArgumentParser, verb: str) -> None:
                    f"(default: ${KEY_ID_ENV}, else the file's first key, or 'default')")
 
 
+def _add_tap_arguments(p: argparse.ArgumentParser) -> None:
+    """What tap, sub and types share."""
+    p.add_argument("pattern", nargs="+", metavar="PATTERN",
+                   help="'exchange/pattern' in AMQP syntax, e.g. 'notifications/compute.#'")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per line (default: one readable line per message)")
+    _add_keys(p, "verify")
+    p.add_argument("--count", type=int, default=None,
+                   help="exit after this many messages (default: no limit)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="exit after this many seconds (default: none; Ctrl-C or SIGTERM)")
+    p.add_argument("--ready-timeout", type=float, default=10.0,
+                   help="seconds to wait for the proxy and for the subscription to be live "
+                   "(default: 10)")
+    _add_run_dir(p)
+
+
 _ENVIRONMENT = (
     f"Environment (a flag wins over it, and it over --config): {RUN_DIR_ENV}, {CONFIG_ENV}, "
     f"{KEY_FILE_ENV}, {KEY_HEX_ENV}, {KEY_ID_ENV}. See docs/OPERATING.md."
@@ -957,27 +1191,69 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
-        "tap", help="print live messages matching exchange/pattern, one per line",
+        "tap", aliases=["sub"],
+        help="print live messages matching exchange/pattern, one per line ('sub' is the same)",
         description="Subscribe at the local proxy and print each matching message, decoded. "
         "With a key every message is verified and forged ones are reported as REJECTED on "
         "stderr; without a key the signature is NOT checked and lines say UNVERIFIED (every "
-        "other check still runs). Prints a READY line on stderr once the subscription is live.",
+        "other check still runs). Prints a READY line on stderr once the subscription is live. "
+        "'zbus sub' is the same command (nats sub). --summary prints, instead of messages, "
+        "how many of each type were seen, at the end (--timeout, --count, Ctrl-C or SIGTERM).",
         epilog=_ENVIRONMENT,
     )
-    p.add_argument("pattern", nargs="+", metavar="PATTERN",
-                   help="'exchange/pattern' in AMQP syntax, e.g. 'notifications/compute.#'")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON object per line (default: one readable line per message)")
-    _add_keys(p, "verify")
-    p.add_argument("--count", type=int, default=None,
-                   help="exit after this many messages (default: no limit)")
-    p.add_argument("--timeout", type=float, default=None,
-                   help="exit after this many seconds (default: none; Ctrl-C or SIGTERM)")
-    p.add_argument("--ready-timeout", type=float, default=10.0,
-                   help="seconds to wait for the proxy and for the subscription to be live "
-                   "(default: 10)")
-    _add_run_dir(p)
+    _add_tap_arguments(p)
+    p.add_argument("--pretty", action="store_true",
+                   help="JSON indented over several lines (implies --json)")
+    p.add_argument("--payload-only", action="store_true",
+                   help="print only each message's payload, as JSON (one per line, indented "
+                   "with --pretty): for jq and scripts")
+    p.add_argument("--summary", action="store_true",
+                   help="print no messages; at the end, the messages seen per exchange, "
+                   "routing key, message type and version, with how many publishers sent "
+                   "each (a table, or one JSON object with --json); same as 'zbus types'")
     p.set_defaults(func=cmd_tap)
+
+    p = sub.add_parser(
+        "types", help="count the message types and routing keys seen (tap --summary)",
+        description="Subscribe like 'zbus tap' and, once --timeout seconds pass (or --count "
+        "messages, or Ctrl-C, or SIGTERM), print the messages seen per exchange, routing key, "
+        "message type and version, and how many publisher ids sent each. Without a key the "
+        "counts include messages whose signature was not checked (the first line says how "
+        "many).",
+        epilog=_ENVIRONMENT,
+    )
+    _add_tap_arguments(p)
+    p.set_defaults(func=cmd_tap, summary=True, pretty=False, payload_only=False)
+
+    p = sub.add_parser(
+        "dead-letters", help="list, replay or purge an at-least-once pool's dead letters",
+        description="The messages an at-least-once pool gave up on (max_attempts deliveries "
+        "without an ack) stay at the proxy, oldest first, until evicted by newer ones or the "
+        "proxy restarts. 'list' shows them decoded (verified with a key); 'replay' puts the "
+        "oldest back at the end of the pool's queue, each with max_attempts more attempts; "
+        "'purge' drops the oldest for good. See docs/RELIABILITY.md, 'At-least-once pools'.",
+        epilog=_ENVIRONMENT,
+    )
+    dead = p.add_subparsers(dest="dead_command", metavar="ACTION", required=True)
+    q = dead.add_parser("list", help="show the dead letters held, oldest first")
+    q.add_argument("--json", action="store_true",
+                   help="one JSON object per dead letter (default: one readable line each)")
+    q.add_argument("--pretty", action="store_true", help="JSON indented (implies --json)")
+    _add_keys(q, "verify")
+    q = dead.add_parser("replay", help="put the oldest dead letters back into the pool's queue")
+    q.add_argument("--count", type=int, default=None,
+                   help="replay at most this many (default: every one held now)")
+    q = dead.add_parser("purge", help="drop the oldest dead letters for good")
+    q.add_argument("--count", type=int, default=None,
+                   help="purge at most this many (default: every one held now)")
+    q.add_argument("--yes", action="store_true",
+                   help="really drop them (required: a purged message cannot be read again)")
+    for q in dead.choices.values():
+        q.add_argument("pool", metavar="POOL", help="the at-least-once pool's name")
+        q.add_argument("--timeout", type=float, default=5.0,
+                       help="seconds to wait for the proxy (default: 5)")
+        _add_run_dir(q)
+        q.set_defaults(func=cmd_dead_letters)
 
     p = sub.add_parser(
         "pub", help="publish one signed message (payload as JSON)",
