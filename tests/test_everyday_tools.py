@@ -422,3 +422,24 @@ def test_a_retrying_publisher_rides_out_a_proxy_restart(run_dir: Path, key: byte
         if restarter.is_alive():
             restarter.join(15)
         proxy.stop()
+
+
+def test_pools_declare_makes_an_at_least_once_pool(proxy_process: ProxyProcess,
+                                                   run_dir: Path) -> None:
+    """The gap in 'zbus pools': an at-least-once pool could only be declared from Python."""
+    where = ("--run-dir", str(run_dir))
+    made = zbus_cli("pools", "declare", "billing", BINDING, "--at-least-once",
+                    "--ack-timeout", "60", "--max-attempts", "3", *where)
+    assert made.returncode == 0, made.stderr
+    assert f"at-least-once pool billing declared with {BINDING}" in made.stdout
+    again = zbus_cli("pools", "declare", "billing", BINDING, "--at-least-once", *where)
+    assert again.returncode == 0 and "already declared" in again.stdout
+    conflict = zbus_cli("pools", "declare", "billing", BINDING, "--at-least-once",
+                        "--max-attempts", "4", *where)
+    assert conflict.returncode == 1 and "max_attempts" in conflict.stderr
+    usage = zbus_cli("pools", "declare", "fast", BINDING, "--max-attempts", "4", *where)
+    assert usage.returncode == 2 and "add --at-least-once" in usage.stderr
+    with zbus.Connection(run_dir) as conn:
+        reply = conn.control.request("pools")
+    assert reply["reliable_pools"] == {
+        "billing": {"bindings": [BINDING], "ack_timeout": 60.0, "max_attempts": 3}}

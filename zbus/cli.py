@@ -721,7 +721,18 @@ def cmd_pools(args: argparse.Namespace) -> int:
     if args.pools_command == "declare":
         bindings = sorted({str(TopicPattern.parse(b)) for b in args.bindings})
         validate_name(args.name, "pool name")
+        if not args.at_least_once and (args.ack_timeout is not None
+                                       or args.max_attempts is not None):
+            raise UsageError("--ack-timeout and --max-attempts are options of an "
+                             "at-least-once pool: add --at-least-once")
     with _pools_connection(args) as conn:
+        if args.pools_command == "declare" and args.at_least_once:
+            options = {k: v for k, v in (("ack_timeout", args.ack_timeout),
+                                         ("max_attempts", args.max_attempts)) if v is not None}
+            created = conn.declare_reliable_pool(args.name, bindings, args.timeout, **options)
+            print(f"at-least-once pool {args.name} "
+                  f"{'declared' if created else 'already declared'} with {' '.join(bindings)}")
+            return EXIT_OK
         if args.pools_command == "declare":
             conn.declare_pool(args.name, bindings, args.timeout)
             print(f"pool {args.name} declared with {' '.join(bindings)}")
@@ -1311,10 +1322,19 @@ def build_parser() -> argparse.ArgumentParser:
     pools = p.add_subparsers(dest="pools_command", metavar="ACTION", required=True)
     q = pools.add_parser("list", help="the declared and the removed pools")
     q.add_argument("--json", action="store_true", help="print the proxy's reply as JSON")
-    q = pools.add_parser("declare", help="declare a fast pool (idempotent)")
+    q = pools.add_parser("declare", help="declare a fast or at-least-once pool (idempotent)")
     q.add_argument("name", metavar="NAME")
     q.add_argument("bindings", nargs="+", metavar="BINDING",
                    help="'exchange/pattern' in AMQP syntax, e.g. 'billing/charge.#'")
+    q.add_argument("--at-least-once", action="store_true",
+                   help="an at-least-once pool (acks, redelivery, dead letters; "
+                   "docs/RELIABILITY.md) instead of a fast one")
+    q.add_argument("--ack-timeout", type=float, default=None, metavar="SECONDS",
+                   help="with --at-least-once: seconds a member may hold a message un-acked "
+                   "(default: the proxy's, 30)")
+    q.add_argument("--max-attempts", type=int, default=None, metavar="N",
+                   help="with --at-least-once: deliveries before a message is dead-lettered "
+                   "(default: the proxy's, 5)")
     q = pools.add_parser("remove", help="remove a pool here, or with --fabric everywhere")
     q.add_argument("name", metavar="NAME")
     q.add_argument("--fabric", action="store_true",
