@@ -386,7 +386,6 @@ def test_a_retrying_publisher_waits_for_a_proxy_that_starts_late(run_dir: Path,
 def test_a_retrying_publisher_rides_out_a_proxy_restart(run_dir: Path, key: bytes) -> None:
     """Killed, the proxy takes nothing: the publisher's small queue fills and each send times
     out; with a retry policy the sends go on once it is back, numbered without a gap."""
-    proxy = ProxyProcess(run_dir).start()
     settings = zbus.Settings(publish_hwm=2, send_timeout=0.1)
     conn = zbus.Connection(run_dir, settings=settings)
     factory = zbus.MessageFactory(key, "restart")
@@ -395,6 +394,7 @@ def test_a_retrying_publisher_rides_out_a_proxy_restart(run_dir: Path, key: byte
                               retry=zbus.RetryPolicy(max_retries=400, interval_start=0.05,
                                                      interval_step=0.0, interval_max=0.05))
     restarted = threading.Event()
+    proxy = ProxyProcess(run_dir).start()  # after everything that could fail: stopped below
 
     def restart_once_retrying() -> None:
         while retrying.retries < 2:
