@@ -455,7 +455,7 @@ def test_fast_pool_receipts_balance_after_a_drain(
     row = next(line for line in table.splitlines() if line.split()[:1] == ["fast"]).split()
     assert dict(zip(header, row, strict=True)) == {
         "POOL": "fast", "MEMBERS": "0", "HANDED-OUT": "20", "REPORTED": "20",
-        "UNACCOUNTED": "0", "MEMBERS-LOST": "1"}
+        "UNACCOUNTED": "0", "DISCONNECTS": "1", "GOODBYES": "1"}
 
 
 def test_dead_letter_pages_skip_nothing(proxy_process: ProxyProcess, run_dir: Path,
