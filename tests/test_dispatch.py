@@ -351,6 +351,10 @@ def test_stats_as_dict() -> None:
         "reordered": 0,
         "beacons": 0,
         "rejected": {"frame_count": 1},
+        "repair_requested": 0,
+        "repaired": 0,
+        "unrepairable": 0,
+        "repair_duplicates": 0,
     }
 
 

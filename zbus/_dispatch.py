@@ -44,6 +44,7 @@ from ._errors import ConfigError, EnvelopeError, ReplayError, VersionError
 from ._keys import KeyRing
 from ._message import Message
 from ._names import CONTROL_PREFIX, TopicMatcher, TopicPattern, minimal_prefixes
+from ._repair import GapBook, RepairPolicy
 from ._replay import ReplayGuard
 
 __all__ = [
@@ -241,6 +242,15 @@ class ConsumerStats:
     reordered: int = 0
     beacons: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
+    repair_requested: int = 0
+    """Sequences found missing and asked for (each once), with repair on."""
+    repaired: int = 0
+    """Missing sequences that then arrived, by a repair or late (``lost`` went down again)."""
+    unrepairable: int = 0
+    """Missing sequences given up: older than the reliability interval, no longer kept by
+    the publisher, or over ``max_held`` (each logged as DATALOSS)."""
+    repair_duplicates: int = 0
+    """Repairs of sequences already had (asked twice, or answered twice): dropped."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -252,6 +262,10 @@ class ConsumerStats:
             "reordered": self.reordered,
             "beacons": self.beacons,
             "rejected": dict(self.rejected),
+            "repair_requested": self.repair_requested,
+            "repaired": self.repaired,
+            "unrepairable": self.unrepairable,
+            "repair_duplicates": self.repair_duplicates,
         }
 
 
@@ -368,6 +382,7 @@ class ConsumerCore:
         track_sequences: bool = True,
         replay: ReplayGuard | None = None,
         clock: Callable[[], float] = time.time,
+        repair: RepairPolicy | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         # keys=None checks everything but the HMAC: for diagnostic taps, never for services.
@@ -387,6 +402,12 @@ class ConsumerCore:
         """Per-stream books, kept by fast-pool members only (set by the member)."""
         self._clock = clock
         self._warned: set[str] = set()
+        self.book: GapBook | None = None
+        """Open gaps and what waits behind them (zbus._repair), for a subscriber with
+        repair on: its backend sends ``book.asks`` and feeds the answers back with
+        ``feed(frames, repaired=True)``, and calls :meth:`tick` now and then."""
+        if repair is not None and repair.on and track_sequences:
+            self.book = GapBook(repair)
 
     def reject(self, reason: str, detail: str) -> None:
         self.stats.rejected[reason] += 1
@@ -404,9 +425,29 @@ class ConsumerCore:
         self.feed(frames)
         return self.ready.popleft() if self.ready else None
 
-    def feed(self, frames: list[bytes]) -> None:
+    def tick(self) -> None:
+        """Give up gaps past the reliability interval and ask again where due (a consumer
+        with repair on calls this every ``RepairPolicy.retry`` seconds or so)."""
+        book = self.book
+        if book is not None and len(book):
+            book.tick(self._clock())
+            self._settle(book)
+
+    def _settle(self, book: GapBook) -> None:
+        """Take what the book handed on, in order, and its counters."""
+        if book.out:
+            self.ready.extend(book.out)
+            book.out.clear()
+        stats = self.stats
+        stats.repair_requested = book.requested
+        stats.repaired = book.repaired
+        stats.unrepairable = book.unrepairable
+        stats.repair_duplicates = book.duplicates
+
+    def feed(self, frames: list[bytes], repaired: bool = False) -> None:
         """Verify, decode, account and route one received multipart message, appending its
-        deliveries to :attr:`ready`."""
+        deliveries to :attr:`ready`. ``repaired``: the frames answer a repair request (a
+        sequence already had is then a duplicate answer, dropped, not a replay)."""
         if len(frames) != 3:
             self.odd_frames += len(frames)
             if len(frames) == 1 and frames[0].startswith(CONTROL_PREFIX):
@@ -441,21 +482,40 @@ class ConsumerCore:
         tally = self.tally
         if tally is not None:  # counted before judging: a rejected message was still had
             tally.add(publisher_id, stream, first, len(entries))
+        book = self.book
+        key = (publisher_id, stream)
         if not entries:
             stats.beacons += 1
             if self._count_gaps:
-                stats.lost += guard.observe_beacon(publisher_id, stream, first - 1)
+                gap = guard.observe_beacon(publisher_id, stream, first - 1)
+                stats.lost += gap
+                if gap and book is not None:  # a lost tail: ask for it
+                    book.gap(key, first - gap, first - 1, self._clock())
+                    self._settle(book)
             return
         stats.received += len(entries)
         handlers = self.dispatcher.route(exchange, routing_key)
         now = self._clock()
+        open_stream = book is not None and book.is_open(key)
         for sequence, (timestamp, message_type, version, payload) in enumerate(entries, first):
             # Account the sequence before the payload is judged: a verified message rejected
             # for its type version or payload did arrive, and must not also count as lost.
+            wanted = open_stream and book is not None and book.wants(key, sequence)
             try:
                 guard.check_time(timestamp, now)
-                missing, late = guard.observe(publisher_id, stream, sequence)
+                try:
+                    missing, late = guard.observe(publisher_id, stream, sequence)
+                except ReplayError:
+                    if not wanted:
+                        raise
+                    # Missing by the book, but beyond the guard's sequence window (shorter
+                    # than the interval): the guard counted it lost when it passed.
+                    missing, late = -1, True
             except ReplayError as exc:
+                if repaired and exc.reason == "replay":
+                    if book is not None:
+                        book.duplicates += 1  # asked or answered twice: not an attack
+                    continue
                 self.reject(exc.reason, str(exc))
                 if tally is not None and exc.reason == "replay":
                     tally.uncount(publisher_id, stream)  # a second copy, not a second message
@@ -463,18 +523,33 @@ class ConsumerCore:
             if self._count_gaps:  # a pool member sees a share of each stream: gaps mean nothing
                 stats.lost += missing
                 stats.reordered += late
+            if book is not None:
+                if missing > 0 and not late:  # a gap ahead of this message: ask for it
+                    book.gap(key, sequence - missing, sequence - 1, now)
+                    open_stream = True
+                elif late and not open_stream:
+                    open_stream = book.is_open(key)
+            item: Delivery | None = None
             if not handlers:
                 stats.unmatched += 1
-                continue
-            envelope = Envelope(message_id(stream, sequence), publisher_id, sequence,
-                                float(timestamp), message_type, version, payload)
-            try:
-                message = self.dispatcher.decode(envelope, exchange)
-            except EnvelopeError as exc:
-                self.reject(exc.reason, str(exc))
-                continue
-            self.ready.append(Delivery(exchange, routing_key, envelope, key_id, message,
-                                       handlers, keys is not None))
+            else:
+                envelope = Envelope(message_id(stream, sequence), publisher_id, sequence,
+                                    float(timestamp), message_type, version, payload)
+                try:
+                    message = self.dispatcher.decode(envelope, exchange)
+                    item = Delivery(exchange, routing_key, envelope, key_id, message,
+                                    handlers, keys is not None)
+                except EnvelopeError as exc:
+                    self.reject(exc.reason, str(exc))
+            if open_stream and book is not None:
+                # Held behind the stream's gap until it is repaired or given up: handlers
+                # see each stream in order.
+                book.arrived(key, sequence, item, now)
+                open_stream = book.is_open(key)
+            elif item is not None:
+                self.ready.append(item)
+        if book is not None:
+            self._settle(book)
 
     def run_handlers(self, delivery: Delivery) -> None:
         """Call each handler in turn; one that raises is logged and counted, never fatal."""

@@ -1,0 +1,388 @@
+"""Repair within a reliability interval, with no I/O and no clock (docs/RELIABILITY.md,
+"Repair").
+
+Two halves of one promise, as TIBCO Rendezvous's reliability interval and PGM make it:
+every subscriber gets each message of a stream, from the first transmission or a repair,
+or learns (counted, logged) that it cannot.
+
+* :class:`Retention`, on the publishing side: the signed frames a connection sent, kept
+  for ``RepairPolicy.interval`` seconds and at most ``retain_bytes``, found again by stream
+  and sequence. The frames are the ones already made for sending: a repair is verified by
+  the consumer like the first copy (same MAC), so a repair plane needs no trust of its own.
+* :class:`GapBook`, on the consuming side: for each stream with a gap, the sequences still
+  missing (each with the time it was found missing), the messages that arrived behind the
+  gap, held back so that handlers see the stream in order, and the requests to send. A gap
+  is asked for at once, again every ``retry`` seconds, and given up after ``interval``
+  (``unrepairable``); held messages are then handed on.
+
+The wire between them (the proxy's ``repair.sock``) is in docs/PROTOCOL.md, section 9.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from ._errors import ConfigError
+
+__all__ = ["Ask", "GapBook", "RepairPolicy", "Retention", "envelope_head"]
+
+log = logging.getLogger("zbus")
+
+MAX_RANGES = 64
+"""Most sequence ranges one request names (the rest wait for the next request)."""
+MAX_ASK_SEQUENCES = 100_000
+"""Most sequences one request asks for (a reply is sent in parts of MAX_GIVE_BATCHES)."""
+MAX_GIVE_BATCHES = 256
+"""Most retained envelopes (frame triples) in one reply message."""
+
+
+@dataclass(frozen=True, slots=True)
+class RepairPolicy:
+    """How long gaps are repairable, and the memory that costs (docs/RELIABILITY.md).
+
+    ``interval``: seconds within which a gap is repaired (a publisher keeps what it sent
+    that long; a subscriber asks that long, then counts the gap ``unrepairable``); 0 turns
+    repair off. ``retain_bytes``: most bytes of frames a publishing connection keeps (the
+    oldest go first: a gap older than what is kept is unrepairable). ``max_held``: most
+    messages a subscriber holds behind its gaps to hand them on in order (beyond, the oldest
+    gap is given up). ``retry``: seconds before a request with no answer is sent again.
+    """
+
+    interval: float = 10.0
+    retain_bytes: int = 64 << 20
+    max_held: int = 100_000
+    retry: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not self.interval >= 0:
+            raise ConfigError("RepairPolicy.interval must be >= 0 seconds (0: off)")
+        if self.retain_bytes < 0 or self.max_held < 1:
+            raise ConfigError("RepairPolicy.retain_bytes must be >= 0, max_held >= 1")
+        if not self.retry > 0:
+            raise ConfigError("RepairPolicy.retry must be > 0 seconds")
+
+    @property
+    def on(self) -> bool:
+        return self.interval > 0
+
+
+def envelope_head(envelope: bytes) -> tuple[bytes, int, int]:
+    """(stream id, first sequence, message count) of a signed envelope made here; cheap:
+    the messages themselves are skipped, not decoded."""
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(envelope)
+    unpacker.read_array_header()
+    unpacker.skip()  # format
+    unpacker.skip()  # publisher id
+    stream: bytes = unpacker.unpack()
+    first: int = unpacker.unpack()
+    return stream, first, unpacker.read_array_header()
+
+
+class _Kept:
+    __slots__ = ("firsts", "items")
+
+    def __init__(self) -> None:
+        self.firsts: list[int] = []
+        self.items: list[tuple[int, list[bytes]]] = []  # (count, frames), by first sequence
+
+
+class Retention:
+    """What one publishing connection sent, kept for repair (no lock: the sending thread
+    only appends to :attr:`incoming`, a deque; the thread that answers requests calls
+    :meth:`take_incoming`, :meth:`find` and :meth:`expire`)."""
+
+    def __init__(self, policy: RepairPolicy) -> None:
+        self.policy = policy
+        self.incoming: deque[tuple[float, bytes, int, int, list[bytes]]] = deque()
+        """(time sent, stream id, first, count, frames): appended by the sender."""
+        self._streams: dict[bytes, _Kept] = {}
+        self._order: deque[tuple[float, bytes, int, int]] = deque()  # time, stream, first, size
+        self.bytes = 0
+        self.evicted = 0  # envelopes dropped before their interval ended (over retain_bytes)
+        self.new_streams: list[bytes] = []
+
+    def keep(self, now: float, stream: bytes, first: int, count: int,
+             frames: list[bytes]) -> None:
+        """From the sending thread: one envelope just sent."""
+        self.incoming.append((now, stream, first, count, frames))
+
+    def take_incoming(self) -> None:
+        """Index what the sender kept since the last call, then drop what is past its time
+        or over the byte bound."""
+        incoming = self.incoming
+        while incoming:
+            now, stream, first, count, frames = incoming.popleft()
+            kept = self._streams.get(stream)
+            if kept is None:
+                kept = self._streams[stream] = _Kept()
+                self.new_streams.append(stream)
+            if kept.firsts and first <= kept.firsts[-1]:
+                continue  # a number given back and reused: the newer frames are the ones sent
+            size = sum(len(frame) for frame in frames)
+            kept.firsts.append(first)
+            kept.items.append((count, frames))
+            self._order.append((now, stream, first, size))
+            self.bytes += size
+
+    def expire(self, now: float) -> None:
+        limit, horizon = self.policy.retain_bytes, now - self.policy.interval
+        order = self._order
+        while order and (order[0][0] < horizon or self.bytes > limit):
+            sent, stream, _, size = order.popleft()
+            if sent >= horizon:
+                self.evicted += 1
+            self.bytes -= size
+            kept = self._streams[stream]
+            # Oldest first in both: the envelope dropped is its stream's first.
+            del kept.firsts[0]
+            del kept.items[0]
+            if not kept.firsts:
+                del self._streams[stream]
+
+    @property
+    def streams(self) -> list[bytes]:
+        return list(self._streams)
+
+    def find(self, stream: bytes, ranges: Iterable[tuple[int, int]]
+             ) -> tuple[list[list[bytes]], list[list[int]]]:
+        """The kept envelopes that hold any sequence of ``ranges`` (each once, in order), and
+        the ranges no longer kept."""
+        kept = self._streams.get(stream)
+        found: dict[int, list[bytes]] = {}
+        gone: list[list[int]] = []
+        for lo, hi in ranges:
+            if kept is None:
+                gone.append([lo, hi])
+                continue
+            firsts, items = kept.firsts, kept.items
+            i = max(bisect.bisect_right(firsts, lo) - 1, 0)
+            covered_to = lo - 1
+            while i < len(firsts) and firsts[i] <= hi:
+                count, frames = items[i]
+                last = firsts[i] + count - 1
+                if last >= lo:
+                    if firsts[i] > covered_to + 1:
+                        gone.append([covered_to + 1, firsts[i] - 1])
+                    found[firsts[i]] = frames
+                    covered_to = max(covered_to, last)
+                i += 1
+            if covered_to < hi:
+                gone.append([max(covered_to + 1, lo), hi])
+        return [found[first] for first in sorted(found)], gone
+
+
+@dataclass(slots=True)
+class Ask:
+    """A request for the missing sequences of one stream."""
+
+    publisher_id: str
+    stream: bytes
+    ranges: list[list[int]]
+
+    def encode(self, ask_id: int) -> bytes:
+        return bytes(msgpack.packb([ask_id, self.publisher_id, self.stream, self.ranges]))
+
+    @staticmethod
+    def decode(body: bytes) -> tuple[int, str, bytes, list[list[int]]]:
+        """Raises ValueError on anything but a well-formed, bounded request."""
+        try:
+            fields = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+        except Exception as exc:
+            raise ValueError(f"not msgpack: {exc}") from None
+        if type(fields) is not list or len(fields) != 4:
+            raise ValueError("a request is [ask_id, publisher_id, stream, ranges]")
+        ask_id, publisher_id, stream, ranges = fields
+        if type(ask_id) is not int or not 0 <= ask_id < 2**63:
+            raise ValueError("ask_id must be an integer from 0 to 2^63-1")
+        if type(publisher_id) is not str or not 0 < len(publisher_id) <= 255:
+            raise ValueError("publisher_id must be 1 to 255 characters")
+        if type(stream) is not bytes or len(stream) != 8:
+            raise ValueError("stream must be 8 bytes")
+        if type(ranges) is not list or not 0 < len(ranges) <= MAX_RANGES:
+            raise ValueError(f"ranges must be a list of 1 to {MAX_RANGES} [first, last] pairs")
+        total = 0
+        for pair in ranges:
+            if (type(pair) is not list or len(pair) != 2 or type(pair[0]) is not int
+                    or type(pair[1]) is not int or not 1 <= pair[0] <= pair[1] < 2**64):
+                raise ValueError("each range must be [first, last] with 1 <= first <= last")
+            total += pair[1] - pair[0] + 1
+        if total > MAX_ASK_SEQUENCES:
+            raise ValueError(f"a request asks for at most {MAX_ASK_SEQUENCES} sequences")
+        return ask_id, publisher_id, stream, ranges
+
+
+class _Open:
+    """One stream's gaps and what waits behind them."""
+
+    __slots__ = ("asked_at", "held", "missing", "next", "publisher_id", "stream", "top")
+
+    def __init__(self, publisher_id: str, stream: bytes, next_sequence: int) -> None:
+        self.publisher_id = publisher_id
+        self.stream = stream
+        self.next = next_sequence  # every sequence below is handed on or given up
+        self.top = next_sequence - 1  # the highest sequence known (arrived or missing)
+        self.missing: list[list[float]] = []  # [first, last, found at], sorted, disjoint
+        self.held: dict[int, Any] = {}
+        self.asked_at = float("-inf")
+
+    def is_missing(self, sequence: int) -> bool:
+        return any(lo <= sequence <= hi for lo, hi, _ in self.missing)
+
+    def remove(self, sequence: int) -> bool:
+        """Take ``sequence`` out of the missing ones; True if it was one."""
+        for lo, hi, _ in self.missing:
+            if lo <= sequence <= hi:
+                self.cut(sequence, sequence)
+                return True
+        return False
+
+    def cut(self, first: int, last: int) -> int:
+        """Take ``first..last`` out of the missing ones; how many were missing."""
+        kept: list[list[float]] = []
+        taken = 0
+        for lo, hi, found in self.missing:
+            if hi < first or lo > last:
+                kept.append([lo, hi, found])
+                continue
+            taken += int(min(hi, last) - max(lo, first) + 1)
+            if lo < first:
+                kept.append([lo, first - 1, found])
+            if hi > last:
+                kept.append([last + 1, hi, found])
+        self.missing = kept
+        return taken
+
+
+_ABSENT = object()
+
+
+class GapBook:
+    """A subscriber's open gaps (see the module docstring); fed by :class:`ConsumerCore`.
+
+    Counters: ``requested`` (sequences asked for, once each), ``repaired`` (missing ones
+    that then arrived), ``unrepairable`` (given up: older than the interval, over
+    ``max_held``, or no longer kept by the publisher), ``duplicates`` (repairs of
+    sequences already had: dropped silently, never counted as replays).
+    """
+
+    def __init__(self, policy: RepairPolicy) -> None:
+        self.policy = policy
+        self._open: dict[tuple[str, bytes], _Open] = {}
+        self.held = 0
+        self.asks: list[Ask] = []
+        self.requested = 0
+        self.repaired = 0
+        self.unrepairable = 0
+        self.duplicates = 0
+        self.out: list[Any] = []
+        """Deliveries handed on, in stream order, for the consumer to take."""
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def is_open(self, key: tuple[str, bytes]) -> bool:
+        return key in self._open
+
+    def wants(self, key: tuple[str, bytes], sequence: int) -> bool:
+        """Is ``sequence`` a missing one of an open gap (so a repair of it is welcome)?"""
+        state = self._open.get(key)
+        return state is not None and state.is_missing(sequence)
+
+    def gap(self, key: tuple[str, bytes], first: int, last: int, now: float) -> None:
+        """Sequences ``first..last`` were found missing (a later message or a beacon)."""
+        state = self._open.get(key)
+        if state is None:
+            state = self._open[key] = _Open(key[0], key[1], first)
+        if last <= state.top:
+            return
+        first = max(first, state.top + 1)
+        state.missing.append([first, last, now])
+        state.top = last
+        self.requested += last - first + 1
+        self._ask(state, now)
+
+    def arrived(self, key: tuple[str, bytes], sequence: int, item: Any, now: float) -> None:
+        """A message of an open stream arrived (``item``: its delivery, or None when it
+        delivers nothing): hold it, and hand on whatever is now in order."""
+        state = self._open[key]
+        if state.remove(sequence):
+            self.repaired += 1
+        if sequence < state.next:
+            return  # given up already: it comes too late to keep the order
+        state.held[sequence] = item
+        state.top = max(state.top, sequence)
+        self.held += 1
+        self._release(key, state)
+        if self.held > self.policy.max_held:
+            self._give_up_oldest(now)
+
+    def tick(self, now: float) -> None:
+        """Give up gaps older than the interval; ask again for the others when due."""
+        horizon = now - self.policy.interval
+        for key, state in list(self._open.items()):
+            expired = sum(int(hi - lo + 1) for lo, hi, found in state.missing
+                          if found <= horizon)
+            if expired:
+                state.missing = [r for r in state.missing if r[2] > horizon]
+                self._count(state, expired, "older than the reliability interval "
+                                            f"({self.policy.interval:g}s)")
+            if state.missing and now - state.asked_at >= self.policy.retry:
+                self._ask(state, now)
+            self._release(key, state)
+
+    def not_kept(self, key: tuple[str, bytes], ranges: Iterable[list[int]], now: float) -> None:
+        """The publisher no longer keeps ``ranges``: give them up now."""
+        state = self._open.get(key)
+        if state is None:
+            return
+        for lo, hi in ranges:
+            taken = state.cut(lo, hi)
+            if taken:
+                self._count(state, taken, "no longer kept by its publisher")
+        self._release(key, state)
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _ask(self, state: _Open, now: float) -> None:
+        ranges = [[int(lo), int(hi)] for lo, hi, _ in state.missing[:MAX_RANGES]]
+        if ranges:
+            state.asked_at = now
+            self.asks.append(Ask(state.publisher_id, state.stream, ranges))
+
+    def _count(self, state: _Open, count: int, why: str) -> None:
+        self.unrepairable += count
+        log.warning("zbus: %d messages of %s's stream %s are lost for good (DATALOSS): %s",
+                    count, state.publisher_id, state.stream.hex(), why)
+
+    def _release(self, key: tuple[str, bytes], state: _Open) -> None:
+        """Hand on, in order, what is held up to the first sequence still missing; a
+        sequence neither held nor missing was given up and is passed over."""
+        held, out = state.held, self.out
+        stop = min((int(lo) for lo, _, _ in state.missing), default=state.top + 1)
+        while state.next < stop:
+            item = held.pop(state.next, _ABSENT)
+            if item is not _ABSENT:
+                self.held -= 1
+                if item is not None:
+                    out.append(item)
+            state.next += 1
+        if not state.missing and not held:
+            del self._open[key]
+
+    def _give_up_oldest(self, now: float) -> None:
+        key, state = min(self._open.items(), key=lambda kv: min(
+            (found for _, _, found in kv[1].missing), default=now))
+        lost = sum(int(hi - lo + 1) for lo, hi, _ in state.missing)
+        state.missing = []
+        if lost:
+            self._count(state, lost, f"more than max_held={self.policy.max_held} messages "
+                                     "waited behind gaps")
+        self._release(key, state)
