@@ -65,6 +65,8 @@ connect to a peer behind a silent drop sits in SYN-SENT under the kernel's retry
 and starts a fresh one (a SYN at once) every LINK_CONNECT_TIMEOUT + LINK_RECONNECT_IVL_MAX."""
 LINK_RECONNECT_IVL = 0.1
 LINK_RECONNECT_IVL_MAX = 0.5
+STOP_SLICE_MS = 20
+"""Milliseconds a wait on a peer runs before it looks at the stop event again."""
 AWAY_SYNC = 0.25
 """Seconds between hellos while a peer does not answer: it is noticed soon after it is back."""
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
@@ -413,8 +415,11 @@ class Federation:
             return None
         try:
             sock.send(msgpack.packb({"op": op, **fields}))
-            if not sock.poll(int(timeout * 1000)):
-                return None
+            # In slices: a stop never waits out a peer's timeout (issue 19 item 3).
+            deadline = time.monotonic() + timeout
+            while not sock.poll(STOP_SLICE_MS):
+                if self._host._stopping.is_set() or time.monotonic() >= deadline:
+                    return None
             reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=True)
         except Exception:
             log.debug("peer request failed", extra={"peer": peer.id, "op": op}, exc_info=True)
@@ -753,6 +758,8 @@ class Federation:
                         log.exception("peer sync failed; retrying")
                     next_sync = time.monotonic() + (min(AWAY_SYNC, interval) if away
                                                     else interval)
+                if host._stopping.is_set():
+                    break
                 try:
                     self._reconcile()
                 except Exception:
@@ -971,6 +978,8 @@ class Federation:
         for name, (key, front, back) in want.items():
             if name in self._links:
                 continue
+            if host._stopping.is_set():
+                return  # the proxy is stopping: a link started now would start into it
             assert host._ctx is not None
             tcp = any(endpoint.startswith("tcp://") for endpoint in front.connect)
             make: Callable[[SocketSpec], zmq.Socket[Any]] = host._make

@@ -1,0 +1,123 @@
+"""A fabric with peers that went silent (issue 19): stop, readiness and hellos.
+
+Hosts are real zbus-proxy processes on 127.0.0.x (tests/federation_agents.py). A peer that
+"went silent" is a SIGSTOPped proxy: its kernel still accepts and acknowledges, nothing
+answers, as a hung host does. The namespace lab (tests/netns_lab.py) has the other kind, a
+path that drops every packet (a dropped SYN is not a refused connection):
+``test_ready_with_a_third_of_the_fleet_cut_off``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from zbus_proxy._directory import free_port_pair
+
+import zbus
+from zbus._control import wait_for_peers
+from zbus._transport import CurveKeys
+
+from .conftest import short_tmp_dir
+from .federation_agents import Host, wait_meshed
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def start_fleet(tmp: Path, count: int, *extra: str) -> list[Host]:
+    hosts = []
+    for i in range(count):
+        run_dir = tmp / f"h{i}"
+        run_dir.mkdir()
+        host = Host(f"h{i}", f"127.0.0.{i + 2}", run_dir, CurveKeys.generate(),
+                    key_dir=tmp / f"h{i}-keys")
+        host.port = free_port_pair(host.address)
+        hosts.append(host)
+    for host in hosts:
+        host.start(*extra, *[a for h in hosts if h is not host for a in ("--peer", h.peer_spec())])
+    return hosts
+
+
+@pytest.fixture
+def fleet() -> Iterator[list[Host]]:
+    """Six federated proxies, meshed; every one ended after the test (continued first)."""
+    with short_tmp_dir("zbf-") as tmp:
+        hosts: list[Host] = []
+        try:
+            hosts = start_fleet(tmp, 6)
+            wait_meshed(hosts, 40)
+            yield hosts
+        finally:
+            for host in hosts:
+                if host.proxy is not None and host.proxy.proc is not None \
+                        and host.proxy.proc.poll() is None:
+                    os.kill(host.proxy.pid, signal.SIGCONT)
+                host.stop(signal.SIGKILL if host.proxy and host.proxy.proc
+                          and host.proxy.proc.poll() is not None else None)
+
+
+def freeze(hosts: list[Host]) -> None:
+    for host in hosts:
+        os.kill(host.proxy.pid, signal.SIGSTOP)  # type: ignore[union-attr]
+
+
+def stop_time(host: Host) -> float:
+    assert host.proxy is not None and host.proxy.proc is not None
+    started = time.monotonic()
+    host.proxy.proc.send_signal(signal.SIGTERM)
+    host.proxy.proc.wait(30)
+    return time.monotonic() - started
+
+
+class Readiness(threading.Thread):
+    """``wait_for_peers`` on ``host`` in a thread: what a Subscriber.ready() asks."""
+
+    def __init__(self, host: Host, timeout: float) -> None:
+        super().__init__(daemon=True)
+        self.host = host
+        self.timeout = timeout
+        self.peers: list[str] | None = None
+        self.error: BaseException | None = None
+        self.took = 0.0
+
+    def run(self) -> None:
+        started = time.monotonic()
+        try:
+            with zbus.Connection(self.host.run_dir) as conn:
+                self.peers = wait_for_peers(conn.endpoints, conn.settings, conn.ctx,
+                                            self.timeout)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+        self.took = time.monotonic() - started
+
+
+def test_stop_within_a_second_whatever_the_peers_do(fleet: list[Host]) -> None:
+    """Four of five peers hang while a readiness check and hello rounds are asking them:
+    the proxy still stops within a second, and starts no link on its way out. Before,
+    the control thread sat in `reflect` for a second per hung peer and the stop waited for
+    it (4.8 s here); with every proxy stopped at once, each waited on the others."""
+    first = fleet[0]
+    freeze(fleet[2:])
+    readiness = Readiness(first, 10.0)
+    readiness.start()
+    time.sleep(0.3)  # the readiness check is in flight when the stop comes
+    took = stop_time(first)
+    readiness.join(15)
+    log = (first.run_dir / "proxy.log").read_text()
+    assert took < 1.0, f"the stop took {took:.2f}s"
+    assert "cannot start a link" not in log
+    # The rest, all at once, with their peers just back from a hang and one gone.
+    for host in fleet[2:]:
+        os.kill(host.proxy.pid, signal.SIGCONT)  # type: ignore[union-attr]
+    started = time.monotonic()
+    for host in fleet[1:]:
+        host.proxy.proc.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    for host in fleet[1:]:
+        host.proxy.proc.wait(30)  # type: ignore[union-attr]
+        assert "cannot start a link" not in (host.run_dir / "proxy.log").read_text()
+    assert time.monotonic() - started < 1.5, "stopping every proxy at once was slow"
