@@ -38,6 +38,7 @@ from ._names import TopicPattern
 from ._reliable import ReliableMember, ReliableStats
 from ._replay import ReplayPolicy
 from ._settings import Endpoints, Settings, default_run_dir
+from ._shared import SharedPublisher, SharedStats
 
 __version__ = "0.1.0"
 
@@ -71,6 +72,8 @@ __all__ = [
     "RoutingError",
     "ReplayPolicy",
     "Settings",
+    "SharedPublisher",
+    "SharedStats",
     "SignatureError",
     "Subscriber",
     "Timeout",
