@@ -22,20 +22,27 @@ from ._util import Progress
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="zbus throughput and latency against raw pyzmq (same proxy), "
-                    "RabbitMQ and NATS, measured as ratios in one run.",
+        description="zbus throughput, latency and CPU per message against plain pyzmq "
+                    "through zmq.proxy, raw pyzmq of zbus's shape through zbus's proxy, "
+                    "NATS and RabbitMQ, measured as ratios in one run.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (~1 minute): 1 repeat, short windows, 100 B only")
+                   help="smoke run (~1 minute): 1 repeat, 20,000 messages a trial")
     p.add_argument("--repeat", type=int, help="repeats per variant, median reported (3)")
-    p.add_argument("--duration", type=float, help="measured seconds per throughput trial (1.0)")
+    p.add_argument("--count", type=int,
+                   help="measured messages per throughput trial (300000; --quick 20000)")
+    p.add_argument("--peer-count", type=int,
+                   help="measured messages per RabbitMQ trial (100000, at most --count)")
     p.add_argument("--latency-duration", type=float,
                    help="measured seconds per latency trial (3.0)")
-    p.add_argument("--sizes", default=None,
-                   help="payload sizes in bytes, comma-separated (100,1024)")
+    p.add_argument("--sizes", default="100",
+                   help="payload sizes in bytes, comma-separated (100)")
+    p.add_argument("--all", action="store_true",
+                   help="also the older scenarios (pool-4, publish, batch, backends, tcp, "
+                        "reliable-pool-2, latency-1k/10k); see --list --all")
     p.add_argument("--only", action="append", default=[], metavar="NAME",
-                   help="run scenarios whose name starts with NAME (repeatable), "
-                        "e.g. --only fanout --only latency-10k")
+                   help="run scenarios whose name starts with NAME (repeatable, any "
+                        "scenario, --all or not), e.g. --only fanout --only latency")
     p.add_argument("--batch", type=int, default=100, help="messages per send_many (100)")
     p.add_argument("--no-peers", action="store_true", help="skip RabbitMQ and NATS")
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
@@ -48,9 +55,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     quick = args.quick
-    sizes = [int(s) for s in (args.sizes or ("100" if quick else "100,1024")).split(",")]
+    sizes = [int(s) for s in args.sizes.split(",")]
+    count = args.count or (20_000 if quick else 300_000)
     cfg = Config(
-        duration=args.duration or (0.5 if quick else 1.0),
+        count=count,
+        peer_count=min(count, args.peer_count or 100_000),
         latency_duration=args.latency_duration or (1.0 if quick else 3.0),
         repeat=args.repeat or (1 if quick else 3),
         warm=1000 if quick else 2000,
@@ -58,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         peers=not args.no_peers,
     )
     scenarios = [sc for sc in all_scenarios(sizes)
-                 if not args.only or any(sc.name.startswith(o) for o in args.only)]
+                 if any(sc.name.startswith(o) for o in args.only)
+                 or (not args.only and (sc.headline or args.all))]
     if args.list:
         for sc in scenarios:
             print(f"{sc.label:22} {sc.what}")

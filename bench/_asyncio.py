@@ -169,7 +169,7 @@ def raw_async_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
                 if not await sock.poll(int(IDLE * 1000)) and stop():
                     break
                 continue
-            if frames[0] == token:
+            if frames[0] == token or len(frames[1]) < -at:  # a probe, or a repeated beacon
                 continue
             count.hit(frames[1][at], perf())
         sock.close(linger=0)

@@ -8,6 +8,7 @@ slows them alike; the reported figure is the median over repeats.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,8 +22,11 @@ __all__ = ["Config", "Scenario", "all_scenarios", "describe", "run_scenario", "t
 
 @dataclass(frozen=True)
 class Config:
-    duration: float = 1.0
-    """Seconds each publisher sends measured messages (after its warm-up)."""
+    count: int = 300_000
+    """Measured messages per throughput trial (after the warm-up); each trial is timed from
+    its first measured send to its last measured receive, so catching up counts."""
+    peer_count: int = 100_000
+    """Measured messages per RabbitMQ trial (pika's publisher is the bottleneck there)."""
     latency_duration: float = 3.0
     repeat: int = 3
     warm: int = 2000
@@ -30,8 +34,14 @@ class Config:
     batch: int = 100
     peers: bool = True
     pool_count: int = 8000
-    """Measured messages per at-least-once pool trial: warm-up + these stay below the pool's
-    ``max_pending`` (``pool_hwm``, 10,000), beyond which the proxy drops the newest."""
+    """Measured messages per ``reliable-pool-2`` trial (the older scenario, on a proxy with
+    the default ``pool_hwm``): warm-up + these stay below the pool's ``max_pending``
+    (10,000), beyond which the proxy drops the newest."""
+
+    @property
+    def hwm(self) -> int:
+        """The bench proxy's subscriber and pool high-water mark: a whole trial's backlog."""
+        return self.count + self.warm + 10_000
 
 
 @dataclass(frozen=True)
@@ -48,10 +58,14 @@ class Scenario:
     peers: bool = False
     backend: str = "threads"
     family: str = "main"
-    """main; backend-publish / backend-consume (threads, asyncio, eventlet and raw side by
-    side); tcp (two federated proxies); reliable (at-least-once pool vs fast pool vs raw)."""
+    """main (the headline table: zbus, plain raw through zmq.proxy, raw of zbus's shape
+    through zbus's proxy, NATS, RabbitMQ); publisher (a backend's publisher vs its raw
+    counterpart); hops (the proxy's one-hop experiment); older: throughput (zbus vs raw of
+    its shape), backend-publish / backend-consume, tcp, reliable."""
     windows: tuple[int, ...] = ()
     """reliable: the members' windows, one variant each."""
+    headline: bool = True
+    """Run by default; the others with ``--all`` or by name (``--only``)."""
 
     @property
     def label(self) -> str:
@@ -61,44 +75,59 @@ class Scenario:
     def kind(self) -> str:
         if self.rate:
             return "latency"
-        return "throughput" if self.family == "main" else self.family
+        return self.family
 
 
 def all_scenarios(sizes: list[int]) -> list[Scenario]:
     out: list[Scenario] = []
     for size in sizes:
         out += [
-            Scenario("fanout-1", size, "signed publish -> proxy -> 1 subscriber", peers=True),
+            Scenario("fanout-1", size, "signed publish -> proxy -> 1 subscriber, vs plain "
+                     "pyzmq through zmq.proxy, NATS and RabbitMQ", peers=True),
             Scenario("fanout-4", size, "-> 4 subscribers, each gets every message",
                      consumers=4, peers=True),
-            Scenario("pool-2", size, "-> pool of 2 workers, each message to one",
-                     consumers=2, pool=True, peers=True),
-            Scenario("pool-4", size, "-> pool of 4 workers", consumers=4, pool=True,
-                     peers=True),
-            Scenario("publish", size, "zbus Publisher.send -> raw SUB (publish side only)",
-                     zbus_consumer=False),
-            Scenario("batch", size, "zbus Publisher.send_many -> raw SUB vs raw per-message",
-                     batch=True, zbus_consumer=False),
-            Scenario("fanout-1-asyncio", size,
-                     "zbus.asyncio publisher and subscriber vs raw zmq.asyncio",
-                     backend="asyncio"),
-            Scenario("backend-publish", size,
-                     "threads / asyncio / eventlet Publisher.send -> raw SUB, vs raw PUSH",
-                     zbus_consumer=False, family="backend-publish"),
-            Scenario("backend-consume", size,
-                     "threads publisher -> threads / asyncio / eventlet Subscriber, vs raw",
-                     family="backend-consume"),
-            Scenario("tcp-fanout-1", size,
-                     "publisher on host A -> CURVE tcp -> subscriber on host B, and both "
-                     "on A", family="tcp"),
-            Scenario("reliable-pool-2", size,
-                     "at-least-once pool of 2 (window 10, 100) vs fast pool of 2 vs raw",
-                     consumers=2, pool=True, family="reliable", windows=(10, 100)),
+            Scenario("pool-2", size, "-> fast and at-least-once pools of 2 vs a NATS queue "
+                     "group of 2, PUSH/PULL through zmq.proxy, RabbitMQ", consumers=2,
+                     pool=True, peers=True),
+            Scenario("eventlet-publish", size, "zbus.eventlet Publisher.send vs a raw "
+                     "eventlet.green.zmq PUSH, -> raw SUB", zbus_consumer=False,
+                     family="publisher"),
+            Scenario("asyncio-publish", size, "zbus.asyncio Publisher.send vs a raw "
+                     "zmq.asyncio PUSH, -> raw SUB", zbus_consumer=False, family="publisher"),
+            Scenario("latency-5k", size, "one-way latency at 5,000 msg/s, 1 subscriber, vs "
+                     "plain pyzmq through zmq.proxy", rate=5000),
+            Scenario("one-hop", size, "the proxy's planes as built (two devices) vs one "
+                     "device (an experiment), zbus and raw of its shape", family="hops"),
         ]
     for size in sizes:
+        out += [
+            Scenario("pool-4", size, "-> a pool of 4 workers, vs raw of zbus's shape",
+                     consumers=4, pool=True, family="throughput", headline=False),
+            Scenario("publish", size, "zbus Publisher.send -> raw SUB (publish side only)",
+                     zbus_consumer=False, family="throughput", headline=False),
+            Scenario("batch", size, "zbus Publisher.send_many -> raw SUB vs raw per-message",
+                     batch=True, zbus_consumer=False, family="throughput", headline=False),
+            Scenario("fanout-1-asyncio", size,
+                     "zbus.asyncio publisher and subscriber vs raw zmq.asyncio",
+                     backend="asyncio", family="throughput", headline=False),
+            Scenario("backend-publish", size,
+                     "threads / asyncio / eventlet Publisher.send -> raw SUB, vs raw PUSH",
+                     zbus_consumer=False, family="backend-publish", headline=False),
+            Scenario("backend-consume", size,
+                     "threads publisher -> threads / asyncio / eventlet Subscriber, vs raw",
+                     family="backend-consume", headline=False),
+            Scenario("tcp-fanout-1", size,
+                     "publisher on host A -> CURVE tcp -> subscriber on host B, and both "
+                     "on A", family="tcp", headline=False),
+            Scenario("reliable-pool-2", size,
+                     "at-least-once pool of 2 (window 10, 100) vs fast pool of 2 vs raw, "
+                     "default pool_hwm", consumers=2, pool=True, family="reliable",
+                     windows=(10, 100), headline=False),
+        ]
         for rate in (1000, 10_000):
             out.append(Scenario(f"latency-{rate // 1000}k", size,
-                                f"one-way latency at {rate} msg/s, 1 subscriber", rate=rate))
+                                f"one-way latency at {rate} msg/s, 1 subscriber", rate=rate,
+                                headline=False))
     return out
 
 
@@ -110,14 +139,54 @@ class Variant:
     con_args: dict[str, Any] = field(default_factory=dict)
     cross: bool = False
     """tcp: the consumers run on host B (the publisher always on host A)."""
+    proxy: str = "zbus"
+    """Which broker process it goes through: zbus (the scenario's zbus proxy), plain
+    (zmq.proxy), one-hop (a zbus proxy with one device), none (a peer's own server)."""
 
 
 RAW = Variant(_zmq.raw_publisher, _zmq.raw_consumer)
+PLAIN = Variant(_zmq.plain_publisher, _zmq.plain_consumer, proxy="plain")
 BACKENDS = ("threads", "asyncio", "eventlet")
-NOT_ZBUS = ("raw", "raw-local", "rabbitmq", "nats")
+NOT_ZBUS = ("raw", "raw-same", "raw-same-1hop", "raw-local", "rabbitmq", "nats")
+
+
+def _peer_variants(peers: dict[str, str | None], rabbit: bool = True) -> dict[str, Variant]:
+    out: dict[str, Variant] = {}
+    if rabbit and peers.get("rabbitmq", "absent") is None:
+        out["rabbitmq"] = Variant(_peers.rabbit_publisher, _peers.rabbit_consumer,
+                                  proxy="none")
+    if peers.get("nats", "absent") is None:
+        out["nats"] = Variant(_peers.nats_publisher, _peers.nats_consumer, proxy="none")
+    return out
 
 
 def _variants(sc: Scenario, peers: dict[str, str | None]) -> dict[str, Variant]:
+    zbus_pair = Variant(_zmq.zbus_publisher, _zmq.zbus_consumer)
+    if sc.family == "main" and sc.rate:
+        return {"zbus": zbus_pair, "raw": PLAIN, "raw-same": RAW}
+    if sc.family == "main":
+        out = {"zbus": zbus_pair}
+        if sc.pool:
+            # A declared pool keeps taking its topic's messages between trials, members or
+            # not: the at-least-once pool gets its own pool and topic (a key of the same
+            # length: the same frame sizes).
+            own = {"routing_key": "bench.r010", "pool_name": "rbench10"}
+            out["at-least-once"] = Variant(_zmq.zbus_publisher, _zmq.zbus_consumer,
+                                           pub_args=own, con_args={**own, "window": 10})
+        out.update({"raw": PLAIN, "raw-same": RAW})
+        out.update(_peer_variants(peers, rabbit=sc.consumers == 1 or sc.pool))
+        return out
+    if sc.family == "publisher":
+        zb = {"eventlet-publish": _eventlet.zbus_green_publisher,
+              "asyncio-publish": _asyncio.zbus_async_publisher}[sc.name]
+        raw = {"eventlet-publish": _eventlet.raw_green_publisher,
+               "asyncio-publish": _asyncio.raw_async_publisher}[sc.name]
+        return {"zbus": Variant(zb, _zmq.raw_consumer), "raw": Variant(raw, _zmq.raw_consumer)}
+    if sc.family == "hops":
+        return {"zbus": zbus_pair, "zbus-1hop": Variant(zbus_pair.publisher, zbus_pair.consumer,
+                                                        proxy="one-hop"),
+                "raw-same": RAW, "raw-same-1hop": Variant(RAW.publisher, RAW.consumer,
+                                                          proxy="one-hop")}
     if sc.family == "backend-publish":
         return {"threads": Variant(_zmq.zbus_publisher, _zmq.raw_consumer),
                 "asyncio": Variant(_asyncio.zbus_async_publisher, _zmq.raw_consumer),
@@ -129,15 +198,12 @@ def _variants(sc: Scenario, peers: dict[str, str | None]) -> dict[str, Variant]:
                 "eventlet": Variant(_zmq.zbus_publisher, _eventlet.zbus_green_consumer),
                 "raw": RAW}
     if sc.family == "tcp":
-        zb = Variant(_zmq.zbus_publisher, _zmq.zbus_consumer)
         cross = {"cross": True}
-        return {"zbus": Variant(zb.publisher, zb.consumer, con_args=cross, cross=True),
+        return {"zbus": Variant(zbus_pair.publisher, zbus_pair.consumer, con_args=cross,
+                                cross=True),
                 "raw": Variant(RAW.publisher, RAW.consumer, con_args=cross, cross=True),
-                "zbus-local": zb, "raw-local": RAW}
+                "zbus-local": zbus_pair, "raw-local": RAW}
     if sc.family == "reliable":
-        # A declared pool keeps taking its topic's messages between trials, members or not:
-        # each variant gets its own pool and topic (keys of one length: same frame sizes), so
-        # no trial finds another's messages queued for it.
         def own(rk: str, pool: str, **extra: Any) -> dict[str, Any]:
             return {"routing_key": rk, "pool_name": pool, **extra}
 
@@ -152,25 +218,23 @@ def _variants(sc: Scenario, peers: dict[str, str | None]) -> dict[str, Variant]:
     if sc.backend == "asyncio":
         return {"zbus": Variant(_asyncio.zbus_async_publisher, _asyncio.zbus_async_consumer),
                 "raw": Variant(_asyncio.raw_async_publisher, _asyncio.raw_async_consumer)}
-    variants: dict[str, Variant] = {
+    return {
         "zbus": Variant(_zmq.zbus_publisher,
                         _zmq.zbus_consumer if sc.zbus_consumer else _zmq.raw_consumer),
         "raw": RAW,
     }
-    if sc.peers:
-        if "rabbitmq" in peers and peers["rabbitmq"] is None:
-            variants["rabbitmq"] = Variant(_peers.rabbit_publisher, _peers.rabbit_consumer)
-        if "nats" in peers and peers["nats"] is None:
-            variants["nats"] = Variant(_peers.nats_publisher, _peers.nats_consumer)
-    return variants
 
 
 def _summary(sc: Scenario, trials: list[Trial]) -> dict[str, Any]:
     fan = 1 if sc.pool else sc.consumers
     lost = [max(0, t.sent * fan - t.received) for t in trials]
+    cpus = [t.cpu_us() for t in trials]
     out: dict[str, Any] = {
         "msgs_per_s": median(t.rate() for t in trials),
+        "per_consumer_msgs_per_s": median(t.rate() for t in trials) / (
+            1 if sc.pool else sc.consumers),
         "send_msgs_per_s": median(t.publisher["send_rate"] for t in trials),
+        "cpu_us_per_msg": {part: median(c[part] for c in cpus) for part in cpus[0]},
         "lost": sum(lost),
         "sent": sum(t.sent * fan for t in trials),
         "trials": [round(t.rate()) for t in trials],
@@ -206,41 +270,69 @@ def trial_count(scenarios: list[Scenario], cfg: Config, peers: dict[str, str | N
     return sum(len(_variants(sc, peers if cfg.peers else {})) * cfg.repeat for sc in scenarios)
 
 
+def _brokers(sc: Scenario, cfg: Config, variants: dict[str, Variant]) -> dict[str, Any]:
+    """The broker processes the scenario's variants go through, not started yet."""
+    needed = {v.proxy for v in variants.values()}
+    out: dict[str, Any] = {}
+    # The older scenarios keep the proxy's default HWMs (reliable-pool-2 measures against
+    # them); the headline ones hold a whole trial's backlog, as zmq.proxy's HWM 0 does.
+    hwm = cfg.hwm if sc.headline else 0
+    if sc.family == "tcp":
+        out["zbus"] = _zmq.FederationProcess()
+    elif "zbus" in needed:
+        out["zbus"] = _zmq.ProxyProcess(hwm=hwm)
+    if "one-hop" in needed:
+        out["one-hop"] = _zmq.ProxyProcess(hwm=hwm, planes="one")
+    if "plain" in needed:
+        out["plain"] = _zmq.PlainProxyProcess("pipeline" if sc.pool else "pubsub")
+    return out
+
+
 def run_scenario(sc: Scenario, cfg: Config, peers: dict[str, str | None], key: bytes,
                  progress: Progress) -> dict[str, Any]:
     variants = _variants(sc, peers if cfg.peers else {})
     body_bytes, sig_bytes = _zmq.frame_sizes(key, sc.size)
-    duration = cfg.latency_duration if sc.rate else cfg.duration
     trials: dict[str, list[Trial]] = {name: [] for name in variants}
     failures: dict[str, str] = {}
     warm = cfg.warm
+    count = cfg.count
     if sc.rate:
         warm = min(cfg.warm, 200)
     elif sc.family == "reliable":
-        warm = min(cfg.warm, 1000)
-    proxy: _zmq.ProxyProcess | _zmq.FederationProcess
-    proxy = _zmq.FederationProcess() if sc.family == "tcp" else _zmq.ProxyProcess()
-    with proxy:
+        warm, count = min(cfg.warm, 1000), cfg.pool_count
+    # Generous: a trial that runs into it has hung; 2,000 msg/s is 20x slower than zbus.
+    timeout = (cfg.latency_duration if sc.rate else count / 2000) + 60
+    brokers = _brokers(sc, cfg, variants)
+    with ExitStack() as stack:
+        for broker in brokers.values():
+            stack.enter_context(broker)
         for rep in range(cfg.repeat):
             for name, v in variants.items():
                 progress.step(f"{sc.label} {name} ({rep + 1}/{cfg.repeat})")
                 if name in failures:
                     continue
+                broker = brokers.get(v.proxy)
+                run_dir = broker.run_dir if isinstance(
+                    broker, _zmq.ProxyProcess | _zmq.FederationProcess) else None
                 args: dict[str, Any] = {
-                    "run_dir": proxy.run_dir, "key": key, "size": sc.size,
-                    "duration": duration, "warm": warm,
+                    "run_dir": run_dir, "key": key, "size": sc.size,
+                    "duration": cfg.latency_duration, "warm": warm, "count": count,
+                    "peer_count": min(count, cfg.peer_count),
                     "batch": cfg.batch if sc.batch and name == "zbus" else 0,
-                    "rate": sc.rate, "pool": sc.pool, "timeout": duration + 60,
+                    "rate": sc.rate, "pool": sc.pool, "timeout": timeout,
                     "body_bytes": body_bytes, "sig_bytes": sig_bytes,
-                    "count": cfg.pool_count if sc.family == "reliable" else 0,
                 }
+                if isinstance(broker, _zmq.PlainProxyProcess):
+                    args.update(plain_in=broker.front, plain_out=broker.back)
                 con_args = {**args, **v.con_args}
-                if v.cross and isinstance(proxy, _zmq.FederationProcess):
-                    con_args["run_dir"] = proxy.run_dir_b
+                if v.cross and isinstance(broker, _zmq.FederationProcess):
+                    con_args["run_dir"] = broker.run_dir_b
                 try:
                     trial = run_trial((v.publisher, {**args, **v.pub_args}),
                                       [(v.consumer, con_args)] * sc.consumers,
-                                      timeout=duration + 90)
+                                      timeout=timeout + 30,
+                                      proxies=broker.pids if broker is not None
+                                      else _peers.server_pids(name))
                 except Exception as exc:  # report it; the other variants still run
                     failures[name] = f"{type(exc).__name__}: {exc}"
                     progress.note(f"  {sc.label} {name}: FAILED ({failures[name]})")
@@ -253,6 +345,7 @@ def run_scenario(sc: Scenario, cfg: Config, peers: dict[str, str | None], key: b
     zbus_lost = [r["lost"] for n, r in results.items() if n not in NOT_ZBUS]
     out: dict[str, Any] = {
         "scenario": sc.name, "size": sc.size, "kind": sc.kind, "what": sc.what,
+        "consumers": sc.consumers, "pool": sc.pool, "headline": sc.headline,
         "transport": "tcp" if sc.family == "tcp" else "ipc",
         "backend": sc.backend, "family": sc.family,
         "zbus_variant": main,
@@ -263,10 +356,11 @@ def run_scenario(sc: Scenario, cfg: Config, peers: dict[str, str | None], key: b
         "results": results,
         "failures": failures,
         "settings": {
-            **asdict(cfg), "duration": duration, "consumers": sc.consumers, "pool": sc.pool,
+            **asdict(cfg), "count": count, "consumers": sc.consumers, "pool": sc.pool,
+            "proxy_hwm": cfg.hwm if sc.headline else None,
             "rate": sc.rate, "batch": cfg.batch if sc.batch else None,
             "zbus_consumer": sc.zbus_consumer, "envelope_bytes": body_bytes,
-            "warm": warm, "count": cfg.pool_count if sc.family == "reliable" else None,
+            "warm": warm,
             "windows": list(sc.windows) or None,
             "signature_bytes": sig_bytes, "zbus_settings": asdict(zbus.Settings()),
         },

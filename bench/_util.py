@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing as mp
+import os
 import queue
 import socket
 import statistics
@@ -29,6 +30,7 @@ __all__ = [
     "WARM",
     "MEASURE",
     "median",
+    "cpu_seconds",
     "payload_bytes",
     "publish_loop",
     "publish_loop_async",
@@ -56,6 +58,21 @@ def payload_bytes(size: int, marker: int) -> bytes:
 def median(values: Iterable[float]) -> float:
     vals = list(values)
     return statistics.median(vals) if vals else 0.0
+
+
+def cpu_seconds(pid: int | str = "self") -> float:
+    """User + system CPU seconds of process ``pid`` (all its threads: libzmq's I/O threads
+    too), from ``/proc/<pid>/stat``; 0.0 where there is no such file (not Linux, or gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
+        return 0.0
+    # After the ")" that ends the command name: state is field 3, utime 14 and stime 15.
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def reachable(host: str, port: int, timeout: float = 0.5) -> bool:
@@ -105,19 +122,24 @@ class StopWhen:
         return (idle and self.done.is_set()) or time.monotonic() > self.stop_at
 
 
-def _send_report(warm: int, sent: int, elapsed: float) -> dict[str, Any]:
-    return {"sent": warm + sent, "measured_sent": sent, "send_rate": sent / elapsed}
+def _send_report(warm: int, sent: int, t0: float) -> dict[str, Any]:
+    """``first_send`` is ``perf_counter()`` (CLOCK_MONOTONIC, one clock for every process of
+    the host) at the first measured send: a trial's rate runs from it to the last receive."""
+    elapsed = perf() - t0
+    return {"sent": warm + sent, "measured_sent": sent, "send_rate": sent / elapsed,
+            "first_send": t0}
 
 
 def publish_loop(args: dict[str, Any], send_warm: Callable[[int], None],
                  burst: Callable[[int], None], send_one: Any = None,
                  send_batch: Any = None) -> dict[str, Any]:
-    """Warm up, then send as fast as possible for ``duration`` (or paced at ``rate``).
+    """Warm up, then send ``count`` measured messages as fast as possible (or, with ``rate``,
+    paced at ``rate`` for ``duration`` seconds).
 
     ``burst(n)`` sends ``n`` measured messages in a tight loop (so the loop's own overhead
     is the same few bytecodes for zbus and raw), ``send_one()`` one timestamped message
-    (``rate`` runs), ``send_batch()`` one batch of ``batch`` messages (``batch`` runs). With
-    ``count`` set, exactly ``count`` measured messages go out (rounded up to 100) instead.
+    (``rate`` runs), ``send_batch()`` one batch of ``batch`` messages (``batch`` runs).
+    ``count`` is rounded up to a multiple of 100 (of ``batch`` for batches).
     """
     warm = args["warm"]
     send_warm(warm)
@@ -140,20 +162,16 @@ def publish_loop(args: dict[str, Any], send_warm: Callable[[int], None],
             due += interval
     else:
         batch = args.get("batch") or 0
-        count = args.get("count") or 0
-        if count:  # a fixed number of messages (bursts of 100), whatever the duration
+        count = args["count"]
+        if batch:
             while sent < count:
-                burst(100)
-                sent += 100
-        elif batch:
-            while perf() < end:
                 send_batch()
                 sent += batch
         else:
-            while perf() < end:
+            while sent < count:
                 burst(100)
                 sent += 100
-    return _send_report(warm, sent, perf() - t0)
+    return _send_report(warm, sent, t0)
 
 
 async def publish_loop_async(
@@ -161,18 +179,17 @@ async def publish_loop_async(
     burst: Callable[[int], Awaitable[None]],
     flush: Callable[[], Awaitable[None]] | None = None,
 ) -> dict[str, Any]:
-    """:func:`publish_loop` for an event loop, bursts of 100 only; ``flush()``, if given,
-    is awaited before the clock stops."""
+    """:func:`publish_loop` for an event loop, ``count`` messages in bursts of 100 only;
+    ``flush()``, if given, is awaited before the clock stops."""
     await send_warm(args["warm"])
     sent = 0
     t0 = perf()
-    end = t0 + args["duration"]
-    while perf() < end:
+    while sent < args["count"]:
         await burst(100)
         sent += 100
     if flush is not None:
         await flush()
-    return _send_report(args["warm"], sent, perf() - t0)
+    return _send_report(args["warm"], sent, t0)
 
 
 async def wait_async(event: Any) -> None:
@@ -236,10 +253,12 @@ class LogHistogram:
 
 @dataclass
 class Trial:
-    """One run of one publisher and its consumers; what each process reported."""
+    """One run of one publisher and its consumers; what each process reported, and the CPU
+    seconds the proxies it went through spent while it ran."""
 
     publisher: dict[str, Any]
     consumers: list[dict[str, Any]] = field(default_factory=list)
+    proxy_cpu: float = 0.0
 
     @property
     def sent(self) -> int:
@@ -250,15 +269,52 @@ class Trial:
         return sum(c["warm"] + c["measured"] for c in self.consumers)
 
     def rate(self) -> float:
-        """Measured messages received per second, over the union of the consumers' windows."""
+        """Measured messages received per second, from the first measured send to the last
+        measured receive of any consumer (so a consumer that catches up after the publisher
+        is done is timed until it has); every copy counts (fan-out to 4: four per message)."""
         got = [c for c in self.consumers if c["measured"] > 1]
         if not got:
             return 0.0
-        window = max(c["last"] for c in got) - min(c["first"] for c in got)
+        start = self.publisher.get("first_send") or min(c["first"] for c in got)
+        window = max(c["last"] for c in got) - start
         return sum(c["measured"] for c in got) / window if window > 0 else 0.0
+
+    def cpu_us(self) -> dict[str, float]:
+        """CPU microseconds per message, by process: the publisher's per message sent, the
+        proxies' per message sent, the consumers' (all of them) per message sent, and the
+        total. Measured from each process's ready report (the proxies': from the release)
+        to its result, so start-up is not counted; warm-up messages are, in both terms."""
+        sent = max(self.sent, 1)
+        pub = self.publisher.get("cpu_s", 0.0) / sent * 1e6
+        con = sum(c.get("cpu_s", 0.0) for c in self.consumers) / sent * 1e6
+        proxy = self.proxy_cpu / sent * 1e6
+        return {"publisher": pub, "proxy": proxy, "consumers": con,
+                "total": pub + proxy + con}
 
 
 Target = Callable[..., None]
+
+
+class _Reports:
+    """The results queue as a worker sees it: ``ready`` starts its CPU clock, ``result``
+    adds the CPU seconds spent since (``cpu_s``)."""
+
+    def __init__(self, results: Any) -> None:
+        self._results = results
+        self._since = cpu_seconds()
+
+    def put(self, item: tuple[str, int, Any]) -> None:
+        kind, index, data = item
+        if kind == "ready":
+            self._since = cpu_seconds()
+        elif kind == "result" and isinstance(data, dict):
+            data = {**data, "cpu_s": cpu_seconds() - self._since}
+        self._results.put((kind, index, data))
+
+
+def _worker(target: Target, args: dict[str, Any], index: int, results: Any, go: Any,
+            done: Any) -> None:
+    target(args, index, _Reports(results), go, done)
 
 
 def run_trial(
@@ -266,20 +322,24 @@ def run_trial(
     consumers: list[tuple[Target, dict[str, Any]]],
     *,
     timeout: float,
+    proxies: Iterable[int] = (),
 ) -> Trial:
     """Start consumers and publisher as processes, release the publisher once all are ready.
 
     A worker is ``target(args, index, results_queue, go_event, done_event)``; it puts
     ``("ready", index, None)`` once set up and ``("result", index, dict)`` at the end. The
     publisher is index -1: it waits for ``go``, publishes, reports, then sets ``done``.
+    ``proxies`` are the pids of the proxy processes in the path, whose CPU is sampled at the
+    release and once every result is in.
     """
     results: Any = SPAWN.Queue()
     go = SPAWN.Event()
     done = SPAWN.Event()
     procs: list[Any] = []
+    watched = list(proxies)
     try:
         for index, (target, args) in [(-1, publisher), *enumerate(consumers)]:
-            proc = SPAWN.Process(target=target, args=(args, index, results, go, done),
+            proc = SPAWN.Process(target=_worker, args=(target, args, index, results, go, done),
                                  daemon=True, name=f"bench-{index}")
             proc.start()
             procs.append(proc)
@@ -309,11 +369,13 @@ def run_trial(
                     raise BenchError(f"worker {index} failed: {data}")
 
         collect(lambda: len(ready) == len(procs), "the processes to be ready")
+        proxy_cpu = -sum(cpu_seconds(pid) for pid in watched)
         go.set()
         collect(lambda: len(reports) == len(procs), "the results")
+        proxy_cpu += sum(cpu_seconds(pid) for pid in watched)
         for proc in procs:
             proc.join(5)
-        return Trial(reports[-1], [reports[i] for i in range(len(consumers))])
+        return Trial(reports[-1], [reports[i] for i in range(len(consumers))], proxy_cpu)
     finally:
         done.set()
         for proc in procs:

@@ -36,7 +36,7 @@ from ._util import (
     reporting_failure,
 )
 
-__all__ = ["FederationProcess", "ProxyProcess", "frame_sizes"]
+__all__ = ["FederationProcess", "PlainProxyProcess", "ProxyProcess", "frame_sizes"]
 
 EXCHANGE = "bench"
 ROUTING_KEY = "bench.data"
@@ -57,24 +57,53 @@ def frame_sizes(key: bytes, size: int) -> tuple[int, int]:
 # -- the proxy --------------------------------------------------------------------------
 
 
-def _proxy_main(run_dir: str, ready: Any, stop: Any) -> None:
+def _one_hop_planes(proxy: Any) -> None:
+    """An experiment for ``planes="one"`` (issue 16's one-hop lever), never the proxy's code:
+    one device, ingress PULL ==> a PUB bound to both the deliver and the origin endpoints, in
+    place of ingress ==> origin PUB ==> fan-in XSUB ==> deliver XPUB. Subscribers and pools
+    read the same PUB. Kept beacons have no way in (no fan-in XSUB to connect to them), and
+    the stats show one device: this measures the hop, it does not ship."""
+    from zbus_proxy._device import SocketSpec  # type: ignore[import-not-found,unused-ignore]
+
+    ep, s = proxy.endpoints, proxy.settings
+    proxy._add_device(
+        "deliver",
+        SocketSpec(zmq.PULL, bind=ep.ingress, rcvhwm=s.publish_hwm),
+        SocketSpec(zmq.PUB, bind=(ep.deliver, ep.origin), sndhwm=s.subscriber_hwm),
+    )
+
+
+def _proxy_main(run_dir: str, ready: Any, stop: Any, hwm: int, planes: str) -> None:
     from zbus_proxy import Proxy  # type: ignore[import-not-found,unused-ignore]
 
-    with Proxy(run_dir):
+    settings = zbus.Settings(subscriber_hwm=hwm, pool_hwm=hwm) if hwm else None
+    proxy = Proxy(run_dir, settings=settings)
+    if planes == "one":
+        proxy._start_planes = lambda: _one_hop_planes(proxy)  # type: ignore[method-assign]
+    with proxy:
         ready.set()
         stop.wait()
 
 
 class ProxyProcess:
-    """A ``zbus_proxy.Proxy`` in its own process on a fresh, short run directory."""
+    """A ``zbus_proxy.Proxy`` in its own process on a fresh, short run directory.
 
-    def __init__(self) -> None:
+    ``hwm`` (when set) is its subscribers' and pools' high-water mark, so a trial's whole
+    backlog fits (the defaults, 100,000 and 10,000, would drop a long unpaced burst at a
+    slower consumer, as they should). ``planes="one"``: see :func:`_one_hop_planes`.
+    """
+
+    def __init__(self, hwm: int = 0, planes: str = "two") -> None:
         self.run_dir = tempfile.mkdtemp(prefix="zbb-", dir="/tmp")
         self._ready = SPAWN.Event()
         self._stop = SPAWN.Event()
         self._proc = SPAWN.Process(target=_proxy_main, args=(self.run_dir, self._ready,
-                                                             self._stop), daemon=True,
-                                   name="bench-proxy")
+                                                             self._stop, hwm, planes),
+                                   daemon=True, name="bench-proxy")
+
+    @property
+    def pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc.pid else []
 
     def __enter__(self) -> ProxyProcess:
         self._proc.start()
@@ -90,6 +119,52 @@ class ProxyProcess:
             self._proc.kill()
             self._proc.join(2)
         shutil.rmtree(self.run_dir, ignore_errors=True)
+
+
+def _plain_proxy_main(kind: str, front: str, back: str, ready: Any) -> None:
+    """What a user would write: ``zmq.proxy`` between two sockets, high-water marks 0."""
+    ctx: zmq.Context[Any] = zmq.Context()
+    pair = (zmq.XSUB, zmq.XPUB) if kind == "pubsub" else (zmq.PULL, zmq.PUSH)
+    socks = []
+    for sock_type, endpoint in zip(pair, (front, back), strict=True):
+        sock = ctx.socket(sock_type)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.bind(endpoint)
+        socks.append(sock)
+    ready.set()
+    zmq.proxy(*socks)  # until the process is killed
+
+
+class PlainProxyProcess:
+    """``zmq.proxy(XSUB, XPUB)`` (``kind="pubsub"``) or ``zmq.proxy(PULL, PUSH)``
+    (``"pipeline"``) in its own process: the plain raw baseline's broker."""
+
+    def __init__(self, kind: str) -> None:
+        self.dir = tempfile.mkdtemp(prefix="zbp-", dir="/tmp")
+        self.kind = kind
+        self.front, self.back = f"ipc://{self.dir}/in", f"ipc://{self.dir}/out"
+        self._ready = SPAWN.Event()
+        self._proc = SPAWN.Process(target=_plain_proxy_main,
+                                   args=(kind, self.front, self.back, self._ready),
+                                   daemon=True, name=f"bench-zmq-proxy-{kind}")
+
+    @property
+    def pids(self) -> list[int]:
+        return [self._proc.pid] if self._proc.pid else []
+
+    def __enter__(self) -> PlainProxyProcess:
+        self._proc.start()
+        if not self._ready.wait(20):
+            self.__exit__()
+            raise BenchError("the zmq.proxy process did not start within 20s")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc.pid is not None:
+            self._proc.kill()
+            self._proc.join(5)
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _federated_proxy_main(run_dir: str, host: str, port: int, keys: tuple[bytes, bytes],
@@ -115,6 +190,10 @@ class FederationProcess:
     """
 
     HOSTS = ("127.0.0.2", "127.0.0.3")
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._procs if p.pid]
 
     def __init__(self) -> None:
         self.run_dir = tempfile.mkdtemp(prefix="zbb-a-", dir="/tmp")
@@ -350,6 +429,116 @@ def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: 
         sock.setsockopt(zmq.RCVTIMEO, int(IDLE * 1000))
         recv = sock.recv_multipart
         unpack, now_ns = _TS.unpack_from, time.time_ns
+        size = args["size"]
+        at = -size
+        stop = StopWhen(done, args["timeout"])
+        while True:
+            try:
+                frames = recv()
+            except zmq.Again:
+                if stop():
+                    break
+                continue
+            now = perf()
+            body = frames[1]
+            if len(body) < size:  # a beacon the proxy repeats for a zbus variant's streams
+                continue
+            marker = body[at]
+            if latency and marker == MEASURE:
+                hist.record(now_ns() - unpack(body)[0])
+            count.hit(marker, now)
+        report = count.as_dict()
+        report["hist"] = hist.counts
+        results.put(("result", index, report))
+        sock.close(linger=0)
+
+
+# -- the plain raw baseline: 2 frames through zmq.proxy, HWM 0 --------------------------
+
+
+def plain_publisher(args: dict[str, Any], index: int, results: Any, go: Any,
+                    done: Any) -> None:
+    """A user's publisher: [topic, payload] on a socket with SNDHWM 0 into ``zmq.proxy``.
+
+    Fan-out: an XPUB used as a PUB (the same send path), so it can tell when the proxy's
+    subscription has reached it instead of sleeping through the slow-joiner window. A pool:
+    a PUSH into the proxy's PULL.
+    """
+    with reporting_failure(results, index):
+        ctx: zmq.Context[Any] = zmq.Context()
+        pool = bool(args.get("pool"))
+        sock = ctx.socket(zmq.PUSH if pool else zmq.XPUB)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.connect(args["plain_in"])
+        topic = ROUTING_KEY.encode()
+        size = args["size"]
+        warm = [topic, payload_bytes(size, WARM)]
+        frames = [topic, payload_bytes(size, MEASURE)]
+        body = payload_bytes(size, MEASURE)
+        send = sock.send_multipart
+        pack, now_ns = _TS.pack, time.time_ns
+        results.put(("ready", index, None))
+        go.wait()
+        if not pool:  # the consumers are subscribed at the proxy; wait until it tells us
+            wanted = b"\x01" + topic
+            while True:  # the consumers' probes come and go on the same path
+                if not sock.poll(10_000):
+                    raise BenchError("the zmq.proxy's subscription never reached the "
+                                     "publisher")
+                if sock.recv() == wanted:
+                    break
+
+        def send_warm(n: int) -> None:
+            for _ in range(n):
+                send(warm)
+
+        def burst(n: int) -> None:
+            for _ in range(n):
+                send(frames)
+
+        def one() -> None:  # a latency run: the send time, then the payload
+            send([topic, pack(now_ns()) + body])
+
+        report = publish_loop(args, send_warm, burst, one, None)
+        sock.close(linger=10_000)
+        ctx.term()  # flushes what is still queued before the report says "sent"
+        results.put(("result", index, report))
+        done.set()
+
+
+def plain_consumer(args: dict[str, Any], index: int, results: Any, go: Any,
+                   done: Any) -> None:
+    """A user's consumer: a SUB (RCVHWM 0) on ``zmq.proxy``'s XPUB, ready once a probe sent
+    through the proxy came back; or a PULL on its PUSH, ready once connected."""
+    with reporting_failure(results, index):
+        ctx: zmq.Context[Any] = zmq.Context()
+        pool = bool(args.get("pool"))
+        sock = ctx.socket(zmq.PULL if pool else zmq.SUB)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if pool:
+            monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+            sock.connect(args["plain_out"])
+            if not monitor.poll(10_000):
+                raise BenchError("plain pool member did not connect")
+            sock.disable_monitor()
+            monitor.close(linger=0)
+        else:
+            sock.connect(args["plain_out"])
+            sock.subscribe(ROUTING_KEY.encode())
+            token = b"probe/" + os.urandom(8).hex().encode()
+            sock.subscribe(token)
+            probe = ctx.socket(zmq.PUB)
+            probe.connect(args["plain_in"])
+            wait_for_probe(sock, probe, token, 10.0, lambda frames: None, "plain subscription")
+            probe.close(linger=0)
+            sock.unsubscribe(token)
+        results.put(("ready", index, None))
+        count = Counter()
+        hist = LogHistogram()
+        latency = args.get("rate") is not None
+        sock.setsockopt(zmq.RCVTIMEO, int(IDLE * 1000))
+        recv = sock.recv_multipart
+        unpack, now_ns = _TS.unpack_from, time.time_ns
         at = -args["size"]
         stop = StopWhen(done, args["timeout"])
         while True:
@@ -369,3 +558,4 @@ def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: 
         report["hist"] = hist.counts
         results.put(("result", index, report))
         sock.close(linger=0)
+        ctx.term()
