@@ -118,11 +118,13 @@ class Connection(_threads.Connection):
         settings: Settings | None = None,
         context: zmq.Context[Any] | None = None,
         handler_pool_size: int = 100,
+        require_proxy: bool = True,
     ) -> None:
         self._green_context, self.eventlet = _green()
         if handler_pool_size < 1:
             raise ConfigError("handler_pool_size must be at least 1")
-        super().__init__(run_dir, settings=settings, context=context)
+        super().__init__(run_dir, settings=settings, context=context,
+                         require_proxy=require_proxy)
         self.handler_pool_size = handler_pool_size
 
     def _new_context(self) -> zmq.Context[Any]:
