@@ -55,6 +55,7 @@ from ._federation import Federation, PoolRefusedError
 from ._guard import ServiceHealth
 from ._members import PoolMembers
 from ._reliable import DEFAULT_ACK_TIMEOUT, DEFAULT_MAX_ATTEMPTS, DeadLetter, ReliablePool
+from ._repair import RepairRouter
 
 __all__ = ["Proxy"]
 
@@ -148,6 +149,9 @@ class Proxy:
         # this host's delivery plane only, never the origin, so pools and peers' links do
         # not hand them out again (a repeat lost there would count as an envelope lost).
         self.beacons_endpoint = f"inproc://zbus-beacons-{self._tag}"
+        # Where the repair plane publishes the beacons publishing connections repeat while
+        # their streams are repairable: the delivery plane only, for the same reason.
+        self.tails_endpoint = f"inproc://zbus-tails-{self._tag}"
         # The federation's state and the fast pools' members and receipts, shared by the
         # control, peer and manager threads, are under _state (never take _pool_lock while
         # holding it).
@@ -155,6 +159,7 @@ class Proxy:
         self._pool_members = PoolMembers(self._state, self._tag)
         self._federation = Federation(federation, self) if federation is not None else None
         self._control = ControlServer(self)
+        self._repair = RepairRouter(self)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -186,6 +191,7 @@ class Proxy:
                                        ack_timeout=decl.get("ack_timeout"),
                                        max_attempts=decl.get("max_attempts"))
             self._control.start()
+            self._repair.start()
             if self._federation is not None:
                 self._federation.start()
         except BaseException:
@@ -198,6 +204,7 @@ class Proxy:
     def stop(self) -> None:
         self._stopping.set()
         self._control.join(5)
+        self._repair.join(5)
         if self._federation is not None:
             self._federation.join()
             self._federation.stop_links()
@@ -301,7 +308,8 @@ class Proxy:
             "deliver",
             # sndhwm 0 on every XSUB: its send side carries only subscriptions, and libzmq
             # drops those silently at the HWM (libzmq #2258) when thousands go out at once.
-            SocketSpec(zmq.XSUB, connect=(ep.origin, self.beacons_endpoint), bind=fanin,
+            SocketSpec(zmq.XSUB, connect=(ep.origin, self.beacons_endpoint,
+                                          self.tails_endpoint), bind=fanin,
                        rcvhwm=s.subscriber_hwm, sndhwm=0),
             SocketSpec(zmq.XPUB, bind=ep.deliver, sndhwm=s.subscriber_hwm),
         )
@@ -854,6 +862,8 @@ class Proxy:
             "pools_refused": self.pools_refused,
             "reliable_pools": self._reliable_stats(),
             "beacons": self._control.beacon_stats(),
+            # Requests for gaps this host's subscribers made, and the answers they got.
+            "repair": self._repair.stats(),
             # What this host asks its origin and every peer for; libzmq holds a node per
             # byte of each, on this host and on each peer (docs/SECURITY.md).
             "subscriptions": self._control.subscription_stats(),

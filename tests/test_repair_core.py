@@ -189,6 +189,10 @@ def test_retention_finds_kept_envelopes_and_says_what_is_gone() -> None:
     assert [envelope_head(f[1])[1:] for f in found] == [(4, 3), (8, 1), (9, 1)]
     assert gone == [[10, 12]]
     assert retention.find(b"x" * 8, [(1, 2)]) == ([], [[1, 2]])
+    # An envelope the asker could not take (a frame over its limit) is answered as gone.
+    limit = max(len(x) for x in frames[0]) + 1
+    found, gone = retention.find(stream, [(4, 4), (8, 8)], max_bytes=limit)
+    assert [envelope_head(f[1])[1:] for f in found] == [(8, 1)] and gone == [[4, 6]]
     # By time: everything kept more than the interval ago goes.
     retention.expire(clock.now + 11)
     assert retention.bytes == 0 and retention.streams == []
@@ -214,10 +218,12 @@ def test_retention_is_bounded_in_bytes_oldest_first() -> None:
     [1, "p", b"x" * 8, [[3, 2]]], [1, "p", b"x" * 8, [[0, 2]]], [-1, "p", b"x" * 8, [[1, 2]]],
     [1, "", b"x" * 8, [[1, 2]]], [1, "p", b"x" * 8, [[1, 2]] * 65],
     [1, "p", b"x" * 8, [[1, 200_000]]], [1, "p", b"x" * 8, [[1, 1.5]]],
-    [1, "p", b"x" * 8, [[True, 2]]],
+    [1, "p", b"x" * 8, [[True, 2]]], [1, "p", b"x" * 8, [[1, 2]], 0, 5],
 ])
 def test_hostile_requests_are_refused(body: Any) -> None:
     import msgpack
+    if isinstance(body, list) and len(body) == 4:
+        body = [*body, 1 << 20]
     raw = body if isinstance(body, bytes) else msgpack.packb(body)
     with pytest.raises(ValueError):
         Ask.decode(raw)
@@ -225,4 +231,4 @@ def test_hostile_requests_are_refused(body: Any) -> None:
 
 def test_a_request_round_trips() -> None:
     ask = Ask("pub", b"s" * 8, [[1, 3], [7, 7]])
-    assert Ask.decode(ask.encode(42)) == (42, "pub", b"s" * 8, [[1, 3], [7, 7]])
+    assert Ask.decode(ask.encode(42, 1024)) == (42, "pub", b"s" * 8, [[1, 3], [7, 7]], 1024)

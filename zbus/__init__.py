@@ -36,6 +36,7 @@ from ._keys import KeyRing, generate_key
 from ._message import Message, MessageFactory, OutgoingMessage
 from ._names import TopicPattern
 from ._reliable import ReliableMember, ReliableStats
+from ._repair import RepairPolicy
 from ._replay import ReplayPolicy
 from ._settings import Endpoints, Settings, default_run_dir
 from ._shared import SharedPublisher, SharedStats
@@ -66,6 +67,7 @@ __all__ = [
     "PublisherNotAllowedError",
     "ReliableMember",
     "ReliableStats",
+    "RepairPolicy",
     "ReplayError",
     "RetryPolicy",
     "Router",

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +31,12 @@ from . import _transport
 from ._control import ControlClient, encode_request, missing_proxy, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
 from ._errors import ConfigError, ProxyError, Timeout, TransportError, ZbusError
+from ._keeper import Keeper
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
-from ._message import Announcer, Message, MessageFactory, OutgoingMessage
+from ._message import BEACON_IDLE, Announcer, Message, MessageFactory, OutgoingMessage
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
+from ._repair import envelope_head
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, check_private_dir, default_run_dir
 from ._transport import abandon, context, make_socket, recv_frames, wait_for_probe
@@ -68,6 +70,10 @@ _FINAL_REPORTS = 4
 
 _FIRST = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
+_REPAIR_POLL = 0.02
+"""Seconds a subscriber with open gaps waits on its data before it looks at repairs."""
+_MAX_ASKED = 4096
+"""Requests a subscriber remembers, to match answers to the streams it asked about."""
 
 
 def _send(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
@@ -241,6 +247,7 @@ class Connection:
         self._closed = False
         self._forks = _transport.forks  # the process the context and socket belong to
         self._announcer = Announcer()
+        self._keeper: Keeper | None = None  # what this connection sent, for repairs
         self._since_flush = 0  # messages sent since the last confirmed flush
         self.unconfirmed_at_close = 0
         """Messages the proxy had not confirmed taking when :meth:`close` gave up (0 when
@@ -266,6 +273,7 @@ class Connection:
         parent had queued is the parent's to deliver, not the child's."""
         abandon(self._push, self._ctx, self._base_ctx)
         self._push = self._ctx = self._base_ctx = None
+        self._keeper = None  # the parent's thread: not in this process
         self._owner = None
         self._unflushed = False
         self._since_flush = 0
@@ -349,12 +357,47 @@ class Connection:
         except BaseException:
             factory.withdraw()
             raise
+        if self._keeps:
+            keeper = self._keeper or self._start_keeper()
+            if keeper is not None:
+                stream, first = factory._last_sealed
+                if stream is not None and stream.topic is frames[0]:
+                    keeper.keep(time.monotonic(), stream.stream_id, first, stream.next - first,
+                                frames)
+                else:
+                    keeper.keep(time.monotonic(), *envelope_head(frames[1]), frames)
         self._announce(factory)
 
     def publish_many(self, factory: MessageFactory, batch: list[list[bytes]]) -> None:
         """:meth:`publish` for several messages of ``factory`` (as :meth:`send_many`)."""
         self.send_many(batch)
+        if self._keeps:
+            keeper = self._keeper or self._start_keeper()
+            if keeper is not None:
+                now = time.monotonic()
+                for frames in batch:
+                    keeper.keep(now, *envelope_head(frames[1]), frames)
         self._announce(factory)
+
+    _keeps = True
+    """Whether this backend keeps what it sends for repairs (a keeper thread per connection
+    that publishes; docs/RELIABILITY.md, "Repair")."""
+
+    def _start_keeper(self) -> Keeper | None:
+        if not self.settings.repair.on:
+            self._keeps = False  # this connection's settings say off: never ask again
+            return None
+        factories = self._announcer.factories
+        self._keeper = Keeper(
+            self.ctx, self.settings, self.endpoints,
+            lambda: [b for f in factories()
+                     for b in f.tail_beacons(BEACON_IDLE, self.settings.repair.interval)])
+        return self._keeper
+
+    @property
+    def keeper_stats(self) -> dict[str, int] | None:
+        """What this connection keeps for repairs and answered (None: repair is off)."""
+        return None if self._keeper is None else self._keeper.stats()
 
     def _announce(self, factory: MessageFactory) -> None:
         due = self._announcer.after(factory, time.monotonic())
@@ -511,6 +554,9 @@ class Connection:
         self._push.close(linger=0)
         self._push = None
         _publishing.discard(self)
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
 
     def __enter__(self) -> Connection:
         return self
@@ -798,11 +844,17 @@ class _Consumer:
     _backend: ClassVar[str] = "zbus"
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
-                 *, track_sequences: bool) -> None:
+                 *, track_sequences: bool, repair: bool = False) -> None:
         check_backend(self, connection)
         self.connection = connection
         self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences,
-                                 replay=ReplayGuard(connection.settings.replay))
+                                 replay=ReplayGuard(connection.settings.replay),
+                                 repair=connection.settings.repair if repair else None)
+        self._repair_sock: zmq.Socket[Any] | None = None
+        self._asked: OrderedDict[int, tuple[tuple[str, bytes], list[list[int]]]] = \
+            OrderedDict()
+        self._next_ask = 0
+        self._next_tick = 0.0
         self._pending: deque[list[bytes]] = deque()
         self._stop = threading.Event()
         self._forks = _transport.forks  # a consumer's sockets never work in a forked child
@@ -860,9 +912,80 @@ class _Consumer:
     def _drain_marker(self) -> bytes:
         return CONTROL_PREFIX + b"drain/" + os.urandom(8).hex().encode()
 
+    # -- repair (zbus._repair; a subscriber with gaps asks its proxy's repair plane) -----
+
+    def _service_repair(self) -> None:
+        """Send the core's requests, take the answers in, and give up or ask again when
+        due: called by the receive loop while repair is on."""
+        book = self.core.book
+        if book is None:
+            return
+        now = time.monotonic()
+        if now >= self._next_tick:
+            self._next_tick = now + min(0.1, book.policy.retry / 2)
+            self.core.tick()
+        if book.asks:
+            conn = self.connection
+            sock = self._repair_sock
+            if sock is None:
+                sock = self._repair_sock = make_socket(
+                    conn.ctx, zmq.DEALER, conn.settings, connect=conn.endpoints.repair)
+            for ask in book.asks:
+                self._next_ask += 1
+                self._asked[self._next_ask] = ((ask.publisher_id, ask.stream), ask.ranges)
+                if len(self._asked) > _MAX_ASKED:
+                    self._asked.popitem(last=False)
+                try:
+                    sock.send_multipart(
+                        [b"ASK", ask.encode(self._next_ask, conn.settings.max_message_bytes)],
+                        _NOBLOCK)
+                except zmq.Again:
+                    break  # the proxy is not taking: asked again after ``retry``
+            book.asks.clear()
+        sock = self._repair_sock
+        if sock is None:
+            return
+        for _ in range(64):
+            try:
+                frames = sock.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                break
+            self._take_answer(frames)
+
+    def _take_answer(self, frames: list[bytes]) -> None:
+        # Only the ask id is believed: the stream it names is the one this consumer asked
+        # about, whatever the answer claims. The envelopes are verified like any others.
+        if len(frames) < 2 or frames[0] not in (b"GIVE", b"GONE"):
+            return
+        try:
+            head = msgpack.unpackb(frames[1], raw=False, use_list=True)
+            asked = self._asked.get(head[0]) if type(head) is list and head else None
+        except Exception:
+            asked = None
+        if asked is None or (frames[0] == b"GIVE" and (len(frames) - 2) % 3):
+            return
+        key, ranges = asked
+        book = self.core.book
+        assert book is not None
+        if frames[0] == b"GONE":
+            # No publishing connection on this host keeps the stream (it closed, or the
+            # stream came from another host): final unless the proxy has just restarted.
+            if len(head) == 3 and head[2] is True:
+                book.not_kept(key, ranges, self.core._clock())
+        elif len(head) == 4 and type(head[3]) is list:
+            gone = [r for r in head[3] if type(r) is list and len(r) == 2
+                    and all(type(x) is int for x in r)]
+            if gone:
+                book.not_kept(key, gone, self.core._clock())
+            for i in range(2, len(frames), 3):
+                self.core.feed(frames[i:i + 3], repaired=True)
+        self.core._settle(book)
+
     def close(self) -> None:
         if self._forks != _transport.forks:
             return  # the parent's socket: not this process's to close (_transport.abandon)
+        if self._repair_sock is not None:
+            self._repair_sock.close(linger=0)
         self._sock.close(linger=0)
 
     def __enter__(self: Any) -> Any:
@@ -876,8 +999,10 @@ class _LinkedConsumer(_Consumer, Linked):
     """A consumer whose socket its link to the proxy looks after (zbus._link)."""
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
-                 *, track_sequences: bool, kind: int, endpoint: str) -> None:
-        super().__init__(connection, dispatcher, keys, track_sequences=track_sequences)
+                 *, track_sequences: bool, kind: int, endpoint: str,
+                 repair: bool = False) -> None:
+        super().__init__(connection, dispatcher, keys, track_sequences=track_sequences,
+                         repair=repair)
         ctx, settings = connection.ctx, connection.settings
         self._link = ConsumerLink(
             lambda kind, **options: make_socket(ctx, kind, settings, **options),
@@ -897,8 +1022,16 @@ class _LinkedConsumer(_Consumer, Linked):
         if self.core.ready:  # the rest of a batch comes first
             return self.core.ready.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
+        book = self.core.book
         while True:
-            frames = self._read(None if deadline is None else deadline - time.monotonic())
+            wait = None if deadline is None else deadline - time.monotonic()
+            if book is not None and (len(book) or self._repair_sock is not None):
+                self._service_repair()
+                if self.core.ready:  # repaired, or released from behind a gap
+                    return self.core.ready.popleft()
+                if len(book):  # gaps open: look at the answers often
+                    wait = _REPAIR_POLL if wait is None else min(wait, _REPAIR_POLL)
+            frames = self._read(wait)
             if frames is not None:
                 delivery = self.core.accept(frames)
                 if delivery is not None:
@@ -967,7 +1100,7 @@ class Subscriber(_LinkedConsumer):
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler before subscribing")
         super().__init__(
-            connection, dispatcher, keys, track_sequences=True,
+            connection, dispatcher, keys, track_sequences=True, repair=True,
             kind=zmq.SUB, endpoint=connection.endpoints.deliver,
         )
 

@@ -295,6 +295,14 @@ class MessageFactory:
             out.append(self._beacon(stream))
         return out
 
+    def tail_beacons(self, idle: float, within: float) -> list[list[bytes]]:
+        """The beacon of every stream idle for ``idle`` seconds that sent within the last
+        ``within`` (news or not): what a keeper repeats while a stream's messages can still
+        be repaired, so that a lost tail shows even if the first beacon was lost too."""
+        now = float(self._clock())
+        return [self._beacon(stream) for stream in list(self._streams.values())
+                if idle <= now - stream.sent_at <= within]
+
     def final_beacons(self) -> list[list[bytes]]:
         """The beacon of every stream of this run, news or not: what a closing connection
         leaves with its proxy to publish again after it is gone."""
@@ -348,6 +356,10 @@ class Announcer:
 
     def all(self) -> list[list[bytes]]:
         return [b for f in self._factories.values() for b in f.beacons()]
+
+    def factories(self) -> list[MessageFactory]:
+        """The factories now (a copy: another thread may call this while one sends)."""
+        return list(self._factories.values())
 
     def final(self) -> list[list[bytes]]:
         return [b for f in self._factories.values() for b in f.final_beacons()]

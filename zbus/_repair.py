@@ -15,7 +15,7 @@ or learns (counted, logged) that it cannot.
   is asked for at once, again every ``retry`` seconds, and given up after ``interval``
   (``unrepairable``); held messages are then handed on.
 
-The wire between them (the proxy's ``repair.sock``) is in docs/PROTOCOL.md, section 9.
+The wire between them (the proxy's ``repair.sock``) is in docs/PROTOCOL.md, section 11.
 """
 
 from __future__ import annotations
@@ -151,10 +151,11 @@ class Retention:
     def streams(self) -> list[bytes]:
         return list(self._streams)
 
-    def find(self, stream: bytes, ranges: Iterable[tuple[int, int]]
-             ) -> tuple[list[list[bytes]], list[list[int]]]:
+    def find(self, stream: bytes, ranges: Iterable[tuple[int, int]],
+             max_bytes: int | None = None) -> tuple[list[list[bytes]], list[list[int]]]:
         """The kept envelopes that hold any sequence of ``ranges`` (each once, in order), and
-        the ranges no longer kept."""
+        the ranges no longer kept (or kept in an envelope with a frame over ``max_bytes``,
+        which the asker could not take)."""
         kept = self._streams.get(stream)
         found: dict[int, list[bytes]] = {}
         gone: list[list[int]] = []
@@ -176,7 +177,18 @@ class Retention:
                 i += 1
             if covered_to < hi:
                 gone.append([max(covered_to + 1, lo), hi])
-        return [found[first] for first in sorted(found)], gone
+        out = []
+        for first in sorted(found):
+            frames = found[first]
+            if max_bytes is not None and any(len(frame) > max_bytes for frame in frames):
+                gone.append([first, first + self._count(stream, first) - 1])
+            else:
+                out.append(frames)
+        return out, gone
+
+    def _count(self, stream: bytes, first: int) -> int:
+        kept = self._streams[stream]
+        return kept.items[bisect.bisect_left(kept.firsts, first)][0]
 
 
 @dataclass(slots=True)
@@ -187,19 +199,25 @@ class Ask:
     stream: bytes
     ranges: list[list[int]]
 
-    def encode(self, ask_id: int) -> bytes:
-        return bytes(msgpack.packb([ask_id, self.publisher_id, self.stream, self.ranges]))
+    def encode(self, ask_id: int, max_bytes: int) -> bytes:
+        """``max_bytes``: the asker's largest frame (its ``max_message_bytes``): an envelope
+        with a larger frame would end its connection, so it is answered as not kept."""
+        return bytes(msgpack.packb([ask_id, self.publisher_id, self.stream, self.ranges,
+                                    max_bytes]))
 
     @staticmethod
-    def decode(body: bytes) -> tuple[int, str, bytes, list[list[int]]]:
-        """Raises ValueError on anything but a well-formed, bounded request."""
+    def decode(body: bytes) -> tuple[int, str, bytes, list[list[int]], int]:
+        """(ask_id, publisher_id, stream, ranges, max_bytes); raises ValueError on anything
+        but a well-formed, bounded request."""
         try:
             fields = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
         except Exception as exc:
             raise ValueError(f"not msgpack: {exc}") from None
-        if type(fields) is not list or len(fields) != 4:
-            raise ValueError("a request is [ask_id, publisher_id, stream, ranges]")
-        ask_id, publisher_id, stream, ranges = fields
+        if type(fields) is not list or len(fields) != 5:
+            raise ValueError("a request is [ask_id, publisher_id, stream, ranges, max_bytes]")
+        ask_id, publisher_id, stream, ranges, max_bytes = fields
+        if type(max_bytes) is not int or not 0 < max_bytes < 2**63:
+            raise ValueError("max_bytes must be a positive integer")
         if type(ask_id) is not int or not 0 <= ask_id < 2**63:
             raise ValueError("ask_id must be an integer from 0 to 2^63-1")
         if type(publisher_id) is not str or not 0 < len(publisher_id) <= 255:
@@ -216,7 +234,7 @@ class Ask:
             total += pair[1] - pair[0] + 1
         if total > MAX_ASK_SEQUENCES:
             raise ValueError(f"a request asks for at most {MAX_ASK_SEQUENCES} sequences")
-        return ask_id, publisher_id, stream, ranges
+        return ask_id, publisher_id, stream, ranges, max_bytes
 
 
 class _Open:

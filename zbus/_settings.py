@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ._errors import ConfigError
 from ._names import validate_name
+from ._repair import RepairPolicy
 from ._replay import ReplayPolicy
 
 __all__ = ["Endpoints", "Settings", "check_private_dir", "default_run_dir", "ipc_socket_mode"]
@@ -52,6 +53,10 @@ class Settings:
     """How long close() waits to flush unsent messages before dropping them."""
     heartbeat_ivl: float = 2.0
     heartbeat_timeout: float = 6.0
+    repair: RepairPolicy = field(default_factory=RepairPolicy)
+    """The reliability interval: how long a publishing connection keeps what it sent for
+    subscribers that missed it, and how long a subscriber asks (docs/RELIABILITY.md,
+    "Repair"); ``RepairPolicy(interval=0)`` turns it off."""
     replay: ReplayPolicy = field(default_factory=ReplayPolicy)
     """How this connection's consumers judge freshness and replays (timestamp window,
     sequence window, table bounds): each consumer keeps its own state under it."""
@@ -186,6 +191,11 @@ class Endpoints:
     @property
     def control(self) -> str:
         return self._ipc("control.sock")
+
+    @property
+    def repair(self) -> str:
+        """The repair plane: subscribers ask for gaps, publishers answer (zbus._repair)."""
+        return self._ipc("repair.sock")
 
     def pool_origin(self, pool: str) -> str:
         return self._ipc(f"pool-{validate_name(pool, 'pool name')}.origin.sock")

@@ -110,6 +110,9 @@ class Connection(_threads.Connection):
     """
 
     _backend: ClassVar[str] = "zbus.eventlet"
+    # A publisher here keeps nothing for repairs yet: the keeper is an OS thread, and green
+    # sockets must be used from the hub's thread (docs/RELIABILITY.md, "Repair").
+    _keeps = False
 
     def __init__(
         self,

@@ -1,0 +1,137 @@
+"""Repair through a real zbus-proxy process (issue 15): gaps a subscriber finds are asked for
+on the proxy's repair plane, answered by the publishing connection that keeps them, and
+handed to handlers in stream order; what cannot be repaired is counted once, exactly.
+
+Every test counts what the subscriber should have had from the numbers in the payloads, not
+from zbus's own counters, and checks those against it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+import zbus
+
+from .conftest import ProxyProcess
+
+EX = "notifications"
+TOPICS = ("compute.instance.create.end", "compute.volume.attach")
+pytestmark = pytest.mark.timeout(120)
+
+
+def _numbers(pattern: str) -> tuple[zbus.Dispatcher, dict[str, list[int]]]:
+    seen: dict[str, list[int]] = {}
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind(EX, pattern, lambda d: seen.setdefault(d.routing_key, []).append(d.payload))
+    return dispatcher, seen
+
+
+def _overflow(run_dir: Path, key: bytes, count: int, hwm: int = 200
+              ) -> tuple[zbus.Connection, zbus.Subscriber, dict[str, list[int]],
+                         zbus.Connection, dict[str, int]]:
+    """A subscriber that reads nothing while ``count`` messages go out on two topics: the
+    proxy's queue for it (``hwm``) overflows and drops."""
+    settings = zbus.Settings(subscriber_hwm=hwm)
+    conn = zbus.Connection(run_dir, settings=settings)
+    dispatcher, seen = _numbers("compute.#")
+    sub = conn.subscribe(dispatcher, key)
+    sub.ready()
+    pub_conn = zbus.Connection(run_dir)
+    pub = zbus.Publisher(pub_conn.exchange(EX), zbus.MessageFactory(key, "svc"))
+    sent = dict.fromkeys(TOPICS, 0)
+    for i in range(count):
+        topic = TOPICS[i % 2]
+        sent[topic] += 1
+        pub.send(topic, sent[topic])
+    pub_conn.flush()
+    return conn, sub, seen, pub_conn, sent
+
+
+def _run_until(sub: zbus.Subscriber, done: Callable[[], bool], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not done() and time.monotonic() < deadline:
+        sub.process(0.05)
+
+
+def test_a_subscriber_past_its_high_water_mark_gets_every_message_repaired_in_order(
+        run_dir: Path, key: bytes) -> None:
+    proxy = ProxyProcess(run_dir, "--subscriber-hwm", "200").start()
+    try:
+        conn, sub, seen, pub_conn, sent = _overflow(run_dir, key, 6000)
+        total = sum(sent.values())
+        _run_until(sub, lambda: sum(map(len, seen.values())) >= total, 30)
+        for topic in TOPICS:
+            assert seen.get(topic) == list(range(1, sent[topic] + 1)), (
+                topic, len(seen.get(topic, [])), sub.counters())
+        stats = sub.stats
+        assert stats.repaired > 0, "nothing was dropped: the test proves nothing"
+        assert stats.repaired == stats.repair_requested
+        assert stats.lost == 0 and stats.unrepairable == 0 and not stats.rejected
+        keeper = pub_conn.keeper_stats
+        assert keeper is not None and keeper["given"] > 0
+        repair = conn.proxy_stats()["repair"]
+        assert repair["forwarded"] > 0 and repair["given"] == keeper["given"]
+        sub.close()
+        conn.close()
+        pub_conn.close()
+    finally:
+        proxy.stop()
+
+
+def test_gaps_no_one_keeps_are_counted_unrepairable_exactly(run_dir: Path, key: bytes) -> None:
+    """The publisher closed before the subscriber read: its proxy says no one keeps the
+    streams, and the subscriber gives the gaps up at once, each counted once; every number
+    that arrived is handed on, in order."""
+    proxy = ProxyProcess(run_dir, "--subscriber-hwm", "200").start()
+    try:
+        # Past the proxy's start grace, when "no one keeps it" becomes final.
+        with zbus.Connection(run_dir) as probe:
+            deadline = time.monotonic() + 10
+            while probe.proxy_stats()["repair"]["starting"]:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)  # polling a condition the proxy reports
+        conn, sub, seen, pub_conn, sent = _overflow(run_dir, key, 6000)
+        pub_conn.close()  # its beacons are left with the proxy: the tail shows too
+        total = sum(sent.values())
+        _run_until(sub, lambda: sub.stats.unrepairable + sum(map(len, seen.values()))
+                   >= total, 30)
+        missing = total - sum(map(len, seen.values()))
+        assert missing > 0
+        for topic, numbers in seen.items():
+            assert numbers == sorted(set(numbers)), topic
+        stats = sub.stats
+        assert stats.unrepairable == missing == stats.lost, sub.counters()
+        assert stats.repaired == 0 and not stats.rejected
+        sub.close()
+        conn.close()
+    finally:
+        proxy.stop()
+
+
+def test_repair_off_behaves_as_before(run_dir: Path, key: bytes) -> None:
+    proxy = ProxyProcess(run_dir, "--subscriber-hwm", "200").start()
+    try:
+        off = zbus.Settings(subscriber_hwm=200, repair=zbus.RepairPolicy(interval=0))
+        conn = zbus.Connection(run_dir, settings=off)
+        dispatcher, seen = _numbers("compute.#")
+        sub = conn.subscribe(dispatcher, key)
+        sub.ready()
+        pub_conn = zbus.Connection(run_dir, settings=off)
+        pub = zbus.Publisher(pub_conn.exchange(EX), zbus.MessageFactory(key, "svc"))
+        for i in range(6000):
+            pub.send(TOPICS[i % 2], i)
+        pub_conn.flush()
+        while sub.process(0.3):
+            pass
+        assert pub_conn.keeper_stats is None
+        assert sub.stats.lost > 0 and sub.stats.repair_requested == 0
+        assert sub.stats.lost + sum(map(len, seen.values())) <= 6000
+        sub.close()
+        conn.close()
+        pub_conn.close()
+    finally:
+        proxy.stop()
