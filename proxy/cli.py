@@ -106,6 +106,21 @@ def render_metrics(stats: dict[str, Any]) -> str:
     out += family("zbus_proxy_pools_refused_total", "counter",
                   "Declarations of a new pool refused: limits.max_pools pools were declared.",
                   [({}, stats.get("pools_refused", 0))])
+    repair = stats.get("repair") or {}
+    out += family("zbus_proxy_repair_total", "counter",
+                  "The repair plane: requests asked, forwarded to a keeper here or asked of "
+                  "peers, envelopes given, requests for streams nobody here keeps.",
+                  [({"what": what}, repair.get(what, 0)) for what in (
+                      "asked", "forwarded", "asked_peers", "forwarded_for_peers", "given",
+                      "given_bytes", "given_from_peers", "given_to_peers", "unknown",
+                      "undeliverable", "publisher_gone", "tails")])
+    out += family("zbus_proxy_repair_refused_total", "counter",
+                  "Repair-plane messages refused, by reason (malformed, rate).",
+                  [({"reason": reason}, n)
+                   for reason, n in sorted((repair.get("refused") or {}).items())])
+    out += family("zbus_proxy_repair_streams", "gauge",
+                  "Streams whose keeping connection this host's repair plane knows.",
+                  [({}, repair.get("streams", 0))])
     subscriptions = stats.get("subscriptions") or {}
     out += family("zbus_proxy_subscriptions", "gauge",
                   "Distinct prefixes this host's subscribers hold (asked of every peer too).",

@@ -139,3 +139,10 @@ def test_requests_beyond_the_limit_are_refused_and_counted() -> None:
         for client in clients:
             client.join(10)
         server.stop()
+
+
+def test_counters_past_a_million_are_shown_exactly() -> None:
+    from zbus.metrics import family
+
+    lines = family("c", "counter", "h", [({}, 1_234_567_891), ({"x": "y"}, True), ({}, 0.25)])
+    assert lines[2:] == ["c 1234567891", 'c{x="y"} 1', "c 0.25"]

@@ -73,8 +73,15 @@ def test_a_subscriber_past_its_high_water_mark_gets_every_message_repaired_in_or
         assert stats.lost == 0 and stats.unrepairable == 0 and not stats.rejected
         keeper = pub_conn.keeper_stats
         assert keeper is not None and keeper["given"] > 0
-        repair = conn.proxy_stats()["repair"]
+        proxy_stats = conn.proxy_stats()
+        repair = proxy_stats["repair"]
         assert repair["forwarded"] > 0 and repair["given"] == keeper["given"]
+        # ... and where operators read them.
+        from zbus.metrics import render_consumers
+        from zbus_proxy.cli import render_metrics
+        assert f'zbus_proxy_repair_total{{what="given"}} {keeper["given"]}\n' in \
+            render_metrics(proxy_stats)
+        assert f'{{consumer="s"}} {stats.repaired}\n' in render_consumers({"s": stats})
         sub.close()
         conn.close()
         pub_conn.close()

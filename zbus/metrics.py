@@ -43,8 +43,16 @@ def _labels(labels: Mapping[str, str]) -> str:
 def family(name: str, kind: str, help_text: str, samples: Iterable[Sample]) -> list[str]:
     """One metric family: its HELP and TYPE lines, then one line per (labels, value)."""
     lines = [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{_labels(labels)} {value:g}" for labels, value in samples]
+    lines += [f"{name}{_labels(labels)} {_number(value)}" for labels, value in samples]
     return lines
+
+
+def _number(value: float) -> str:
+    # Integers exactly: "{:g}" keeps six digits, so a counter past a million was shown
+    # rounded (1234567 as 1.23457e+06), a counter that lies.
+    if isinstance(value, int):
+        return str(int(value))  # a bool as 0 or 1
+    return f"{value:g}"
 
 
 _CONSUMER_COUNTERS = (
@@ -57,6 +65,11 @@ _CONSUMER_COUNTERS = (
              "later message or a beacon of the stream, net of late arrivals."),
     ("reordered", "Messages that arrived after a later one of the same stream."),
     ("beacons", "Streams' signed 'sent up to N' announcements read."),
+    ("repair_requested", "Missing messages asked for (each once), with repair on."),
+    ("repaired", "Missing messages that then arrived, by a repair or late."),
+    ("unrepairable", "Missing messages given up (past the reliability interval, no longer "
+                     "kept, or over max_held): DATALOSS."),
+    ("repair_duplicates", "Repairs of messages already had, dropped."),
 )
 
 
