@@ -249,6 +249,9 @@ class StaticDirectory:
     def refresh(self) -> dict[str, PeerInfo]:
         return dict(self._peers)
 
+    def known(self) -> dict[str, PeerInfo]:
+        return dict(self._peers)
+
     def close(self) -> None:
         pass
 
@@ -340,6 +343,10 @@ class RedisDirectory:
                       **self._configured_keys}
         self._known = peers
         return dict(peers)
+
+    def known(self) -> dict[str, PeerInfo]:
+        """The peers as the last refresh listed them, without asking Redis."""
+        return dict(self._known)
 
     def close(self) -> None:
         """Leave at once on a clean stop, rather than after the TTL."""

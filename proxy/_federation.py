@@ -4,9 +4,12 @@ Owns the federation's state: the peers and their states, peers learned from hell
 and the counters of retired ones, and this host's pool endpoints as told to peers; the
 directory; the ZAP handler; and two threads. The peer control socket (tcp, CURVE) answers
 from local state only and never makes a request of its own (no control-plane deadlock). The
-manager asks the directory and hellos every peer each ``sync_interval``, reads the pools'
-member monitors, and reconciles the links; links are devices, started and stopped by the
-manager thread only (and by the proxy's stop, once that thread ended).
+manager asks the directory each ``sync_interval`` and keeps one long-lived channel (a DEALER)
+to each peer's control socket, on which it sends hellos and reflects without ever waiting
+for an answer (replies come back to its poll loop); it reads the pools' member monitors and
+reconciles the links; links are devices, started and stopped by the manager thread only (and
+by the proxy's stop, once that thread ended). docs/ARCHITECTURE.md, "Membership", has the
+cost model: per proxy O(N) small messages per interval and no handshake once connected.
 
 It uses the proxy it runs in through ``FederationHost``: its context, settings, endpoints and
 stop event, the state lock, the fast pools (to read them, and to declare those peers offer),
@@ -65,6 +68,12 @@ connect to a peer behind a silent drop sits in SYN-SENT under the kernel's retry
 and starts a fresh one (a SYN at once) every LINK_CONNECT_TIMEOUT + LINK_RECONNECT_IVL_MAX."""
 LINK_RECONNECT_IVL = 0.1
 LINK_RECONNECT_IVL_MAX = 0.5
+CHANNEL_HWM = 16
+"""Requests a peer channel queues while its connection is up but the peer does not read:
+a hung peer costs that much memory, and hellos to it then fail at once (counted missed)."""
+MAX_SOCKETS = 8192
+"""The federated proxy's ZeroMQ socket limit (ZMQ_MAX_SOCKETS): LEARNED_MAX learned peers
+plus hundreds of configured ones."""
 STOP_SLICE_MS = 20
 """Milliseconds a wait on a peer runs before it looks at the stop event again."""
 AWAY_SYNC = 0.25
@@ -163,6 +172,23 @@ class FederationHost(Protocol):
     def _make(self, spec: SocketSpec) -> zmq.Socket[Any]: ...
 
 
+@dataclasses.dataclass
+class _Channel:
+    """One peer's long-lived control connection, a DEALER to its peer control socket
+    (manager thread only): hellos and reflects go on it, so a peer costs one CURVE
+    handshake per tcp connection rather than one per request (issue 19)."""
+
+    sock: zmq.Socket[Any]
+    key: tuple[str, bytes]
+    """The control endpoint and key it was made for: another is another channel."""
+    due: float = 0.0
+    """When its next hello goes (monotonic)."""
+    waiting: float | None = None
+    """When the hello not answered yet went; None once answered."""
+    pages: tuple[int, int] = (0, 0)
+    """Where the next hello's pages of pool declarations and removals start."""
+
+
 class Federation:
     """The peers, links, directory, ZAP handler and threads of a federated proxy."""
 
@@ -222,12 +248,20 @@ class Federation:
         self._link_source: dict[str, str] = {}
         self._link_since: dict[str, float] = {}
         self._link_seq = 0
+        # Manager thread only: each peer's channel, and whether the links need reconciling
+        # (reconciling on every event would cost O(N) per reply, O(N^2) per round).
+        self._channels: dict[str, _Channel] = {}
+        self._dirty = True
 
     # -- lifecycle (the proxy calls these in the order of its start and stop) ------------
 
     def start_security(self) -> None:
         ctx = self._host._ctx
         assert ctx is not None
+        # Before the first socket (libzmq sizes its table then): each peer takes about six
+        # (its channel, its link's two and their monitor and steering pairs), and libzmq's
+        # default of 1,023 ends near 170 peers with EMFILE ("Too many open files").
+        ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
         fed = self.config
         if fed.curve is None:
             log.warning("tcp links are PLAIN: no encryption, no authentication "
@@ -364,10 +398,12 @@ class Federation:
     def pass_on_declaration(self, name: str, bindings: list[str], created: bool,
                             generation: int = 0) -> None:
         """Pass a pool declaration a client made here on to every peer that answered lately
-        (the others get it with their next hello)."""
-        for peer in self._answering():
-            reply = self._peer_request(peer, "declare_pool", name=name, bindings=bindings,
-                                       generation=generation)
+        (the others get it with their next hello), all at once: one PEER_TIMEOUT at most,
+        however many peers went silent."""
+        peers = self._answering()
+        replies = self._peer_requests(peers, "declare_pool", name=name, bindings=bindings,
+                                      generation=generation)
+        for peer, reply in zip(peers, replies, strict=True):
             if reply is None or not reply.get("ok"):
                 log.warning("a peer did not take a pool declaration; its next hello will", extra={
                     "peer": peer.id, "pool": name,
@@ -378,9 +414,10 @@ class Federation:
     def pass_on_removal(self, name: str, bindings: list[str], generation: int) -> None:
         """Pass a fabric-wide removal made here on to every peer that answered lately (the
         others get it with their next hello, like every host's tombstones)."""
-        for peer in self._answering():
-            reply = self._peer_request(peer, "remove_pool", name=name, bindings=bindings,
-                                       generation=generation)
+        peers = self._answering()
+        replies = self._peer_requests(peers, "remove_pool", name=name, bindings=bindings,
+                                      generation=generation)
+        for peer, reply in zip(peers, replies, strict=True):
             if reply is None or not reply.get("ok"):
                 log.warning("a peer did not take a pool removal; its next hello will", extra={
                     "peer": peer.id, "pool": name,
@@ -393,56 +430,78 @@ class Federation:
 
     # -- requests to peers ---------------------------------------------------------------
 
-    def _peer_request(self, peer: PeerInfo, op: str, timeout: float = PEER_TIMEOUT, /,
-                      **fields: Any) -> dict[str, Any] | None:
-        """One request to ``peer``'s control socket on a fresh REQ; None when it did not
-        answer (a REQ never stays stuck waiting for a peer that went away)."""
+    def _peer_requests(self, peers: list[PeerInfo], op: str, timeout: float = PEER_TIMEOUT,
+                       /, **fields: Any) -> list[dict[str, Any] | None]:
+        """One request to each of ``peers``' control sockets, on fresh REQs, all in flight at
+        once; each reply, None for a peer that did not answer within ``timeout`` (or when
+        the proxy stops: it looks every STOP_SLICE_MS). For the rare requests a client's
+        call waits on (pool declarations and removals); hellos and reflects go on the
+        manager's channels."""
         ctx = self._host._ctx
         assert ctx is not None
         fed = self.config
-        endpoint = peer.control
-        source = fed.host
+        request = msgpack.packb({"op": op, **fields})
+        socks: dict[zmq.Socket[Any], int] = {}
+        replies: list[dict[str, Any] | None] = [None] * len(peers)
+        poller = zmq.Poller()
+        try:
+            for i, peer in enumerate(peers):
+                try:
+                    sock = make_socket(ctx, zmq.REQ, self._host.settings,
+                                       connect=self._from_us(peer.control), curve=fed.curve,
+                                       server_key=peer.public_key or None)
+                except Exception:
+                    log.debug("cannot reach peer", extra={"peer": peer.id}, exc_info=True)
+                    continue
+                socks[sock] = i
+                sock.send(request)
+                poller.register(sock, zmq.POLLIN)
+            deadline = time.monotonic() + timeout
+            waiting = len(socks)
+            while waiting and not self._host._stopping.is_set() \
+                    and time.monotonic() < deadline:
+                for sock, _ in poller.poll(STOP_SLICE_MS):
+                    poller.unregister(sock)
+                    waiting -= 1
+                    try:
+                        reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=True)
+                    except Exception:
+                        log.debug("peer request failed", extra={
+                            "peer": peers[socks[sock]].id, "op": op}, exc_info=True)
+                        continue
+                    replies[socks[sock]] = reply if isinstance(reply, dict) else None
+        finally:
+            for sock in socks:
+                sock.close(linger=0)
+        return replies
+
+    def _from_us(self, endpoint: str) -> str:
+        """``endpoint`` connected to from the address we bind: a peer that learns us from a
+        hello checks that our endpoints are on the address it came from."""
+        source = self.config.host
         if source and ":" not in source and source not in ("0.0.0.0", "*") \
                 and endpoint.startswith("tcp://"):
-            # From the address we bind: a peer that learns us from this hello checks that
-            # our endpoints are on the address it came from.
-            endpoint = f"tcp://{source}:0;{endpoint[len('tcp://'):]}"
-        try:
-            sock = make_socket(ctx, zmq.REQ, self._host.settings, connect=endpoint,
-                               curve=fed.curve, server_key=peer.public_key or None)
-        except Exception:
-            log.debug("cannot reach peer", extra={"peer": peer.id}, exc_info=True)
-            return None
-        try:
-            sock.send(msgpack.packb({"op": op, **fields}))
-            # In slices: a stop never waits out a peer's timeout (issue 19 item 3).
-            deadline = time.monotonic() + timeout
-            while not sock.poll(STOP_SLICE_MS):
-                if self._host._stopping.is_set() or time.monotonic() >= deadline:
-                    return None
-            reply = msgpack.unpackb(sock.recv(), raw=False, strict_map_key=True)
-        except Exception:
-            log.debug("peer request failed", extra={"peer": peer.id, "op": op}, exc_info=True)
-            return None
-        finally:
-            sock.close(linger=0)
-        return reply if isinstance(reply, dict) else None
+            return f"tcp://{source}:0;{endpoint[len('tcp://'):]}"
+        return endpoint
 
     def reflect(self, token: bytes) -> list[str]:
-        """Ask every live peer to publish ``token`` (plus its id) on its own origin; the
-        caller waits for one copy per returned peer id on the delivery plane."""
+        """Have every live peer publish ``token`` (plus its id) on its own origin; the ids
+        of the peers asked, at once. The manager sends the requests on its peer channels:
+        nothing here waits on a peer, and a peer known to be away is not asked. The caller
+        waits for one copy per id and asks again; a peer that went silent leaves the list
+        when its hellos go unanswered (MISSED_HELLOS), in the same time however many did."""
         with self._host._state:
-            live = [self._peers[p] for p, st in self._peer_state.items()
-                    if self._alive(p, st) and p in self._peers]
-        acked = []
-        for peer in live:
-            reply = self._peer_request(peer, "reflect", token=token)
-            if reply is not None and reply.get("ok"):
-                acked.append(peer.id)
-        return acked
+            live = [p for p, st in self._peer_state.items()
+                    if p in self._peers and self._alive(p, st)]
+        if live:
+            self._tell_manager([b"reflect", token])
+        return live
 
     def _wake(self) -> None:
         """Make the manager reconcile links now rather than at its next tick."""
+        self._tell_manager([b""])
+
+    def _tell_manager(self, frames: list[bytes]) -> None:
         ctx = self._host._ctx
         assert ctx is not None
         sock = ctx.socket(zmq.PUSH)
@@ -450,7 +509,7 @@ class Federation:
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(f"inproc://zbus-manager-{self._host._tag}")
             with contextlib.suppress(zmq.Again):
-                sock.send(b"", zmq.NOBLOCK)
+                sock.send_multipart(frames, zmq.NOBLOCK)
         finally:
             sock.close(linger=100)
 
@@ -545,7 +604,9 @@ class Federation:
         info = PeerInfo.from_dict(request.get("peer"))
         if self.config.curve is not None and info.public_key.decode() != user:
             raise ConfigError("the hello's public key is not the key this connection used")
-        configured = self._directory.refresh() if self._directory is not None else {}
+        # The directory as last read (no I/O: with Redis a read per hello would cost each
+        # proxy O(N) requests per hello, O(N^2) per round).
+        configured = self._directory.known() if self._directory is not None else {}
         # Who says hello: its authenticated key; on plain tcp only its source address.
         who = info.public_key if self.config.curve is not None else address.encode()
         with self._host._state:
@@ -726,7 +787,7 @@ class Federation:
         wake.bind(f"inproc://zbus-manager-{host._tag}")
         monitors: dict[zmq.Socket[Any], str] = {}
         interval = self.config.sync_interval
-        next_sync = 0.0
+        next_refresh = 0.0
         ready.set()
         try:
             while not host._stopping.is_set():
@@ -739,43 +800,74 @@ class Federation:
                 links = {reader: name for name, reader in self._link_monitors.items()}
                 for reader in links:
                     poller.register(reader, zmq.POLLIN)
-                wait = max(0.0, min(next_sync - time.monotonic(), 0.1))
+                channels = {channel.sock: pid for pid, channel in self._channels.items()}
+                for sock in channels:
+                    poller.register(sock, zmq.POLLIN)
+                due = min([next_refresh, *(c.due for c in self._channels.values())])
+                wait = max(0.0, min(due - time.monotonic(), 0.1))
                 for sock, _ in poller.poll(int(wait * 1000)):
                     if sock is wake:
-                        wake.recv()
+                        self._manager_command(wake.recv_multipart())
                     elif sock in links:
                         self._link_event(links[sock], sock.recv_multipart())
+                    elif sock in channels:
+                        self._peer_replies(channels[sock], sock)
                     else:
                         host._pool_members.event(monitors[sock], sock.recv_multipart(), sock)
+                        self._dirty = True
                 for reader in host._pool_members.stale(list(monitors)):
                     del monitors[reader]  # a removed pool's
                     reader.close(linger=0)
-                if time.monotonic() >= next_sync:
-                    away = False
-                    try:
-                        away = self._sync()
-                    except Exception:
-                        log.exception("peer sync failed; retrying")
-                    next_sync = time.monotonic() + (min(AWAY_SYNC, interval) if away
-                                                    else interval)
                 if host._stopping.is_set():
                     break
+                if time.monotonic() >= next_refresh:
+                    try:
+                        self._refresh_peers()
+                    except Exception:
+                        log.exception("peer directory refresh failed; retrying")
+                    next_refresh = time.monotonic() + interval
+                    self._dirty = True  # and a link that failed to start is tried again
                 try:
-                    self._reconcile()
+                    self._send_hellos(time.monotonic())
                 except Exception:
-                    log.exception("link reconcile failed; retrying")
+                    log.exception("peer hellos failed; retrying")
+                if host._stopping.is_set():
+                    break
+                if self._dirty:
+                    self._dirty = False
+                    try:
+                        self._reconcile()
+                    except Exception:
+                        log.exception("link reconcile failed; retrying")
         finally:
             for reader in [*monitors, *self._link_monitors.values()]:
                 reader.close(linger=0)
             self._link_monitors.clear()
+            for channel in self._channels.values():
+                channel.sock.close(linger=0)
+            self._channels.clear()
             wake.close(linger=0)
             if self._directory is not None:
                 self._directory.close()
 
-    def _sync(self) -> bool:
-        """Ask the directory who is there, then hello each one (learning its pools and pool
-        endpoints, and telling it ours); restart the links of a peer that answers again
-        while they are down. True when some peer did not answer."""
+    def _manager_command(self, frames: list[bytes]) -> None:
+        """A wake (reconcile now), or a reflect to send to every live peer (manager only)."""
+        self._dirty = True
+        if len(frames) != 2 or frames[0] != b"reflect":
+            return
+        request = msgpack.packb({"op": "reflect", "token": frames[1]})
+        with self._host._state:
+            live = [p for p, st in self._peer_state.items()
+                    if p in self._peers and self._alive(p, st)]
+        for pid in live:
+            channel = self._channels.get(pid)
+            if channel is not None:
+                with contextlib.suppress(zmq.Again):  # unconnected or full: asked again
+                    channel.sock.send_multipart([b"reflect", b"", request], zmq.NOBLOCK)
+
+    def _refresh_peers(self) -> None:
+        """Ask the directory who is there: a channel for each new peer (and afresh for one
+        whose endpoint or key changed), none for those that left. Nothing waits on a peer."""
         assert self._directory is not None
         fed = self.config
         found = self._own_names(self._directory.refresh())
@@ -808,91 +900,177 @@ class Federation:
                     self._peer_state[pid] = {"answering": None, "alive": None, "refused": True}
                 continue
             peers[pid] = info
-        declared = self._declarations()  # before _state: the pool lock comes first
-        pages, (self._page_start, self._removed_start) = self._pages(
-            declared, self._page_start, self._removed_start)
         with self._host._state:
-            hello = {"peer": self.me.as_dict(), **pages, "run": self.run,
-                     "pool_endpoints": dict(self.pool_endpoints)}
-        states: dict[str, dict[str, Any]] = {}
-        named: dict[str, PeerInfo] = {}
-        back: list[str] = []
-        dropped: set[str] = set()
-        for pid, info in peers.items():
-            if self._host._stopping.is_set():
-                return False  # stopping: no more hellos to wait on
-            if pid in dropped:
-                continue
-            old = self._peer_state.get(pid, {})
-            # A peer that missed its last hello is asked with a shorter wait, and more
-            # often (AWAY_SYNC): on a healed path its answer takes milliseconds.
-            wait = PEER_TIMEOUT / 2 if old.get("missed") else PEER_TIMEOUT
-            reply = self._peer_request(info, "hello", wait, **hello)
-            if reply is None or not reply.get("ok"):
-                # One slow answer on a loaded host is not a dead peer: it counts as away after
-                # MISSED_HELLOS in a row (links stay regardless; heartbeats own the data path).
-                missed = old.get("missed", 0) + 1
-                states[pid] = {**old, "missed": missed,
-                               "answering": bool(old.get("answering")) and missed < MISSED_HELLOS}
-                if old.get("answering") and not states[pid]["answering"]:
-                    log.warning("peer stopped answering", extra={"peer": pid})
-                named[pid] = info
-                continue
-            own = reply.get("peer")
-            with self._host._state:
-                if pid in self._heard:
-                    self._heard[pid] = time.monotonic()
-                learned = pid in self._learned
-            own_id = own.get("id") if isinstance(own, dict) else None
-            if not learned and isinstance(own_id, str) and own_id[:200] in self._learned:
-                # A configured peer names itself with an id a learned one took: the
-                # configuration wins, the learned peer goes (its link with it).
-                with self._host._state:
-                    self._learned.pop(own_id[:200], None)
-                    self._heard.pop(own_id[:200], None)
-                named.pop(own_id[:200], None)
-                dropped.add(own_id[:200])
-            if (isinstance(own, dict) and isinstance(own.get("id"), str) and own["id"]
-                    and own["id"][:200] != pid
-                    and (own["id"][:200] not in peers or own["id"][:200] in dropped)):
-                # Known by address until now: from here on by the id it gives itself (what
-                # its reflected probes carry), under the origin and key configured here.
-                pid = own["id"][:200]
-                info = dataclasses.replace(info, id=pid)
-                old = self._peer_state.get(pid, old)
-                with self._host._state:
-                    self._named[info.origin] = pid
-            named[pid] = info
-            if not old.get("answering"):
-                log.info("peer answering", extra={"peer": pid, "origin": info.origin})
-            if old.get("missed"):
-                back.append(pid)
-            self._adopt_pools(reply, pid)
-            endpoints = reply.get("pool_endpoints")
-            members = reply.get("members")
-            run = reply.get("run")
-            run = run[:64] if isinstance(run, str) else ""
-            self._record_taken(info.origin, run, reply.get("pool_taken"))
-            states[pid] = {
-                "answering": True,
-                "run": run,
-                "missed": 0,
-                "last_hello": time.time(),
-                "pool_endpoints": {k: v for k, v in (endpoints or {}).items()
-                                   if isinstance(v, str) and v.startswith("tcp://")},
-                "members": members if isinstance(members, dict) else {},
-            }
-        peers = named
-        with self._host._state:
-            gone = set(self._peers) - set(peers)
-            self._peers = peers
-            for pid in gone:
+            for pid in set(self._peers) - set(peers):
                 log.info("peer left the directory", extra={"peer": pid})
+            self._peers = peers
             self._peer_state = {p: st for p, st in self._peer_state.items()
-                                if st.get("refused")} | states
-        for pid in back:
+                                if (st.get("refused") and p not in peers)
+                                or (p in peers and not st.get("refused"))}
+        for pid in [p for p in self._channels if p not in peers]:
+            self._channels.pop(pid).sock.close(linger=0)
+        for pid, info in peers.items():
+            key = (info.control, info.public_key)
+            channel = self._channels.get(pid)
+            if channel is not None and channel.key == key:
+                continue
+            if channel is not None:
+                channel.sock.close(linger=0)
+            try:
+                self._channels[pid] = _Channel(self._open_channel(info), key)
+            except Exception as exc:
+                log.warning("cannot open a channel to a peer", extra={"peer": pid,
+                                                                       "error": str(exc)})
+                self._channels.pop(pid, None)
+
+    def _open_channel(self, peer: PeerInfo) -> zmq.Socket[Any]:
+        """A DEALER to ``peer``'s control socket, from the address we bind (a peer that
+        learns us from a hello checks that our endpoints are on the address it came from)."""
+        host = self._host
+        assert host._ctx is not None
+        fed = self.config
+        endpoint = self._from_us(peer.control)
+        # connect=[]: CURVE client keys and heartbeats (a hung peer's connection is dropped
+        # after heartbeat_timeout), the rest set before the connect.
+        sock = make_socket(host._ctx, zmq.DEALER, host.settings, sndhwm=CHANNEL_HWM,
+                           connect=[], curve=fed.curve, server_key=peer.public_key or None)
+        try:
+            # Queue only on a connection that completed its handshake: a hello to a peer
+            # that is not there fails at once (counted missed) instead of piling up.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
+            sock.setsockopt(zmq.CONNECT_TIMEOUT, int(LINK_CONNECT_TIMEOUT * 1000))
+            sock.setsockopt(zmq.RECONNECT_IVL, int(LINK_RECONNECT_IVL * 1000))
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(LINK_RECONNECT_IVL_MAX * 1000))
+            sock.connect(endpoint)
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        return sock
+
+    def _send_hellos(self, now: float) -> None:
+        """Hello each peer whose turn it is, on its channel, without waiting for any answer
+        (they come back to ``_peer_replies``). A hello still unanswered when the next is due
+        is a miss; a peer that missed one is greeted every AWAY_SYNC, so one that went
+        silent is away after sync_interval + (MISSED_HELLOS - 1) * AWAY_SYNC, however many
+        others did too (manager only)."""
+        due = [pid for pid, channel in self._channels.items() if channel.due <= now]
+        if not due:
+            return
+        declared = self._declarations()  # before _state: the pool lock comes first
+        with self._host._state:
+            hello = {"op": "hello", "peer": self.me.as_dict(), "run": self.run,
+                     "pool_endpoints": dict(self.pool_endpoints)}
+        interval = self.config.sync_interval
+        for pid in due:
+            channel = self._channels[pid]
+            missed = 0
+            if channel.waiting is not None:
+                missed = self._missed(pid)
+            pages, channel.pages = self._pages(declared, *channel.pages)
+            with contextlib.suppress(zmq.Again):  # not connected now: unanswered, a miss
+                channel.sock.send_multipart([b"hello", b"", msgpack.packb({**hello, **pages})],
+                                            zmq.NOBLOCK)
+            channel.waiting = now
+            channel.due = now + (min(AWAY_SYNC, interval) if missed else interval)
+
+    def _missed(self, pid: str) -> int:
+        """``pid`` did not answer its last hello: one slow answer on a loaded host is not a
+        dead peer, it counts as away after MISSED_HELLOS in a row (links stay regardless;
+        heartbeats own the data path). How many it missed in a row."""
+        with self._host._state:
+            old = self._peer_state.get(pid, {})
+            missed = int(old.get("missed", 0)) + 1
+            answering = bool(old.get("answering")) and missed < MISSED_HELLOS
+            self._peer_state[pid] = {**old, "missed": missed, "answering": answering}
+        if old.get("answering") and not answering:
+            log.warning("peer stopped answering", extra={"peer": pid})
+            self._dirty = True
+        return missed
+
+    def _peer_replies(self, pid: str, sock: zmq.Socket[Any]) -> None:
+        """Every reply waiting on ``pid``'s channel (manager only)."""
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 3 or frames[1] != b"":
+                continue
+            try:
+                reply = msgpack.unpackb(frames[2], raw=False, strict_map_key=True)
+            except Exception:
+                log.debug("a peer's reply is not msgpack", extra={"peer": pid})
+                continue
+            if not isinstance(reply, dict) or not reply.get("ok"):
+                log.debug("a peer refused a request", extra={
+                    "peer": pid, "op": frames[0][:16].decode(errors="replace"),
+                    "error": str(reply.get("error") if isinstance(reply, dict) else reply)})
+                continue  # a refused hello stays unanswered: a miss when the next is due
+            if frames[0] == b"hello" and pid in self._channels:
+                pid = self._hello_reply(pid, reply)
+
+    def _hello_reply(self, pid: str, reply: dict[str, Any]) -> str:
+        """A peer's answer to our hello: its pools, pool endpoints, members and books; it
+        is answering (again). The peer's id from here on (it may name itself)."""
+        self._channels[pid].waiting = None
+        own = reply.get("peer")
+        named = own.get("id") if isinstance(own, dict) else None
+        own_id = named[:200] if isinstance(named, str) else None
+        with self._host._state:
+            if pid in self._heard:
+                self._heard[pid] = time.monotonic()
+            learned = pid in self._learned
+        if not learned and own_id is not None and own_id != pid and own_id in self._learned:
+            # A configured peer names itself with an id a learned one took: the
+            # configuration wins, the learned peer goes (its link with it).
+            with self._host._state:
+                self._learned.pop(own_id, None)
+                self._heard.pop(own_id, None)
+                self._peers.pop(own_id, None)
+                self._peer_state.pop(own_id, None)
+            dropped = self._channels.pop(own_id, None)
+            if dropped is not None:
+                dropped.sock.close(linger=0)
+        if own_id and own_id != pid and own_id not in self._peers:
+            # Known by address until now: from here on by the id it gives itself (what its
+            # reflected probes carry), under the origin and key configured here.
+            with self._host._state:
+                info = dataclasses.replace(self._peers.pop(pid), id=own_id)
+                self._peers[own_id] = info
+                self._peer_state[own_id] = self._peer_state.pop(pid, {})
+                self._named[info.origin] = own_id
+            self._channels[own_id] = self._channels.pop(pid)
+            pid = own_id
+            self._dirty = True
+        with self._host._state:
+            info = self._peers[pid]
+            old = dict(self._peer_state.get(pid, {}))
+        if not old.get("answering"):
+            log.info("peer answering", extra={"peer": pid, "origin": info.origin})
+        self._adopt_pools(reply, pid)
+        endpoints = reply.get("pool_endpoints")
+        members = reply.get("members")
+        run = reply.get("run")
+        run = run[:64] if isinstance(run, str) else ""
+        self._record_taken(info.origin, run, reply.get("pool_taken"))
+        state = {
+            "answering": True,
+            "run": run,
+            "missed": 0,
+            "last_hello": time.time(),
+            "pool_endpoints": {k: v for k, v in (endpoints or {}).items()
+                               if isinstance(v, str) and v.startswith("tcp://")},
+            "members": members if isinstance(members, dict) else {},
+        }
+        if any(old.get(k) != state[k] for k in ("answering", "run", "pool_endpoints",
+                                                 "members")):
+            self._dirty = True
+        with self._host._state:
+            if pid in self._peers:
+                self._peer_state[pid] = state
+        if old.get("missed"):
             self._restart_down_links(pid)
-        return any(st.get("missed") for st in states.values())
+        return pid
 
     def _record_taken(self, origin: str, run: str, taken: Any) -> None:
         """Keep a peer's report of what its pool links took from our pool origins."""

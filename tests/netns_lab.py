@@ -186,7 +186,11 @@ class Lab:
     """N hosts on a bridge, each with a federated zbus-proxy; a context manager."""
 
     def __init__(self, count: int = 2, *, proxy_args: Sequence[str] = (),
-                 heartbeat: tuple[float, float] | None = None) -> None:
+                 heartbeat: tuple[float, float] | None = None, late: int = 0,
+                 parallel: bool = False) -> None:
+        """``late``: the last hosts are made, and listed as every proxy's peers, but their
+        proxies are not started (``start_proxy`` them later); ``parallel``: the proxies
+        start all at once (a cold start of the fleet) rather than one after another."""
         self.suffix = secrets.token_hex(3)
         self.bridge = f"zb{self.suffix}"
         self.tmp = Path(tempfile.mkdtemp(prefix=f"zl{self.suffix}-", dir="/tmp"))
@@ -197,9 +201,11 @@ class Lab:
         if heartbeat is not None:
             self.proxy_args += ("--heartbeat-ivl", str(heartbeat[0]),
                                 "--heartbeat-timeout", str(heartbeat[1]))
+        self.late = late
+        self.parallel = parallel
         self.hosts: list[LabHost] = []
         for i in range(count):
-            name = "abcdefgh"[i]
+            name = "abcdefgh"[i] if i < 8 else f"h{i}"
             self.hosts.append(LabHost(
                 i, name, f"zl{self.suffix}{name}", f"zv{self.suffix}{name}",
                 f"{NET}.{i + 2}", self.tmp / name, self.tmp / f"{name}-keys",
@@ -229,8 +235,15 @@ class Lab:
             _run("ip", "-n", host.ns, "link", "set", "lo", "up")
             host.run_dir.mkdir()
             host.keys.write(host.key_dir)
-        for host in self.hosts:
-            self.start_proxy(host)
+        started = self.hosts[:len(self.hosts) - self.late]
+        if self.parallel:
+            for host in started:
+                self.spawn_proxy(host)
+            for host in started:
+                self.wait_proxy(host, timeout=60)  # every interpreter starts at once
+        else:
+            for host in started:
+                self.start_proxy(host)
 
     def close(self) -> None:
         """Everything the lab made goes, in reverse: processes, namespaces, bridge, files."""
@@ -252,11 +265,20 @@ class Lab:
         return proc
 
     def start_proxy(self, host: LabHost, *extra: str, timeout: float = 15.0) -> Proc:
+        self.spawn_proxy(host, *extra)
+        return self.wait_proxy(host, timeout)
+
+    def spawn_proxy(self, host: LabHost, *extra: str) -> Proc:
         peers = [a for h in self.hosts if h is not host for a in ("--peer", h.peer_spec())]
         argv = [sys.executable, "-m", "zbus_proxy", "--run-dir", str(host.run_dir),
                 "--bind", host.node, "--curve-secret", str(host.key_dir / "proxy.secret"),
                 "--sync-interval", "0.5", *peers, *self.proxy_args, *extra]
         host.proxy = self.spawn(host, argv, f"proxy-{host.name}")
+        return host.proxy
+
+    def wait_proxy(self, host: LabHost, timeout: float = 15.0) -> Proc:
+        """Until ``host``'s proxy answers ping."""
+        assert host.proxy is not None
         deadline = time.monotonic() + timeout
         with zbus.Connection(host.run_dir) as conn:
             while True:
@@ -285,11 +307,13 @@ class Lab:
 
     # -- network -------------------------------------------------------------------------
 
-    def meshed(self) -> bool:
-        """Every proxy sees every other alive, with a link to its origin."""
-        for host in self.hosts:
+    def meshed(self, hosts: Sequence[LabHost] | None = None) -> bool:
+        """Every proxy (of ``hosts``, default all) sees every other alive, with a link to
+        its origin."""
+        hosts = self.hosts if hosts is None else hosts
+        for host in hosts:
             stats = host.stats()
-            want = {h.node for h in self.hosts if h is not host}
+            want = {h.node for h in hosts if h is not host}
             peers = stats["federation"]["peers"]
             alive = {p for p, st in peers.items() if st.get("alive")}
             links = {d[len("peer-"):] for d in stats["devices"] if d.startswith("peer-")}

@@ -15,10 +15,17 @@ Used by tests/test_netns_faults.py (short faults) and by ``python3 -m tests.netn
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import zbus
 
 from .netns_lab import Agent, Lab, LabHost, Record, until
 
@@ -317,6 +324,122 @@ def publisher_sigterm(rate: int = 5000) -> list[Row]:
                                "sent: sends that returned, from the publisher's own file")]
 
 
+# -- the fleet: what a fabric of N hosts costs (issue 19) ------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _status(pid: int) -> dict[str, int]:
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "Threads"):
+            out[key] = int(value.split()[0])
+    out["fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    return out
+
+
+def _handshakes(hosts: Sequence[LabHost]) -> int:
+    """CURVE handshakes the proxies served: each one is one ZAP request (accepted)."""
+    return sum(((h.stats().get("federation") or {}).get("zap") or {}).get("accepted", 0)
+               for h in hosts)
+
+
+def _time_wait(host: LabHost) -> int:
+    done = subprocess.run(["ip", "netns", "exec", host.ns, "ss", "-Htan", "state", "time-wait"],
+                          capture_output=True, text=True)
+    return len(done.stdout.splitlines())
+
+
+def _ready_time(host: LabHost, timeout: float = 20.0) -> float:
+    """Seconds a new subscriber's ready() takes on ``host`` (local probe and every live
+    peer's origin)."""
+    dispatcher = zbus.Dispatcher()
+    dispatcher.bind("notifications", "fleet.#", lambda delivery: None)
+    with zbus.Connection(host.run_dir) as conn:
+        sub = conn.subscribe(dispatcher, zbus.generate_key())
+        started = time.monotonic()
+        sub.ready(timeout=timeout)
+        took = time.monotonic() - started
+        sub.close()
+    return took
+
+
+def fleet(count: int, idle: float = 10.0, sync_interval: float = 1.0) -> dict[str, Any]:
+    """``count`` hosts (one more joins late): cold-start convergence, idle cost per proxy,
+    handshakes/s, the late joiner, ready() and detection with a third of the peers cut off
+    (silent drop), and stop times."""
+    out: dict[str, Any] = {"n": count}
+    args = ("--sync-interval", str(sync_interval))
+    with Lab(count + 1, late=1, parallel=True, proxy_args=args) as lab:
+        *hosts, late = lab.hosts
+        started = time.monotonic()
+        until(lambda: lab.meshed(hosts), 120, "the fleet to mesh")
+        out["converged_s"] = round(time.monotonic() - started, 2)
+        time.sleep(2.0)  # past the start: what follows is the idle fleet
+        pids = [h.proxy.pid for h in hosts if h.proxy is not None]
+        cpu = [_cpu_seconds(pid) for pid in pids]
+        shakes = _handshakes(hosts)
+        began = time.monotonic()
+        time.sleep(idle)  # the idle window measured
+        window = time.monotonic() - began
+        cpu = [_cpu_seconds(pid) - c for pid, c in zip(pids, cpu, strict=True)]
+        out["handshakes_per_s"] = round((_handshakes(hosts) - shakes) / window, 2)
+        out["idle_cpu_pct_mean"] = round(100 * sum(cpu) / len(cpu) / window, 2)
+        out["idle_cpu_pct_max"] = round(100 * max(cpu) / window, 2)
+        out["idle_cpu_pct_fleet"] = round(100 * sum(cpu) / window, 1)
+        status = [_status(pid) for pid in pids]
+        out["rss_mib"] = round(sum(s["VmRSS"] for s in status) / len(status) / 1024, 1)
+        out["threads"] = max(s["Threads"] for s in status)
+        out["fds"] = max(s["fds"] for s in status)
+        out["time_wait"] = max(_time_wait(h) for h in hosts)
+        # A late joiner (listed by everyone, started now): until it and every other proxy
+        # see each other alive and linked.
+        began = time.monotonic()
+        lab.start_proxy(late)
+        answering = time.monotonic()
+        until(lab.meshed, 60, "the late joiner to mesh")
+        out["late_joiner_s"] = round(time.monotonic() - answering, 2)
+        out["late_joiner_from_exec_s"] = round(time.monotonic() - began, 2)
+        # A third of the peers cut off from the first host by a silent drop.
+        first = hosts[0]
+        cut = lab.hosts[-max(1, (count + 1) // 3):]
+        for host in cut:
+            lab.partition(first, host)
+        began = time.monotonic()
+        out["ready_during_cut_s"] = round(_ready_time(first), 2)
+        nodes = {h.node for h in cut}
+
+        def away() -> bool:
+            peers = first.stats()["federation"]["peers"]
+            return not any(peers.get(n, {}).get("alive") for n in nodes)
+
+        until(away, 60, "the cut-off peers to be away")
+        out["cut"] = len(cut)
+        out["detected_s"] = round(time.monotonic() - began, 2)
+        out["ready_cut_s"] = round(min(_ready_time(first) for _ in range(3)), 3)
+        assert first.proxy is not None
+        began = time.monotonic()
+        first.proxy.signal(signal.SIGTERM)
+        first.proxy.wait(30)
+        out["stop_cut_s"] = round(time.monotonic() - began, 2)
+        rest = [h for h in lab.hosts if h is not first]
+        began = time.monotonic()
+        for host in rest:
+            assert host.proxy is not None
+            host.proxy.signal(signal.SIGTERM)
+        for host in rest:
+            assert host.proxy is not None
+            host.proxy.wait(30)
+        out["stop_all_s"] = round(time.monotonic() - began, 2)
+        out["link_warnings"] = sum(h.proxy.log.read_text().count("cannot start a link")
+                                   for h in lab.hosts if h.proxy is not None)
+    return out
+
+
 SCENARIOS: dict[str, Callable[[], list[Row]]] = {
     "partition": lambda: network_fault("partition", 3.0),
     "cable": lambda: network_fault("cable", 3.0),
@@ -334,7 +457,14 @@ def main(argv: Sequence[str]) -> int:
     from .netns_lab import unavailable
 
     parser = argparse.ArgumentParser(prog="python3 -m tests.netns_lab")
-    parser.add_argument("command", choices=["table"])
+    parser.add_argument("command", choices=["table", "fleet"],
+                        help="table: the fault table; fleet: what N hosts cost (one JSON "
+                             "line per N, docs/ARCHITECTURE.md 'Membership')")
+    parser.add_argument("--sizes", default="4,8,16,24", help="fleet: the Ns, comma-separated")
+    parser.add_argument("--idle", type=float, default=10.0,
+                        help="fleet: seconds of idle fleet measured")
+    parser.add_argument("--sync-interval", type=float, default=1.0,
+                        help="fleet: the proxies' network.sync_interval")
     parser.add_argument("--long", type=float, default=30.0,
                         help="the long partition's seconds (0: leave it out)")
     parser.add_argument("--only", action="append", default=[],
@@ -344,6 +474,10 @@ def main(argv: Sequence[str]) -> int:
     if reason:
         print(reason)
         return 2
+    if args.command == "fleet":
+        for size in (int(n) for n in args.sizes.split(",")):
+            print(json.dumps(fleet(size, args.idle, args.sync_interval)), flush=True)
+        return 0
     runs: dict[str, Callable[[], list[Row]]] = {}
     if args.long and (not args.only or "long-partition" in args.only):
         runs["long-partition"] = lambda: network_fault("partition", args.long)
