@@ -5,7 +5,7 @@ Installed with ``pip install 'zbus-fabric[oslo]'``, registered under the
 option, the mapping of a notification onto a zbus message, and what differs from RabbitMQ.
 
 An edge over the library, like the Kafka driver it follows: notifications only. Creating
-an RPC transport on ``zbus://`` fails at once (:class:`RPCNotSupported`).
+an RPC transport on ``zbus://`` fails at once (:class:`RPCNotSupportedError`).
 
 Invariants a maintainer must keep:
 
@@ -35,6 +35,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 from ._connection import Connection, PoolMember, _eventlet_patched
@@ -55,7 +56,7 @@ except ImportError as exc:  # pragma: no cover - the extra is not installed
         f'the oslo.messaging driver needs oslo.messaging: pip install "zbus-fabric[oslo]" ({exc})'
     ) from None
 
-__all__ = ["RPCNotSupported", "ZbusDriver", "pool_name", "routing_key"]
+__all__ = ["RPCNotSupportedError", "ZbusDriver", "pool_name", "routing_key"]
 
 log = logging.getLogger("zbus.oslo")
 
@@ -86,7 +87,7 @@ OPTIONS = [
 _ENVIRONMENT = {"run_dir": "ZBUS_RUN_DIR", "key_file": "ZBUS_KEY_FILE", "key_id": "ZBUS_KEY_ID"}
 
 
-class RPCNotSupported(ZbusError, oslo_exceptions.MessagingException):  # type: ignore[misc]
+class RPCNotSupportedError(ZbusError, oslo_exceptions.MessagingException):  # type: ignore[misc]
     """zbus:// carries notifications only."""
 
     def __init__(self) -> None:
@@ -227,13 +228,13 @@ def _refuse_rpc_transport() -> None:
     place that says which. The deprecated ``get_transport`` (which services used for
     notifications too, and oslo's functional notification suite still calls) is let through:
     RPC over it fails at its first call or listen, as the Kafka driver's does."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     for _ in range(12):
         if frame is None:
             return
         if frame.f_code.co_name == "get_rpc_transport" and \
                 frame.f_globals.get("__name__", "").startswith("oslo_messaging"):
-            raise RPCNotSupported()
+            raise RPCNotSupportedError()
         frame = frame.f_back
 
 
@@ -283,10 +284,10 @@ class ZbusDriver(base.BaseDriver):  # type: ignore[misc]
                 "pool_mode=reliable in the transport URL for NotificationResult.REQUEUE")
 
     def send(self, *args: Any, **kwargs: Any) -> Any:
-        raise RPCNotSupported()
+        raise RPCNotSupportedError()
 
     def listen(self, *args: Any, **kwargs: Any) -> Any:
-        raise RPCNotSupported()
+        raise RPCNotSupportedError()
 
     def send_notification(self, target: Any, ctxt: Any, message: Any, version: float,
                           retry: int | None = None) -> None:
@@ -298,7 +299,9 @@ class ZbusDriver(base.BaseDriver):  # type: ignore[misc]
             topic, priority = priority, "info"
         body = jsonutils.to_primitive(message, convert_instances=True)
         body = dict(body) if isinstance(body, dict) else {"payload": body}
-        body["context"] = jsonutils.to_primitive(ctxt, convert_instances=True)
+        # A RequestContext travels as its dict, as oslo's AMQP drivers pack it.
+        context = ctxt.to_dict() if hasattr(ctxt, "to_dict") else (ctxt or {})
+        body["context"] = jsonutils.to_primitive(context, convert_instances=True)
         event_type = body.get("event_type")
         exchange = exchange_name(target.exchange or self._default_exchange or "openstack")
         self._shared().send(
@@ -468,8 +471,7 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]
                 raise ConfigError(f"zbus:// cannot listen on pool {member.pool}: {error}")\
                     from member.error
 
-    @base.batch_poll_helper  # type: ignore[misc]
-    def poll(self, timeout: float | None = None) -> Any:
+    def _poll_one(self, timeout: float | None = None) -> Any:
         while True:
             if self.stopped:
                 # Return what members still hand over (a fast member drains its prefetch),
@@ -489,6 +491,8 @@ class _Listener(base.PollStyleListener):  # type: ignore[misc]
                 return item
             if not self.stopped:
                 return None
+
+    poll = base.batch_poll_helper(_poll_one)  # oslo's batching around one message's poll
 
     def stop(self) -> None:
         self.stopped = True
