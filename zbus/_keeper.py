@@ -3,8 +3,9 @@ thread that offers those streams on the proxy's repair plane and answers request
 (zbus._repair has the pure parts; docs/RELIABILITY.md, "Repair").
 
 The sending thread only appends to a deque (atomic under the GIL: no lock on the hot path);
-the keeper's thread indexes, expires and answers. The keeper owns its own DEALER, made and
-used in its own thread, as libzmq sockets require.
+the keeper's thread expires what is past its time and answers requests by scanning what is
+kept (requests are rare). The keeper owns its own DEALER, made and used in its own thread,
+as libzmq sockets require.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Keeper:
 
     def stats(self) -> dict[str, int]:
         return {"asked": self.asked, "given": self.given, "not_kept": self.not_kept,
-                "retained_bytes": self.retention.bytes, "evicted": self.retention.evicted}
+                "retained_bytes": self.retention.size, "evicted": self.retention.evicted}
 
     def _serve(self) -> None:
         try:
@@ -79,7 +80,6 @@ class Keeper:
         try:
             while not self._stop.is_set():
                 if sock.poll(100):
-                    retention.take_incoming()
                     for _ in range(100):
                         try:
                             frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -87,11 +87,10 @@ class Keeper:
                             break
                         self._answer(sock, frames)
                 now = time.monotonic()
-                retention.take_incoming()
                 retention.expire(now)
                 if retention.new_streams or now >= next_offer:
                     retention.new_streams.clear()
-                    streams = retention.streams
+                    streams = list(retention.streams)
                     for start in range(0, len(streams), MAX_OFFER):
                         chunk = streams[start:start + MAX_OFFER]
                         self._send(sock, [b"OFFER", bytes(msgpack.packb(chunk))])

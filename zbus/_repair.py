@@ -20,7 +20,6 @@ The wire between them (the proxy's ``repair.sock``) is in docs/PROTOCOL.md, sect
 
 from __future__ import annotations
 
-import bisect
 import logging
 from collections import deque
 from collections.abc import Iterable
@@ -86,109 +85,88 @@ def envelope_head(envelope: bytes) -> tuple[bytes, int, int]:
     return stream, first, unpacker.read_array_header()
 
 
-class _Kept:
-    __slots__ = ("firsts", "items")
-
-    def __init__(self) -> None:
-        self.firsts: list[int] = []
-        self.items: list[tuple[int, list[bytes]]] = []  # (count, frames), by first sequence
-
-
 class Retention:
-    """What one publishing connection sent, kept for repair (no lock: the sending thread
-    only appends to :attr:`incoming`, a deque; the thread that answers requests calls
-    :meth:`take_incoming`, :meth:`find` and :meth:`expire`)."""
+    """What one publishing connection sent, kept for repair.
+
+    Built for the sender's sake: :meth:`keep` (the sending thread) appends one tuple to a
+    deque and notes the stream, about half a microsecond; nothing is indexed per message.
+    The thread that answers requests calls :meth:`expire` (dropping the oldest, once each)
+    and :meth:`find`, which scans what is kept: a request is rare (a gap), a message is not.
+    Each counter has one writer (the sender: ``added_bytes``, ``streams``; the answering
+    thread: ``dropped_bytes``), so no lock is needed under the GIL."""
 
     def __init__(self, policy: RepairPolicy) -> None:
         self.policy = policy
-        self.incoming: deque[tuple[float, bytes, int, int, list[bytes]]] = deque()
-        """(time sent, stream id, first, count, frames): appended by the sender."""
-        self._streams: dict[bytes, _Kept] = {}
-        self._order: deque[tuple[float, bytes, int, int]] = deque()  # time, stream, first, size
-        self.bytes = 0
-        self.evicted = 0  # envelopes dropped before their interval ended (over retain_bytes)
+        self.entries: deque[tuple[float, bytes, int, int, list[bytes], int]] = deque()
+        """(time sent, stream id, first, count, frames, bytes), oldest first."""
+        self.streams: dict[bytes, float] = {}
+        """Stream id -> when it last sent (streams offered on the repair plane)."""
         self.new_streams: list[bytes] = []
+        self.added_bytes = 0
+        self.dropped_bytes = 0
+        self.evicted = 0  # envelopes dropped before their interval ended (over retain_bytes)
+
+    @property
+    def size(self) -> int:
+        """Bytes of frames kept now."""
+        return self.added_bytes - self.dropped_bytes
 
     def keep(self, now: float, stream: bytes, first: int, count: int,
              frames: list[bytes]) -> None:
         """From the sending thread: one envelope just sent."""
-        self.incoming.append((now, stream, first, count, frames))
-
-    def take_incoming(self) -> None:
-        """Index what the sender kept since the last call, then drop what is past its time
-        or over the byte bound."""
-        incoming = self.incoming
-        while incoming:
-            now, stream, first, count, frames = incoming.popleft()
-            kept = self._streams.get(stream)
-            if kept is None:
-                kept = self._streams[stream] = _Kept()
-                self.new_streams.append(stream)
-            if kept.firsts and first <= kept.firsts[-1]:
-                continue  # a number given back and reused: the newer frames are the ones sent
-            size = sum(len(frame) for frame in frames)
-            kept.firsts.append(first)
-            kept.items.append((count, frames))
-            self._order.append((now, stream, first, size))
-            self.bytes += size
+        size = len(frames[0]) + len(frames[1]) + len(frames[2])
+        self.entries.append((now, stream, first, count, frames, size))
+        self.added_bytes += size
+        if stream not in self.streams:
+            self.new_streams.append(stream)
+        self.streams[stream] = now
 
     def expire(self, now: float) -> None:
         limit, horizon = self.policy.retain_bytes, now - self.policy.interval
-        order = self._order
-        while order and (order[0][0] < horizon or self.bytes > limit):
-            sent, stream, _, size = order.popleft()
+        entries = self.entries
+        while entries and (entries[0][0] < horizon
+                           or self.added_bytes - self.dropped_bytes > limit):
+            sent, *_, size = entries.popleft()
             if sent >= horizon:
                 self.evicted += 1
-            self.bytes -= size
-            kept = self._streams[stream]
-            # Oldest first in both: the envelope dropped is its stream's first.
-            del kept.firsts[0]
-            del kept.items[0]
-            if not kept.firsts:
-                del self._streams[stream]
-
-    @property
-    def streams(self) -> list[bytes]:
-        return list(self._streams)
+            self.dropped_bytes += size
+        for stream, last in list(self.streams.items()):
+            if last < horizon:
+                self.streams.pop(stream, None)
 
     def find(self, stream: bytes, ranges: Iterable[tuple[int, int]],
              max_bytes: int | None = None) -> tuple[list[list[bytes]], list[list[int]]]:
         """The kept envelopes that hold any sequence of ``ranges`` (each once, in order), and
         the ranges no longer kept (or kept in an envelope with a frame over ``max_bytes``,
         which the asker could not take)."""
-        kept = self._streams.get(stream)
-        found: dict[int, list[bytes]] = {}
-        gone: list[list[int]] = []
-        for lo, hi in ranges:
-            if kept is None:
-                gone.append([lo, hi])
+        wanted = sorted((lo, hi) for lo, hi in ranges)
+        found: dict[int, tuple[int, list[bytes]]] = {}
+        for _, kept_stream, first, count, frames, _ in list(self.entries):
+            if kept_stream != stream:
                 continue
-            firsts, items = kept.firsts, kept.items
-            i = max(bisect.bisect_right(firsts, lo) - 1, 0)
-            covered_to = lo - 1
-            while i < len(firsts) and firsts[i] <= hi:
-                count, frames = items[i]
-                last = firsts[i] + count - 1
-                if last >= lo:
-                    if firsts[i] > covered_to + 1:
-                        gone.append([covered_to + 1, firsts[i] - 1])
-                    found[firsts[i]] = frames
-                    covered_to = max(covered_to, last)
-                i += 1
-            if covered_to < hi:
-                gone.append([max(covered_to + 1, lo), hi])
-        out = []
+            last = first + count - 1
+            if any(first <= hi and last >= lo for lo, hi in wanted):
+                found[first] = (count, frames)
+        out: list[list[bytes]] = []
+        have: list[tuple[int, int]] = []
         for first in sorted(found):
-            frames = found[first]
+            count, frames = found[first]
             if max_bytes is not None and any(len(frame) > max_bytes for frame in frames):
-                gone.append([first, first + self._count(stream, first) - 1])
-            else:
-                out.append(frames)
+                continue
+            out.append(frames)
+            have.append((first, first + count - 1))
+        gone: list[list[int]] = []
+        for lo, hi in wanted:
+            at = lo
+            for first, last in have:
+                if last < at or first > hi:
+                    continue
+                if first > at:
+                    gone.append([at, first - 1])
+                at = max(at, last + 1)
+            if at <= hi:
+                gone.append([at, hi])
         return out, gone
-
-    def _count(self, stream: bytes, first: int) -> int:
-        kept = self._streams[stream]
-        return kept.items[bisect.bisect_left(kept.firsts, first)][0]
 
 
 @dataclass(slots=True)
@@ -254,13 +232,14 @@ class _Open:
     def is_missing(self, sequence: int) -> bool:
         return any(lo <= sequence <= hi for lo, hi, _ in self.missing)
 
-    def remove(self, sequence: int) -> bool:
-        """Take ``sequence`` out of the missing ones; True if it was one."""
-        for lo, hi, _ in self.missing:
+    def remove(self, sequence: int) -> float | None:
+        """Take ``sequence`` out of the missing ones; when it was found missing (None: it
+        was not missing)."""
+        for lo, hi, found in self.missing:
             if lo <= sequence <= hi:
                 self.cut(sequence, sequence)
-                return True
-        return False
+                return found
+        return None
 
     def cut(self, first: int, last: int) -> int:
         """Take ``first..last`` out of the missing ones; how many were missing."""
@@ -300,6 +279,8 @@ class GapBook:
         self.repaired = 0
         self.unrepairable = 0
         self.duplicates = 0
+        self.latencies: deque[float] = deque(maxlen=10_000)
+        """Seconds from a gap found to each of its messages arriving (the latest 10,000)."""
         self.out: list[Any] = []
         """Deliveries handed on, in stream order, for the consumer to take."""
 
@@ -331,8 +312,10 @@ class GapBook:
         """A message of an open stream arrived (``item``: its delivery, or None when it
         delivers nothing): hold it, and hand on whatever is now in order."""
         state = self._open[key]
-        if state.remove(sequence):
+        found = state.remove(sequence)
+        if found is not None:
             self.repaired += 1
+            self.latencies.append(now - found)
         if sequence < state.next:
             return  # given up already: it comes too late to keep the order
         state.held[sequence] = item
