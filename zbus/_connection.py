@@ -361,7 +361,7 @@ class Connection:
             keeper = self._keeper or self._start_keeper()
             if keeper is not None:
                 stream, first = factory._last_sealed
-                if stream is not None and stream.topic is frames[0]:
+                if stream is not None and stream.topic == frames[0]:
                     keeper.keep(time.monotonic(), stream.stream_id, first, stream.next - first,
                                 frames)
                 else:
