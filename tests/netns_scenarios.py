@@ -98,7 +98,12 @@ def pool_counted(hosts: Sequence[LabHost], pool: str) -> tuple[int, str]:
 def subscriber_row(fault: str, sub: Agent, pub: str, sent: int,
                    recovery: float | None, note: str = "") -> Row:
     rec = sub.record.poll()
-    return Row(fault, sent, rec.distinct(pub), int(sub.final.get("lost", 0)),
+    # What zbus says the handlers did not get: the gaps not filled (lost) and what arrived
+    # behind them, held for stream order, when the subscriber stopped (held).
+    held = int(sub.final.get("held", 0))
+    if held:
+        note = f"{note}; {held:,} held behind gaps at stop".lstrip("; ")
+    return Row(fault, sent, rec.distinct(pub), int(sub.final.get("lost", 0)) + held,
                rec.duplicates(), recovery, note)
 
 

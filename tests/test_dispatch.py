@@ -355,6 +355,7 @@ def test_stats_as_dict() -> None:
         "repaired": 0,
         "unrepairable": 0,
         "repair_duplicates": 0,
+        "held": 0,
     }
 
 

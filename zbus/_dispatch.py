@@ -251,6 +251,9 @@ class ConsumerStats:
     the publisher, or over ``max_held`` (each logged as DATALOSS)."""
     repair_duplicates: int = 0
     """Repairs of sequences already had (asked twice, or answered twice): dropped."""
+    held: int = 0
+    """Now: messages received and waiting behind a gap of their stream (handed on once it is
+    repaired or given up). A consumer stopped meanwhile never delivers them."""
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -266,6 +269,7 @@ class ConsumerStats:
             "repaired": self.repaired,
             "unrepairable": self.unrepairable,
             "repair_duplicates": self.repair_duplicates,
+            "held": self.held,
         }
 
 
@@ -443,6 +447,7 @@ class ConsumerCore:
         stats.repaired = book.repaired
         stats.unrepairable = book.unrepairable
         stats.repair_duplicates = book.duplicates
+        stats.held = book.held
 
     def feed(self, frames: list[bytes], repaired: bool = False) -> None:
         """Verify, decode, account and route one received multipart message, appending its

@@ -61,8 +61,6 @@ _CONSUMER_COUNTERS = (
     ("delivered", "Messages whose handlers ran."),
     ("unmatched", "Verified messages no bound pattern matched."),
     ("handler_errors", "Handler calls that raised."),
-    ("lost", "Messages missing from streams (one publisher run on one topic), shown by a "
-             "later message or a beacon of the stream, net of late arrivals."),
     ("reordered", "Messages that arrived after a later one of the same stream."),
     ("beacons", "Streams' signed 'sent up to N' announcements read."),
     ("repair_requested", "Missing messages asked for (each once), with repair on."),
@@ -70,6 +68,12 @@ _CONSUMER_COUNTERS = (
     ("unrepairable", "Missing messages given up (past the reliability interval, no longer "
                      "kept, or over max_held): DATALOSS."),
     ("repair_duplicates", "Repairs of messages already had, dropped."),
+)
+# Gauges: they go down as well as up (a gap filled by a repair or a late arrival).
+_CONSUMER_GAUGES = (
+    ("lost", "Messages missing from streams (one publisher run on one topic), shown by a "
+             "later message or a beacon of the stream, net of late arrivals and repairs."),
+    ("held", "Messages received and waiting behind a gap of their stream, for stream order."),
 )
 
 
@@ -79,6 +83,11 @@ def render_consumers(consumers: Mapping[str, ConsumerStats]) -> str:
     for field, help_text in _CONSUMER_COUNTERS:
         out += family(
             f"zbus_consumer_{field}_total", "counter", help_text,
+            (({"consumer": name}, getattr(stats, field)) for name, stats in consumers.items()),
+        )
+    for field, help_text in _CONSUMER_GAUGES:
+        out += family(
+            f"zbus_consumer_{field}", "gauge", help_text,
             (({"consumer": name}, getattr(stats, field)) for name, stats in consumers.items()),
         )
     out += family(
