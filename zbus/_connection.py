@@ -1169,6 +1169,14 @@ class Subscriber(_LinkedConsumer):
                     break
                 self.core.feed(frames)
                 handled += self._run_ready()
+            # Gaps still open (repair on): what waits behind them reached the proxy before
+            # this call too, so it is handed on once they are repaired or given up.
+            book = self.core.book
+            while done and book is not None and len(book) and time.monotonic() < deadline:
+                self._service_repair()
+                handled += self._run_ready()
+                if len(book) and self._repair_sock is not None:
+                    self._repair_sock.poll(int(_REPAIR_POLL * 1000))  # answers come here
         finally:
             push.close(linger=0)
             self.close()
