@@ -113,11 +113,9 @@ def _emit(url: str, topic: str, executor: str, count: int) -> dict[str, Any]:
         for _ in range(count - 1):
             notifier.info({}, "compute.instance.update", payload)
     emitted = time.time()
-    stats = None
-    driver = transport._driver
-    if hasattr(driver, "publisher"):
-        stats = driver.publisher.stats.as_dict()
-    transport.cleanup()
+    publisher = getattr(transport._driver, "publisher", None)  # zbus's SharedPublisher
+    transport.cleanup()  # zbus: sends what is queued, flushes through the proxy
+    stats = publisher.stats.as_dict() if publisher is not None else None
     return {"start": start, "emitted": emitted, "closed": time.time(), "zbus": stats}
 
 

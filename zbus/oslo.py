@@ -432,8 +432,12 @@ class _Member:
             if isinstance(consumer, ReliableMember):
                 self._run_reliable(consumer)
             else:
+                # receive() rather than run(): deliveries go straight to oslo's queue, not
+                # through the eventlet backend's handler green threads first.
                 while not self.stopping.is_set():
-                    consumer.run(idle_timeout=0.1)
+                    delivery = consumer.receive(timeout=0.1)
+                    if delivery is not None:
+                        self._hand(delivery)
                 consumer.drain(timeout=5.0)  # what it prefetched goes to oslo too
         except Exception:
             log.exception("zbus: the listener of pool %s failed", self.pool)
