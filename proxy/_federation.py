@@ -58,7 +58,7 @@ __all__ = ["LINK_CONNECT_TIMEOUT", "PEER_TIMEOUT", "PROBE_PREFIX", "Federation",
 log = logging.getLogger("zbus.proxy")
 
 PEER_TIMEOUT = 1.0
-"""Seconds a request to a peer's control socket may take before that peer counts as away."""
+"""Seconds a pool declaration or removal passed on to peers waits for their answers."""
 PROBE_PREFIX = CONTROL_PREFIX + b"probe/"
 MISSED_HELLOS = 3
 LINK_CONNECT_TIMEOUT = 0.5
@@ -660,6 +660,12 @@ class Federation:
                     and len(self._reply_page_start) >= 4 * LEARNED_MAX:
                 self._reply_page_start.pop(next(iter(self._reply_page_start)))
             self._reply_page_start[info.id] = after
+            pid = info.id if info.id in self._peers else next(
+                (q for q, p in self._peers.items() if p.origin == info.origin), None)
+            back = pid is not None and not self._peer_state.get(pid, {}).get("answering")
+        if back:  # a peer we count away greets us: greet it back now, not at its next turn
+            self._tell_manager([b"greet", info.origin.encode()])
+        with self._host._state:
             return {"ok": True, "peer": self.me.as_dict(), **pages,
                     "pool_endpoints": dict(self.pool_endpoints),
                     "members": dict(self._host._pool_members.counts),
@@ -851,8 +857,11 @@ class Federation:
                 self._directory.close()
 
     def _manager_command(self, frames: list[bytes]) -> None:
-        """A wake (reconcile now), or a reflect to send to every live peer (manager only)."""
+        """A wake (reconcile now), a reflect to send to every live peer, or a greet: a peer
+        we count away said hello (manager only)."""
         self._dirty = True
+        if len(frames) == 2 and frames[0] == b"greet":
+            self._greet(frames[1].decode(errors="replace"))
         if len(frames) != 2 or frames[0] != b"reflect":
             return
         request = msgpack.packb({"op": "reflect", "token": frames[1]})
@@ -864,6 +873,17 @@ class Federation:
             if channel is not None:
                 with contextlib.suppress(zmq.Again):  # unconnected or full: asked again
                     channel.sock.send_multipart([b"reflect", b"", request], zmq.NOBLOCK)
+
+    def _greet(self, origin: str) -> None:
+        """The peer at ``origin`` said hello while we count it away (it started late, or its
+        path healed): hello it now rather than at its next turn. (Its channel is not made
+        afresh: two proxies doing that to each other while their handshakes are slow would
+        never keep a connection.)"""
+        now = time.monotonic()
+        for pid, channel in self._channels.items():
+            info = self._peers.get(pid)
+            if info is not None and info.origin == origin:
+                channel.due = min(channel.due, now)
 
     def _refresh_peers(self) -> None:
         """Ask the directory who is there: a channel for each new peer (and afresh for one
@@ -951,8 +971,8 @@ class Federation:
         """Hello each peer whose turn it is, on its channel, without waiting for any answer
         (they come back to ``_peer_replies``). A hello still unanswered when the next is due
         is a miss; a peer that missed one is greeted every AWAY_SYNC, so one that went
-        silent is away after sync_interval + (MISSED_HELLOS - 1) * AWAY_SYNC, however many
-        others did too (manager only)."""
+        silent is away (sync_interval to 2 x sync_interval) + (MISSED_HELLOS - 1) *
+        AWAY_SYNC later, however many others did too (manager only)."""
         due = [pid for pid, channel in self._channels.items() if channel.due <= now]
         if not due:
             return

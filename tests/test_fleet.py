@@ -27,6 +27,7 @@ from zbus._transport import CurveKeys
 
 from .conftest import short_tmp_dir
 from .federation_agents import Host, peers_alive, until, wait_meshed
+from .netns_lab import unavailable
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -196,3 +197,25 @@ def test_readiness_waits_as_long_as_its_caller_said(run_dir: Path) -> None:
         server.join(15)
         rep.close(linger=0)
         ctx.term()
+
+
+LAB = unavailable()
+
+
+@pytest.mark.skipif(LAB is not None, reason=LAB or "")
+def test_ready_with_a_third_of_the_fleet_cut_off() -> None:
+    """Six hosts on network namespaces (tests/netns_lab.py), one joining late; then a third
+    of the peers cut off from the first by a silent drop (no RST, no ICMP: SYNs vanish).
+    No handshake while the fleet idles; the late joiner meshes within about a second; the
+    cut-off peers are known away within a detection time; ready() then takes < 0.5 s; the
+    first stops in < 1 s, the rest at once in about that, with no link started on the way."""
+    from .netns_scenarios import fleet as measure
+
+    figures = measure(5, idle=3.0)
+    print(f"\n{figures}")
+    assert figures["handshakes_per_s"] == 0, figures
+    assert figures["late_joiner_s"] < 3.0, figures
+    assert figures["detected_s"] < 4.0, figures
+    assert isinstance(figures["ready_cut_s"], float) and figures["ready_cut_s"] < 0.5, figures
+    assert figures["stop_cut_s"] < 1.0, figures
+    assert figures["link_warnings"] == 0, figures
