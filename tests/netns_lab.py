@@ -552,13 +552,18 @@ def agent_main(argv: Sequence[str]) -> int:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--send-timeout", type=float, default=0.5)
     parser.add_argument("--hwm", type=int, default=100_000, help="Settings.subscriber_hwm")
+    parser.add_argument("--repair-interval", type=float, default=None,
+                        help="RepairPolicy.interval (default: zbus's)")
     args = parser.parse_args(argv)
     # SIGTERM ends the agent through SystemExit, so its Connection closes (the documented
     # way: Python's default SIGTERM action runs no code at all).
     zbus.exit_on_sigterm()
     stop = threading.Event()
     _watch_stdin(stop)
-    settings = zbus.Settings(send_timeout=args.send_timeout, subscriber_hwm=args.hwm)
+    repair = (zbus.RepairPolicy() if args.repair_interval is None
+              else zbus.RepairPolicy(interval=args.repair_interval))
+    settings = zbus.Settings(send_timeout=args.send_timeout, subscriber_hwm=args.hwm,
+                             repair=repair)
     with zbus.Connection(args.run_dir, settings=settings) as conn:
         if args.role == "publish":
             return _publish(args, conn, stop)

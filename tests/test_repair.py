@@ -77,8 +77,9 @@ def test_a_subscriber_past_its_high_water_mark_gets_every_message_repaired_in_or
         repair = proxy_stats["repair"]
         assert repair["forwarded"] > 0 and repair["given"] == keeper["given"]
         # ... and where operators read them.
-        from zbus.metrics import render_consumers
         from zbus_proxy.cli import render_metrics
+
+        from zbus.metrics import render_consumers
         assert f'zbus_proxy_repair_total{{what="given"}} {keeper["given"]}\n' in \
             render_metrics(proxy_stats)
         assert f'{{consumer="s"}} {stats.repaired}\n' in render_consumers({"s": stats})
