@@ -255,3 +255,52 @@ def test_a_subscriber_on_another_host_is_repaired_over_the_links(key: bytes) -> 
         finally:
             for h in (a, b):
                 h.stop()
+
+
+def test_hostile_repair_plane_messages_are_refused_counted_and_change_nothing(
+        run_dir: Path, key: bytes) -> None:
+    """Anything on repair.sock is untrusted: malformed requests and offers, answers with a
+    wrong shape, a flood of requests (past the 400 burst) are refused and counted by reason;
+    the plane keeps serving and a real gap is still repaired afterwards."""
+    import msgpack
+    import zmq
+
+    from zbus._repair import Ask
+
+    proxy = ProxyProcess(run_dir, "--subscriber-hwm", "200").start()
+    ctx: zmq.Context = zmq.Context()
+    rogue = ctx.socket(zmq.DEALER)
+    rogue.setsockopt(zmq.LINGER, 0)
+    try:
+        rogue.connect(zbus.Endpoints(run_dir).repair)
+        junk = [[b"ASK", b"\xc1"], [b"ASK", msgpack.packb([1, "p", b"short", [[1, 2]], 9])],
+                [b"OFFER", b"junk"], [b"OFFER", msgpack.packb([b"x" * 9])], [b"GIVE"],
+                [b"GIVE", b"who", b"head", b"t", b"e"], [b"NOPE", b"x"], [b"ASK"]]
+        for frames in junk:
+            rogue.send_multipart(frames)
+        ask = Ask("svc", b"s" * 8, [[1, 5]]).encode(1, 1 << 20)
+        for _ in range(600):
+            rogue.send_multipart([b"ASK", ask])
+
+        def refused() -> dict[str, int]:
+            with zbus.Connection(run_dir) as conn:
+                counts: dict[str, int] = conn.proxy_stats()["repair"]["refused"]
+                return counts
+
+        deadline = time.monotonic() + 10
+        while refused().get("rate", 0) < 100 and time.monotonic() < deadline:
+            time.sleep(0.05)  # polling the proxy's counters
+        counts = refused()
+        assert counts.get("malformed") == len(junk) and counts.get("rate", 0) >= 100, counts
+        # The plane still serves the real thing.
+        conn, sub, seen, pub_conn, sent = _overflow(run_dir, key, 4000)
+        total = sum(sent.values())
+        _run_until(sub, lambda: sum(map(len, seen.values())) >= total, 30)
+        assert sum(map(len, seen.values())) == total and sub.stats.repaired > 0
+        sub.close()
+        conn.close()
+        pub_conn.close()
+    finally:
+        rogue.close(linger=0)
+        ctx.term()
+        proxy.stop()

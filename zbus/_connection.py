@@ -853,7 +853,8 @@ class _Consumer:
         self._repair_sock: zmq.Socket[Any] | None = None
         self._asked: OrderedDict[int, tuple[tuple[str, bytes], list[list[int]]]] = \
             OrderedDict()
-        self._next_ask = 0
+        # Random, so that an answer not meant for this consumer is not taken for one.
+        self._next_ask = int.from_bytes(os.urandom(6), "big")
         self._next_tick = 0.0
         self._pending: deque[list[bytes]] = deque()
         self._stop = threading.Event()
