@@ -65,6 +65,8 @@ class RepairRouter:
         self._ready = threading.Event()
         self._owners: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
         self._buckets: OrderedDict[bytes, list[float]] = OrderedDict()
+        # Publishing connection -> (bytes it keeps, when it said so), from its offers.
+        self._kept: OrderedDict[bytes, tuple[int, float]] = OrderedDict()
         self._started = time.monotonic()
         self._token = os.urandom(8)  # this proxy's repair plane, as peers' answers name it
         self.counts: Counter[str] = Counter()
@@ -83,7 +85,10 @@ class RepairRouter:
             self._thread.join(timeout)
 
     def stats(self) -> dict[str, Any]:
-        return {"streams": len(self._owners), **dict(self.counts),
+        now = time.monotonic()
+        live = [kept for kept, at in list(self._kept.values()) if now - at <= OFFER_TTL]
+        return {"streams": len(self._owners), "keepers": len(live),
+                "retained_bytes": sum(live), **dict(self.counts),
                 "refused": dict(self.refused),
                 "starting": time.monotonic() - self._started <= START_GRACE}
 
@@ -226,13 +231,19 @@ class RepairRouter:
 
     def _offer(self, sender: bytes, body: bytes, now: float) -> None:
         try:
-            streams = msgpack.unpackb(body, raw=False, use_list=True)
+            offer = msgpack.unpackb(body, raw=False, use_list=True)
+            streams, kept = offer if type(offer) is list and len(offer) == 2 else (None, None)
         except Exception:
-            streams = None
+            streams = kept = None
         if (type(streams) is not list or len(streams) > MAX_OFFER
-                or not all(type(s) is bytes and len(s) == 8 for s in streams)):
+                or not all(type(s) is bytes and len(s) == 8 for s in streams)
+                or type(kept) is not int or not 0 <= kept < 2**63):
             self._refuse("malformed")
             return
+        self._kept[sender] = (kept, now)
+        self._kept.move_to_end(sender)
+        while len(self._kept) > MAX_REQUESTERS:
+            self._kept.popitem(last=False)
         owners = self._owners
         for stream in streams:
             owners[stream] = (sender, now)

@@ -83,6 +83,11 @@ def test_a_subscriber_past_its_high_water_mark_gets_every_message_repaired_in_or
         assert f'zbus_proxy_repair_total{{what="given"}} {keeper["given"]}\n' in \
             render_metrics(proxy_stats)
         assert f'{{consumer="s"}} {stats.repaired}\n' in render_consumers({"s": stats})
+        # The proxy knows what its publishing connections keep (from their offers), and
+        # zbus stats says it.
+        assert repair["keepers"] == 1 and repair["retained_bytes"] > 0
+        from zbus.cli import format_stats
+        assert f"keep {repair['retained_bytes']:,} bytes" in format_stats(proxy_stats, None)
         sub.close()
         conn.close()
         pub_conn.close()

@@ -91,9 +91,10 @@ class Keeper:
                 if retention.new_streams or now >= next_offer:
                     retention.new_streams.clear()
                     streams = list(retention.streams)
-                    for start in range(0, len(streams), MAX_OFFER):
+                    for start in range(0, max(len(streams), 1), MAX_OFFER):
                         chunk = streams[start:start + MAX_OFFER]
-                        self._send(sock, [b"OFFER", bytes(msgpack.packb(chunk))])
+                        self._send(sock, [b"OFFER",
+                                          bytes(msgpack.packb([chunk, retention.size]))])
                     next_offer = now + OFFER_EVERY
                 if now >= next_beacons:
                     # To the proxy, which publishes them into its delivery plane. A beacon

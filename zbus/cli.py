@@ -529,7 +529,8 @@ def cmd_tap(args: argparse.Namespace) -> int:
             _silence_stdout()
     s = tap.stats
     print(f"tap: shown {shown}, lost {s.lost}, unmatched {s.unmatched}, "
-          f"rejected {dict(s.rejected) or 0}", file=sys.stderr, flush=True)
+          f"rejected {dict(s.rejected) or 0}, repaired {s.repaired}, unrepairable "
+          f"{s.unrepairable}", file=sys.stderr, flush=True)
     return EXIT_OK
 
 
@@ -585,8 +586,26 @@ def format_stats(stats: dict[str, Any], previous: dict[str, Any] | None = None,
     if drops:
         lines.append(f"pool start-up drops: {drops}")
     lines.extend(_format_reliable(stats.get("reliable_pools") or {}))
+    lines.extend(_format_repair(stats.get("repair")))
     lines.extend(_format_peers(stats.get("federation")))
     return "\n".join(lines)
+
+
+def _format_repair(repair: dict[str, Any] | None) -> list[str]:
+    """The repair plane (docs/RELIABILITY.md, "Repair"): what was asked and given here."""
+    if not repair:
+        return []
+    refused = repair.get("refused") or {}
+    return [
+        f"repair: {repair.get('keepers', 0)} publishing connection(s) keep "
+        f"{repair.get('retained_bytes', 0):,} bytes of {repair.get('streams', 0)} stream(s); "
+        f"requests {repair.get('asked', 0)} (to peers {repair.get('asked_peers', 0)}, "
+        f"nobody here keeps it {repair.get('unknown', 0)}), envelopes given "
+        f"{repair.get('given', 0)} (from peers {repair.get('given_from_peers', 0)}), "
+        f"refused {sum(refused.values())}",
+        "  each subscriber counts its own: repair_requested, repaired, unrepairable "
+        "(zbus tap prints them when it ends; a Subscriber's counters())",
+    ]
 
 
 def _format_peers(federation: dict[str, Any] | None) -> list[str]:
