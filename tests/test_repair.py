@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import zbus
+import zbus.eventlet as zbus_eventlet
 
 from .conftest import ProxyProcess
 
@@ -308,4 +309,69 @@ def test_hostile_repair_plane_messages_are_refused_counted_and_change_nothing(
     finally:
         rogue.close(linger=0)
         ctx.term()
+        proxy.stop()
+
+
+_PATCHED_PUBLISHER = """
+import sys, eventlet
+eventlet.monkey_patch()
+import zbus, zbus.eventlet
+run_dir, key, count = sys.argv[1], bytes.fromhex(sys.argv[2]), int(sys.argv[3])
+conn = zbus.eventlet.Connection(run_dir)
+pub = zbus.eventlet.Publisher(conn.exchange("notifications"), zbus.MessageFactory(key, "svc"))
+for n in range(1, count + 1):
+    pub.send("compute.instance.create.end", n)
+conn.flush()
+print("SENT", flush=True)
+sys.stdin.readline()  # keeps what it sent until the test has read everything
+print("GIVEN", conn.keeper_stats["given"], flush=True)
+conn.close()
+"""
+
+
+@pytest.mark.parametrize("patched", [False, True])
+def test_an_eventlet_publisher_keeps_what_it_sent(run_dir: Path, key: bytes,
+                                                  patched: bool) -> None:
+    """zbus.eventlet publishers keep for repairs too: their keeper is an OS thread on plain
+    sockets (under monkey_patch() as well), so the hub never waits in libzmq."""
+    import subprocess
+    import sys
+
+    proxy = ProxyProcess(run_dir, "--subscriber-hwm", "200").start()
+    try:
+        conn = zbus.Connection(run_dir, settings=zbus.Settings(subscriber_hwm=200))
+        dispatcher, seen = _numbers("compute.#")
+        sub = conn.subscribe(dispatcher, key)
+        sub.ready()
+        count = 4000
+        topic = "compute.instance.create.end"
+        child = None
+        if patched:
+            child = subprocess.Popen(
+                [sys.executable, "-c", _PATCHED_PUBLISHER, str(run_dir), key.hex(), str(count)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            assert child.stdout is not None and child.stdout.readline().strip() == "SENT"
+        else:
+            pub_conn = zbus_eventlet.Connection(run_dir)
+            pub = zbus_eventlet.Publisher(pub_conn.exchange(EX), zbus.MessageFactory(key, "svc"))
+            for n in range(1, count + 1):
+                pub.send(topic, n)
+            pub_conn.flush()
+        _run_until(sub, lambda: len(seen.get(topic, [])) >= count, 30)
+        assert seen.get(topic) == list(range(1, count + 1)), sub.counters()
+        assert sub.stats.repaired > 0 and sub.stats.unrepairable == 0
+        if child is not None:
+            assert child.stdin is not None and child.stdout is not None
+            child.stdin.write("\n")
+            child.stdin.flush()
+            given = child.stdout.readline().split()
+            assert given[0] == "GIVEN" and int(given[1]) > 0
+            assert child.wait(30) == 0
+        else:
+            stats = pub_conn.keeper_stats
+            assert stats is not None and stats["given"] > 0
+            pub_conn.close()
+        sub.close()
+        conn.close()
+    finally:
         proxy.stop()

@@ -388,11 +388,17 @@ class Connection:
             self._keeps = False  # this connection's settings say off: never ask again
             return None
         factories = self._announcer.factories
+        context, thread = self._keeper_runs_on()
         self._keeper = Keeper(
-            self.ctx, self.settings, self.endpoints,
+            context, self.settings, self.endpoints,
             lambda: [b for f in factories()
-                     for b in f.tail_beacons(BEACON_IDLE, self.settings.repair.interval)])
+                     for b in f.tail_beacons(BEACON_IDLE, self.settings.repair.interval)],
+            thread)
         return self._keeper
+
+    def _keeper_runs_on(self) -> tuple[zmq.Context[Any], type[threading.Thread]]:
+        """The context the keeper makes its socket in, and its thread class."""
+        return self.ctx, threading.Thread
 
     @property
     def keeper_stats(self) -> dict[str, int] | None:

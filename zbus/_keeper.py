@@ -44,7 +44,8 @@ class Keeper:
     flushes or closes, and those can be lost with the tail)."""
 
     def __init__(self, ctx: zmq.Context[Any], settings: Settings, endpoints: Endpoints,
-                 beacons: Callable[[], list[list[bytes]]]) -> None:
+                 beacons: Callable[[], list[list[bytes]]],
+                 thread: type[threading.Thread] = threading.Thread) -> None:
         self._ctx = ctx
         self._settings = settings
         self._endpoints = endpoints
@@ -56,7 +57,9 @@ class Keeper:
         self.given = 0
         self.not_kept = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="zbus-keeper", daemon=True)
+        # ``thread``: an OS thread's class (under eventlet.monkey_patch(), threading's
+        # original one: the keeper waits in libzmq, which a green thread must never do).
+        self._thread = thread(target=self._serve, name="zbus-keeper", daemon=True)
         self._thread.start()
 
     def close(self, timeout: float = 2.0) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
 from typing import Any, ClassVar, cast
 
 import zmq
@@ -110,9 +111,6 @@ class Connection(_threads.Connection):
     """
 
     _backend: ClassVar[str] = "zbus.eventlet"
-    # A publisher here keeps nothing for repairs yet: the keeper is an OS thread, and green
-    # sockets must be used from the hub's thread (docs/RELIABILITY.md, "Repair").
-    _keeps = False
 
     def __init__(
         self,
@@ -129,6 +127,14 @@ class Connection(_threads.Connection):
         super().__init__(run_dir, settings=settings, context=context,
                          require_proxy=require_proxy)
         self.handler_pool_size = handler_pool_size
+
+    def _keeper_runs_on(self) -> tuple[zmq.Context[Any], type[threading.Thread]]:
+        # The keeper (what this connection sent, for repairs) is an OS thread with plain
+        # sockets: it waits in libzmq, which would block the hub from a green thread, and
+        # green sockets belong to the hub's thread. Under monkey_patch() threading.Thread is
+        # green, so the original is asked for.
+        original = self.eventlet.patcher.original("threading")
+        return self._base_ctx or _process_context(), original.Thread
 
     def _new_context(self) -> zmq.Context[Any]:
         # Also asked in a forked child, once the base class has dropped the parent's green
