@@ -375,3 +375,42 @@ def test_an_eventlet_publisher_keeps_what_it_sent(run_dir: Path, key: bytes,
         conn.close()
     finally:
         proxy.stop()
+
+
+def test_an_asyncio_subscriber_asks_for_its_gaps_too(run_dir: Path, key: bytes) -> None:
+    import asyncio
+
+    import zbus.asyncio as zbus_asyncio
+
+    proxy = ProxyProcess(run_dir, "--subscriber-hwm", "200").start()
+    try:
+        topic = "compute.instance.create.end"
+        count = 4000
+        seen: list[int] = []
+
+        async def main() -> tuple[zbus.ConsumerStats, int]:
+            conn = zbus_asyncio.Connection(run_dir, settings=zbus.Settings(subscriber_hwm=200))
+            dispatcher = zbus.Dispatcher()
+            dispatcher.bind(EX, "compute.#", lambda d: seen.append(d.payload))
+            sub = conn.subscribe(dispatcher, key)
+            await sub.ready()
+            with zbus.Connection(run_dir) as pub_conn:  # a threads publisher keeps
+                pub = zbus.Publisher(pub_conn.exchange(EX), zbus.MessageFactory(key, "svc"))
+                for n in range(1, count + 1):
+                    pub.send(topic, n)
+                pub_conn.flush()
+                deadline = time.monotonic() + 30
+                while len(seen) < count and time.monotonic() < deadline:
+                    delivery = await sub.receive(0.1)
+                    if delivery is not None:
+                        await sub.dispatch(delivery)
+                given = (pub_conn.keeper_stats or {}).get("given", 0)
+            sub.close()
+            conn.close()
+            return sub.stats, given
+
+        stats, given = asyncio.run(main())
+        assert seen == list(range(1, count + 1)), stats.as_dict()
+        assert stats.repaired > 0 and given > 0 and stats.unrepairable == 0
+    finally:
+        proxy.stop()

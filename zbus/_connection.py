@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import weakref
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +36,7 @@ from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
 from ._message import BEACON_IDLE, Announcer, Message, MessageFactory, OutgoingMessage
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
-from ._repair import envelope_head
+from ._repair import RepairAsker, envelope_head
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, check_private_dir, default_run_dir
 from ._transport import abandon, context, make_socket, recv_frames, wait_for_probe
@@ -72,8 +72,6 @@ _FIRST = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _REPAIR_POLL = 0.02
 """Seconds a subscriber with open gaps waits on its data before it looks at repairs."""
-_MAX_ASKED = 4096
-"""Requests a subscriber remembers, to match answers to the streams it asked about."""
 
 
 def _send(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
@@ -857,11 +855,8 @@ class _Consumer:
                                  replay=ReplayGuard(connection.settings.replay),
                                  repair=connection.settings.repair if repair else None)
         self._repair_sock: zmq.Socket[Any] | None = None
-        self._asked: OrderedDict[int, tuple[tuple[str, bytes], list[list[int]]]] = \
-            OrderedDict()
-        # Random, so that an answer not meant for this consumer is not taken for one.
-        self._next_ask = int.from_bytes(os.urandom(6), "big")
-        self._next_tick = 0.0
+        self._asker = None if self.core.book is None else RepairAsker(
+            self.core, connection.settings.max_message_bytes)
         self._pending: deque[list[bytes]] = deque()
         self._stop = threading.Event()
         self._forks = _transport.forks  # a consumer's sockets never work in a forked child
@@ -924,69 +919,29 @@ class _Consumer:
     def _service_repair(self) -> None:
         """Send the core's requests, take the answers in, and give up or ask again when
         due: called by the receive loop while repair is on."""
-        book = self.core.book
-        if book is None:
+        asker = self._asker
+        if asker is None:
             return
-        now = time.monotonic()
-        if now >= self._next_tick:
-            self._next_tick = now + min(0.1, book.policy.retry / 2)
-            self.core.tick()
-        if book.asks:
-            conn = self.connection
-            sock = self._repair_sock
+        requests = asker.due(time.monotonic())
+        sock = self._repair_sock
+        if requests:
             if sock is None:
+                conn = self.connection
                 sock = self._repair_sock = make_socket(
                     conn.ctx, zmq.DEALER, conn.settings, connect=conn.endpoints.repair)
-            for ask in book.asks:
-                self._next_ask += 1
-                self._asked[self._next_ask] = ((ask.publisher_id, ask.stream), ask.ranges)
-                if len(self._asked) > _MAX_ASKED:
-                    self._asked.popitem(last=False)
+            for frames in requests:
                 try:
-                    sock.send_multipart(
-                        [b"ASK", ask.encode(self._next_ask, conn.settings.max_message_bytes)],
-                        _NOBLOCK)
+                    sock.send_multipart(frames, _NOBLOCK)
                 except zmq.Again:
                     break  # the proxy is not taking: asked again after ``retry``
-            book.asks.clear()
-        sock = self._repair_sock
         if sock is None:
             return
         for _ in range(64):
             try:
-                frames = sock.recv_multipart(_NOBLOCK)
+                answer = sock.recv_multipart(_NOBLOCK)
             except zmq.Again:
                 break
-            self._take_answer(frames)
-
-    def _take_answer(self, frames: list[bytes]) -> None:
-        # Only the ask id is believed: the stream it names is the one this consumer asked
-        # about, whatever the answer claims. The envelopes are verified like any others.
-        if len(frames) < 2 or frames[0] not in (b"GIVE", b"GONE"):
-            return
-        try:
-            head = msgpack.unpackb(frames[1], raw=False, use_list=True)
-            asked = self._asked.get(head[0]) if type(head) is list and head else None
-        except Exception:
-            asked = None
-        if asked is None or (frames[0] == b"GIVE" and (len(frames) - 2) % 3):
-            return
-        key, ranges = asked
-        book = self.core.book
-        assert book is not None
-        if frames[0] == b"GONE":
-            # No publishing connection on this host keeps the stream (it closed, or the
-            # stream came from another host): final unless the proxy has just restarted.
-            if len(head) == 3 and head[2] is True:
-                book.not_kept(key, ranges, self.core._clock())
-        elif len(head) == 4 and type(head[3]) is list:
-            gone = [r for r in head[3] if type(r) is list and len(r) == 2
-                    and all(type(x) is int for x in r)]
-            if gone:
-                book.not_kept(key, gone, self.core._clock())
-            for i in range(2, len(frames), 3):
-                self.core.feed(frames[i:i + 3], repaired=True)
-        self.core._settle(book)
+            asker.take(answer)
 
     def close(self) -> None:
         if self._forks != _transport.forks:

@@ -21,6 +21,7 @@ The wire between them (the proxy's ``repair.sock``) is in docs/PROTOCOL.md, sect
 from __future__ import annotations
 
 import logging
+import os
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -387,3 +388,68 @@ class GapBook:
             self._count(state, lost, f"more than max_held={self.policy.max_held} messages "
                                      "waited behind gaps")
         self._release(key, state)
+
+
+class RepairAsker:
+    """A subscriber's side of the repair plane's wire (docs/PROTOCOL.md section 11), without
+    the socket: the request messages for what its core's book asks, and the answers fed back
+    to the core. Every backend's subscriber drives one with its own socket and clock.
+
+    Only the request id of an answer is believed (ids start at random): the stream an answer
+    names is the one this subscriber asked about, whatever the answer claims, and its
+    envelopes go through the core like any received message (verified first)."""
+
+    MAX_ASKED = 4096
+    """Requests remembered, to match answers to the streams they asked about."""
+
+    def __init__(self, core: Any, max_bytes: int) -> None:
+        self.core = core  # a ConsumerCore with a book (not imported: no import cycle)
+        self.max_bytes = max_bytes
+        self._asked: dict[int, tuple[tuple[str, bytes], list[list[int]]]] = {}
+        self._next = int.from_bytes(os.urandom(6), "big")
+        self._next_tick = 0.0
+
+    def due(self, now: float) -> list[list[bytes]]:
+        """Tick the book when due (``now``: a monotonic time), then the request messages to
+        send for what it asks now."""
+        book: GapBook = self.core.book
+        if now >= self._next_tick:
+            self._next_tick = now + min(0.1, book.policy.retry / 2)
+            self.core.tick()
+        out = []
+        for ask in book.asks:
+            self._next += 1
+            self._asked[self._next] = ((ask.publisher_id, ask.stream), ask.ranges)
+            if len(self._asked) > self.MAX_ASKED:
+                del self._asked[next(iter(self._asked))]
+            out.append([b"ASK", ask.encode(self._next, self.max_bytes)])
+        book.asks.clear()
+        return out
+
+    def take(self, frames: list[bytes]) -> None:
+        """One message from the repair plane (an answer, or "nobody here keeps it")."""
+        if len(frames) < 2 or frames[0] not in (b"GIVE", b"GONE"):
+            return
+        try:
+            head = msgpack.unpackb(frames[1], raw=False, use_list=True)
+            asked = self._asked.get(head[0]) if type(head) is list and head else None
+        except Exception:
+            asked = None
+        if asked is None or (frames[0] == b"GIVE" and (len(frames) - 2) % 3):
+            return
+        key, ranges = asked
+        core = self.core
+        book: GapBook = core.book
+        if frames[0] == b"GONE":
+            # No publishing connection on that host keeps the stream (it closed): final,
+            # unless the proxy has just restarted or can ask peers (then false).
+            if len(head) == 3 and head[2] is True:
+                book.not_kept(key, ranges, core._clock())
+        elif len(head) == 4 and type(head[3]) is list:
+            gone = [r for r in head[3] if type(r) is list and len(r) == 2
+                    and all(type(x) is int for x in r)]
+            if gone:
+                book.not_kept(key, gone, core._clock())
+            for i in range(2, len(frames), 3):
+                core.feed(frames[i:i + 3], repaired=True)
+        core._settle(book)

@@ -57,6 +57,7 @@ from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
 from ._message import Announcer, Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
+from ._repair import RepairAsker
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import abandon, make_socket, recv_frames
@@ -65,6 +66,9 @@ from ._transport import context as _process_context
 __all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subscriber"]
 
 log = logging.getLogger("zbus")
+
+_REPAIR_POLL = 0.02
+"""Seconds a subscriber with open gaps waits on its data before it looks at repairs."""
 
 
 class Connection:
@@ -317,13 +321,19 @@ class _Consumer(Linked):
     _backend: ClassVar[str] = "zbus.asyncio"
 
     def __init__(self, connection: Connection, dispatcher: Dispatcher, keys: bytes | KeyRing,
-                 *, track_sequences: bool, kind: int, endpoint: str) -> None:
+                 *, track_sequences: bool, kind: int, endpoint: str,
+                 repair: bool = False) -> None:
         check_backend(self, connection)
         if not dispatcher.patterns:
             raise ConfigError("the dispatcher has no bindings: bind a handler first")
         self.connection = connection
         self.core = ConsumerCore(dispatcher, keys, track_sequences=track_sequences,
-                                 replay=ReplayGuard(connection.settings.replay))
+                                 replay=ReplayGuard(connection.settings.replay),
+                                 repair=connection.settings.repair if repair else None)
+        # Repair (zbus._repair): a subscriber's requests for its gaps and their answers.
+        self._asker = None if self.core.book is None else RepairAsker(
+            self.core, connection.settings.max_message_bytes)
+        self._repair_sock: zmq.Socket[Any] | None = None  # a plain one: never awaited
         self._pending: deque[list[bytes]] = deque()
         self._stopping = False
         self._wake: asyncio.Future[None] | None = None
@@ -404,16 +414,54 @@ class _Consumer(Linked):
             return self.core.ready.popleft()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
+        book = self.core.book
         while True:
-            frames = self._pending.popleft() if self._pending else await self._read(deadline)
-            if frames is None:
+            wait_until = deadline
+            if book is not None and (len(book) or self._repair_sock is not None):
+                self._service_repair()
+                if self.core.ready:  # repaired, or released from behind a gap
+                    return self.core.ready.popleft()
+                if len(book):  # gaps open: look at the answers often
+                    soon = loop.time() + _REPAIR_POLL
+                    wait_until = soon if deadline is None else min(deadline, soon)
+            frames = self._pending.popleft() if self._pending else await self._read(wait_until)
+            if frames is not None:
+                delivery = self.core.accept(frames)
+                if delivery is not None:
+                    return delivery
+            elif wait_until == deadline or self._stopping or self._sock.closed:
                 break
-            delivery = self.core.accept(frames)
-            if delivery is not None:
-                return delivery
             if deadline is not None and loop.time() >= deadline:
                 break
         return None
+
+    def _service_repair(self) -> None:
+        """As the threads backend's: send the requests, take the answers (non-blocking, on
+        a plain socket: a request or an answer never waits)."""
+        asker = self._asker
+        if asker is None:
+            return
+        requests = asker.due(time.monotonic())
+        sock = self._repair_sock
+        if requests:
+            if sock is None:
+                conn = self.connection
+                sock = self._repair_sock = make_socket(
+                    zmq.Context.shadow(conn.ctx.underlying), zmq.DEALER, conn.settings,
+                    connect=conn.endpoints.repair)
+            for frames in requests:
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+        if sock is None:
+            return
+        for _ in range(64):
+            try:
+                answer = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            asker.take(answer)
 
     async def dispatch(self, delivery: Delivery) -> None:
         """Run ``delivery``'s handlers in turn, awaiting coroutine handlers."""
@@ -507,6 +555,8 @@ class _Consumer(Linked):
     def close(self) -> None:
         """Close now, dropping what was read and not dispatched."""
         self.stop()
+        if self._repair_sock is not None:
+            self._repair_sock.close(linger=0)
         self._link.close()
         if not self._sock.closed:
             self._sock.close(linger=0)
@@ -531,7 +581,7 @@ class Subscriber(_Consumer):
     def __init__(self, connection: Connection, dispatcher: Dispatcher,
                  keys: bytes | KeyRing) -> None:
         self._hwm = connection.settings.subscriber_hwm
-        super().__init__(connection, dispatcher, keys, track_sequences=True,
+        super().__init__(connection, dispatcher, keys, track_sequences=True, repair=True,
                          kind=zmq.SUB, endpoint=connection.endpoints.deliver)
 
     async def ready(self, timeout: float = 10.0) -> None:
