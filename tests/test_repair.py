@@ -377,7 +377,8 @@ def test_an_eventlet_publisher_keeps_what_it_sent(run_dir: Path, key: bytes,
         proxy.stop()
 
 
-def test_an_asyncio_subscriber_asks_for_its_gaps_too(run_dir: Path, key: bytes) -> None:
+def test_asyncio_subscribers_ask_and_asyncio_publishers_keep(run_dir: Path,
+                                                              key: bytes) -> None:
     import asyncio
 
     import zbus.asyncio as zbus_asyncio
@@ -394,17 +395,18 @@ def test_an_asyncio_subscriber_asks_for_its_gaps_too(run_dir: Path, key: bytes) 
             dispatcher.bind(EX, "compute.#", lambda d: seen.append(d.payload))
             sub = conn.subscribe(dispatcher, key)
             await sub.ready()
-            with zbus.Connection(run_dir) as pub_conn:  # a threads publisher keeps
-                pub = zbus.Publisher(pub_conn.exchange(EX), zbus.MessageFactory(key, "svc"))
-                for n in range(1, count + 1):
-                    pub.send(topic, n)
-                pub_conn.flush()
-                deadline = time.monotonic() + 30
-                while len(seen) < count and time.monotonic() < deadline:
-                    delivery = await sub.receive(0.1)
-                    if delivery is not None:
-                        await sub.dispatch(delivery)
-                given = (pub_conn.keeper_stats or {}).get("given", 0)
+            pub_conn = zbus_asyncio.Connection(run_dir)  # an asyncio publisher keeps too
+            pub = zbus_asyncio.Publisher(pub_conn.exchange(EX), zbus.MessageFactory(key, "svc"))
+            for n in range(1, count + 1):
+                await pub.send(topic, n)
+            await pub_conn.flush()
+            deadline = time.monotonic() + 30
+            while len(seen) < count and time.monotonic() < deadline:
+                delivery = await sub.receive(0.1)
+                if delivery is not None:
+                    await sub.dispatch(delivery)
+            given = (pub_conn.keeper_stats or {}).get("given", 0)
+            await pub_conn.aclose()
             sub.close()
             conn.close()
             return sub.stats, given

@@ -53,11 +53,12 @@ from ._connection import (
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
+from ._keeper import Keeper
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
-from ._message import Announcer, Message, MessageFactory
+from ._message import BEACON_IDLE, Announcer, Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
-from ._repair import RepairAsker
+from ._repair import RepairAsker, envelope_head
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import abandon, make_socket, recv_frames
@@ -99,6 +100,7 @@ class Connection:
         self._closed = False
         self._forks = _transport.forks  # the process the context and socket belong to
         self._announcer = Announcer()  # the factories' streams, for their beacons
+        self._keeper: Keeper | None = None  # what this connection sent, for repairs
 
     @property
     def ctx(self) -> zmq.asyncio.Context:
@@ -116,7 +118,30 @@ class Connection:
         (zbus._transport.abandon says why); the next use makes this process's own."""
         abandon(self._push, self._ctx, self._base_ctx)
         self._push = self._ctx = self._base_ctx = None
+        self._keeper = None  # the parent's thread: not in this process
         self._forks = _transport.forks
+
+    def _keep(self, factory: MessageFactory, frames: list[bytes]) -> None:
+        """Keep ``frames`` for repairs (docs/RELIABILITY.md, "Repair"): a keeper thread of
+        this connection's, an OS thread on plain sockets, so the event loop never waits."""
+        keeper = self._keeper
+        if keeper is None:
+            if not self.settings.repair.on:
+                return
+            factories, interval = self._announcer.factories, self.settings.repair.interval
+            keeper = self._keeper = Keeper(
+                self._base_ctx or _process_context(), self.settings, self.endpoints,
+                lambda: [b for f in factories() for b in f.tail_beacons(BEACON_IDLE, interval)])
+        stream, first = factory._last_sealed
+        if stream is not None and stream.topic == frames[0]:
+            keeper.keep(time.monotonic(), stream.stream_id, first, stream.next - first, frames)
+        else:
+            keeper.keep(time.monotonic(), *envelope_head(frames[1]), frames)
+
+    @property
+    def keeper_stats(self) -> dict[str, int] | None:
+        """What this connection keeps for repairs and answered (None: nothing yet)."""
+        return None if self._keeper is None else self._keeper.stats()
 
     def socket(self, kind: int, **options: Any) -> zmq.asyncio.Socket:
         """A new asyncio socket set up by :func:`zbus._transport.make_socket`; caller owns it."""
@@ -148,6 +173,7 @@ class Connection:
         except BaseException:  # cancelled or timed out: never sent, so not counted lost
             factory.withdraw()
             raise
+        self._keep(factory, frames)
         push = self._push
         for beacon in self._announcer.after(factory, time.monotonic()):
             with contextlib.suppress(zmq.Again):  # never wait on a full queue for a beacon
@@ -246,6 +272,9 @@ class Connection:
         if self._push is not None:
             self._push.close()
             self._push = None
+        if self._keeper is not None:
+            self._keeper.close()
+            self._keeper = None
 
     async def __aenter__(self) -> Connection:
         return self
