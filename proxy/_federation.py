@@ -75,11 +75,17 @@ MAX_SOCKETS = 8192
 """The federated proxy's ZeroMQ socket limit (ZMQ_MAX_SOCKETS): LEARNED_MAX learned peers
 plus hundreds of configured ones."""
 STOP_SLICE_MS = 20
+STOP_DRAIN_S = 0.1
+"""Seconds a stop reads the links' monitors after the links closed (_retired_readers)."""
 """Milliseconds a wait on a peer runs before it looks at the stop event again."""
 AWAY_SYNC = 0.25
 """Seconds between hellos while a peer does not answer: it is noticed soon after it is back."""
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 RUNS_KEPT = 64
+RETIRED_READER_S = 5.0
+"""Seconds a stopped link's monitor reader stays open (and read) after the link's close."""
+LINK_GRACE = LINK_CONNECT_TIMEOUT + LINK_RECONNECT_IVL_MAX
+"""A link not connected this long after its start is down (before that it is connecting)."""
 HELLO_POOLS_SHARE = 4
 """A hello carries at most max_message_bytes / HELLO_POOLS_SHARE of pool declarations (the
 rest of a hello is small): more pools go in pages over successive hellos."""
@@ -247,6 +253,13 @@ class Federation:
         self._link_monitors: dict[str, zmq.Socket[Any]] = {}
         self._link_source: dict[str, str] = {}
         self._link_since: dict[str, float] = {}
+        self._link_started: dict[str, float] = {}
+        # Monitor readers of stopped links, closed RETIRED_READER_S later: libzmq sends a
+        # socket's monitor events from its I/O thread, blocking, until the socket is gone
+        # (after its close); a reader closed first leaves a late event (a handshake that
+        # completes during the close) with no peer, and the I/O thread, every connection
+        # of the proxy with it, waits forever.
+        self._retired_readers: list[tuple[float, zmq.Socket[Any]]] = []
         self._link_seq = 0
         # Manager thread only: each peer's channel, and whether the links need reconciling
         # (reconciling on every event would cost O(N) per reply, O(N^2) per round).
@@ -299,9 +312,20 @@ class Federation:
         self._threads.clear()
 
     def stop_links(self) -> None:
+        """Stop every link, then close the monitor readers (the manager thread ended)."""
         for _, link in list(self._links.values()):
             link.stop()
         self._links.clear()
+        # Read a moment longer: a late event of a link closing (see _retired_readers).
+        self._retired_readers += [(0.0, reader) for reader in self._link_monitors.values()]
+        self._link_monitors.clear()
+        until = time.monotonic() + STOP_DRAIN_S
+        while self._retired_readers and time.monotonic() < until:
+            self._close_retired_readers(-1.0)  # read them all, close none yet
+            time.sleep(STOP_SLICE_MS / 1000)  # the readers' events come by themselves
+        for _, reader in self._retired_readers:
+            reader.close(linger=0)
+        self._retired_readers.clear()
 
     def stop_security(self) -> None:
         if self._zap is not None:
@@ -824,6 +848,7 @@ class Federation:
                 for reader in host._pool_members.stale(list(monitors)):
                     del monitors[reader]  # a removed pool's
                     reader.close(linger=0)
+                self._close_retired_readers(time.monotonic())
                 if host._stopping.is_set():
                     break
                 if time.monotonic() >= next_refresh:
@@ -846,15 +871,29 @@ class Federation:
                     except Exception:
                         log.exception("link reconcile failed; retrying")
         finally:
-            for reader in [*monitors, *self._link_monitors.values()]:
+            # The links' readers stay open until the links are stopped (stop_links).
+            for reader in monitors:
                 reader.close(linger=0)
-            self._link_monitors.clear()
             for channel in self._channels.values():
                 channel.sock.close(linger=0)
             self._channels.clear()
             wake.close(linger=0)
             if self._directory is not None:
                 self._directory.close()
+
+    def _close_retired_readers(self, now: float) -> None:
+        """Read what stopped links' monitors still sent (nothing waits on a full queue
+        either), and close the readers whose time came (manager only)."""
+        kept = []
+        for until, reader in self._retired_readers:
+            with contextlib.suppress(zmq.Again):
+                while True:
+                    reader.recv(zmq.NOBLOCK)
+            if until <= now:
+                reader.close(linger=0)
+            else:
+                kept.append((until, reader))
+        self._retired_readers = kept
 
     def _manager_command(self, frames: list[bytes]) -> None:
         """A wake (reconcile now), a reflect to send to every live peer, or a greet: a peer
@@ -984,7 +1023,8 @@ class Federation:
         for pid in due:
             channel = self._channels[pid]
             missed = 0
-            if channel.waiting is not None:
+            if channel.waiting is not None and now - channel.waiting >= min(AWAY_SYNC,
+                                                                            interval):
                 missed = self._missed(pid)
             pages, channel.pages = self._pages(declared, *channel.pages)
             with contextlib.suppress(zmq.Again):  # not connected now: unanswered, a miss
@@ -1108,9 +1148,13 @@ class Federation:
         """``pid`` answers again after missing hellos: a link of its that is not connected
         now is given a fresh socket (a connect at once) rather than left to libzmq's retry,
         so its data flows as soon as its control does (manager only)."""
+        connecting = time.monotonic() - LINK_GRACE
         with self._host._state:
+            # Not one still making its first connection: a fresh socket would only start
+            # that again.
             down = [(name, key, device) for name, (key, device) in self._links.items()
-                    if self._link_source.get(name) == pid and not self._link_up.get(name)]
+                    if self._link_source.get(name) == pid and not self._link_up.get(name)
+                    and self._link_started.get(name, 0.0) < connecting]
         for name, key, device in down:
             log.info("peer back while its link is down: restarting the link",
                      extra={"peer": pid, "link": name})
@@ -1201,6 +1245,7 @@ class Federation:
                 continue
             if reader is not None:
                 self._link_monitors[name] = reader
+            self._link_started[name] = time.monotonic()
             self._link_source[name] = sources[name]
             with host._state:
                 self._links[name] = (key, device)
@@ -1259,9 +1304,10 @@ class Federation:
         device.stop()
         reader = self._link_monitors.pop(name, None)
         if reader is not None:
-            reader.close(linger=0)
+            self._retired_readers.append((time.monotonic() + RETIRED_READER_S, reader))
         self._link_source.pop(name, None)
         self._link_since.pop(name, None)
+        self._link_started.pop(name, None)
         with self._host._state:
             self._links.pop(name, None)
             self._link_up.pop(name, None)
