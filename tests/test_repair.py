@@ -416,3 +416,28 @@ def test_asyncio_subscribers_ask_and_asyncio_publishers_keep(run_dir: Path,
         assert stats.repaired > 0 and given > 0 and stats.unrepairable == 0
     finally:
         proxy.stop()
+
+
+def test_one_keeper_thread_serves_every_connection_and_leaving_never_waits(
+        proxy_process: ProxyProcess, key: bytes) -> None:
+    """A process with many publishing connections to one proxy runs one keeper thread (a
+    thousand asyncio tasks each with its own connection made a thousand threads, and each
+    close waited for one); the last connection's close lets it end."""
+    import threading
+
+    def keepers() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "zbus-keeper" and t.is_alive()]
+
+    before = len(keepers())
+    conns = [zbus.Connection(proxy_process.run_dir) for _ in range(50)]
+    for n, conn in enumerate(conns):
+        zbus.Publisher(conn.exchange(EX), zbus.MessageFactory(key, f"p{n}")).send(TOPICS[0], n)
+    assert len(keepers()) == before + 1
+    started = time.monotonic()
+    for conn in conns:
+        conn.close()
+    assert time.monotonic() - started < 5  # 50 flushes; no close waits for the keeper
+    deadline = time.monotonic() + 5
+    while len(keepers()) > before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the thread notices within its 0.1 s poll
+    assert len(keepers()) == before

@@ -31,7 +31,7 @@ from . import _transport
 from ._control import ControlClient, encode_request, missing_proxy, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
 from ._errors import ConfigError, ProxyError, Timeout, TransportError, ZbusError
-from ._keeper import Keeper
+from ._keeper import Keeper, Kept
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
 from ._message import BEACON_IDLE, Announcer, Message, MessageFactory, OutgoingMessage
@@ -245,7 +245,8 @@ class Connection:
         self._closed = False
         self._forks = _transport.forks  # the process the context and socket belong to
         self._announcer = Announcer()
-        self._keeper: Keeper | None = None  # what this connection sent, for repairs
+        self._keeper: Keeper | None = None  # this process's keeper for this proxy ...
+        self._kept: Kept | None = None  # ... and this connection's part: what it sent
         self._since_flush = 0  # messages sent since the last confirmed flush
         self.unconfirmed_at_close = 0
         """Messages the proxy had not confirmed taking when :meth:`close` gave up (0 when
@@ -271,7 +272,7 @@ class Connection:
         parent had queued is the parent's to deliver, not the child's."""
         abandon(self._push, self._ctx, self._base_ctx)
         self._push = self._ctx = self._base_ctx = None
-        self._keeper = None  # the parent's thread: not in this process
+        self._keeper = self._kept = None  # the parent's thread: not in this process
         self._owner = None
         self._unflushed = False
         self._since_flush = 0
@@ -356,43 +357,42 @@ class Connection:
             factory.withdraw()
             raise
         if self._keeps:
-            keeper = self._keeper or self._start_keeper()
-            if keeper is not None:
+            kept = self._kept or self._start_keeper()
+            if kept is not None:
                 stream, first = factory._last_sealed
                 if stream is not None and stream.topic == frames[0]:
-                    keeper.keep(time.monotonic(), stream.stream_id, first, stream.next - first,
-                                frames)
+                    kept.keep(time.monotonic(), stream.stream_id, first, stream.next - first,
+                              frames)
                 else:
-                    keeper.keep(time.monotonic(), *envelope_head(frames[1]), frames)
+                    kept.keep(time.monotonic(), *envelope_head(frames[1]), frames)
         self._announce(factory)
 
     def publish_many(self, factory: MessageFactory, batch: list[list[bytes]]) -> None:
         """:meth:`publish` for several messages of ``factory`` (as :meth:`send_many`)."""
         self.send_many(batch)
         if self._keeps:
-            keeper = self._keeper or self._start_keeper()
-            if keeper is not None:
+            kept = self._kept or self._start_keeper()
+            if kept is not None:
                 now = time.monotonic()
                 for frames in batch:
-                    keeper.keep(now, *envelope_head(frames[1]), frames)
+                    kept.keep(now, *envelope_head(frames[1]), frames)
         self._announce(factory)
 
     _keeps = True
     """Whether this backend keeps what it sends for repairs (a keeper thread per connection
     that publishes; docs/RELIABILITY.md, "Repair")."""
 
-    def _start_keeper(self) -> Keeper | None:
+    def _start_keeper(self) -> Kept | None:
         if not self.settings.repair.on:
             self._keeps = False  # this connection's settings say off: never ask again
             return None
-        factories = self._announcer.factories
+        factories, interval = self._announcer.factories, self.settings.repair.interval
         context, thread = self._keeper_runs_on()
-        self._keeper = Keeper(
+        self._keeper, self._kept = Keeper.attach(
             context, self.settings, self.endpoints,
-            lambda: [b for f in factories()
-                     for b in f.tail_beacons(BEACON_IDLE, self.settings.repair.interval)],
+            lambda: [b for f in factories() for b in f.tail_beacons(BEACON_IDLE, interval)],
             thread)
-        return self._keeper
+        return self._kept
 
     def _keeper_runs_on(self) -> tuple[zmq.Context[Any], type[threading.Thread]]:
         """The context the keeper makes its socket in, and its thread class."""
@@ -401,7 +401,7 @@ class Connection:
     @property
     def keeper_stats(self) -> dict[str, int] | None:
         """What this connection keeps for repairs and answered (None: repair is off)."""
-        return None if self._keeper is None else self._keeper.stats()
+        return None if self._kept is None else self._kept.stats()
 
     def _announce(self, factory: MessageFactory) -> None:
         due = self._announcer.after(factory, time.monotonic())
@@ -558,9 +558,9 @@ class Connection:
         self._push.close(linger=0)
         self._push = None
         _publishing.discard(self)
-        if self._keeper is not None:
-            self._keeper.close()
-            self._keeper = None
+        if self._keeper is not None and self._kept is not None:
+            self._keeper.detach(self._kept)  # never waits: the keeper goes on for others
+            self._keeper = self._kept = None
 
     def __enter__(self) -> Connection:
         return self

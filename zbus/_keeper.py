@@ -1,17 +1,24 @@
-"""A publishing connection's keeper: what it sent, kept for a reliability interval, and the
-thread that offers those streams on the proxy's repair plane and answers requests for them
-(zbus._repair has the pure parts; docs/RELIABILITY.md, "Repair").
+"""What publishing connections sent, kept for a reliability interval, and the one thread per
+process and proxy that offers those streams on the proxy's repair plane and answers requests
+for them (zbus._repair has the pure parts; docs/RELIABILITY.md, "Repair").
 
-The sending thread only appends to a deque (atomic under the GIL: no lock on the hot path);
-the keeper's thread expires what is past its time and answers requests by scanning what is
-kept (requests are rare). The keeper owns its own DEALER, made and used in its own thread,
-as libzmq sockets require.
+Each publishing connection has its own :class:`Retention` (its own interval and byte bound);
+its sending thread only appends to a deque (atomic under the GIL: no lock on the hot path).
+One :class:`Keeper` serves every connection of a process that reaches the same proxy through
+the same context: one thread and one DEALER, however many connections (a service with a
+thousand asyncio tasks, each with its own connection, has one). The keeper expires what is
+past its time, offers the streams every second, repeats idle streams' beacons, and answers
+requests by scanning what is kept (requests are rare). Its socket is made and used in its
+own thread, as libzmq sockets require; it is an OS thread even under eventlet or asyncio,
+so neither a hub nor an event loop ever waits in libzmq. A connection leaving never waits
+for it: the thread ends on its own once the last one has left.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,12 +27,11 @@ from typing import Any
 import msgpack
 import zmq
 
-from ._message import BEACON_IDLE
 from ._repair import MAX_GIVE_BATCHES, Ask, Retention
 from ._settings import Endpoints, Settings
 from ._transport import make_socket
 
-__all__ = ["Keeper"]
+__all__ = ["Keeper", "Kept"]
 
 log = logging.getLogger("zbus")
 
@@ -34,42 +40,81 @@ OFFER_EVERY = 1.0
 MAX_OFFER = 4096
 GIVE_BYTES = 4 << 20
 """Most bytes of envelopes in one answer message (an answer goes in as many as it needs)."""
+BEACONS_EVERY = 1.0
 
 
-class Keeper:
-    """``beacons()`` gives the signed beacons of the connection's streams idle for a second
-    that sent within the interval (``MessageFactory.tail_beacons``): the keeper sends them
-    every second, so that a stream whose tail was lost shows its last sequence even when its
-    publisher sends nothing more (the connection itself sends beacons only when it sends,
-    flushes or closes, and those can be lost with the tail)."""
+class Kept:
+    """One connection's part of a keeper: its retention, the beacons of its idle streams
+    (``MessageFactory.tail_beacons``: repeated every second while its streams are within the
+    interval, so a lost tail shows even when the publisher sends nothing more), and what it
+    answered."""
 
-    def __init__(self, ctx: zmq.Context[Any], settings: Settings, endpoints: Endpoints,
-                 beacons: Callable[[], list[list[bytes]]],
-                 thread: type[threading.Thread] = threading.Thread) -> None:
-        self._ctx = ctx
-        self._settings = settings
-        self._endpoints = endpoints
-        self._beacons = beacons
-        self.retention = Retention(settings.repair)
-        self.keep = self.retention.keep
+    def __init__(self, retention: Retention, beacons: Callable[[], list[list[bytes]]]) -> None:
+        self.retention = retention
+        self.beacons = beacons
+        self.keep = retention.keep
         """keep(now, stream, first, count, frames): from the sending thread."""
         self.asked = 0
         self.given = 0
         self.not_kept = 0
+
+    def stats(self) -> dict[str, int]:
+        return {"asked": self.asked, "given": self.given, "not_kept": self.not_kept,
+                "retained_bytes": self.retention.size, "evicted": self.retention.evicted}
+
+
+_keepers: dict[tuple[str, int], Keeper] = {}
+_keepers_lock = threading.Lock()
+
+
+def _forget_after_fork() -> None:
+    # The parent's keeper threads do not exist in a child: it starts its own.
+    global _keepers_lock
+    _keepers.clear()
+    _keepers_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class Keeper:
+    @classmethod
+    def attach(cls, ctx: zmq.Context[Any], settings: Settings, endpoints: Endpoints,
+               beacons: Callable[[], list[list[bytes]]],
+               thread: type[threading.Thread] = threading.Thread) -> tuple[Keeper, Kept]:
+        """The keeper for ``endpoints`` through ``ctx`` (started if there is none), with a new
+        part for one connection: detach it when the connection closes."""
+        kept = Kept(Retention(settings.repair), beacons)
+        with _keepers_lock:
+            key = (endpoints.repair, id(ctx))
+            keeper = _keepers.get(key)
+            if keeper is None or keeper._stop.is_set():
+                keeper = _keepers[key] = cls(ctx, settings, endpoints, thread, key)
+            keeper._parts.append(kept)
+        return keeper, kept
+
+    def __init__(self, ctx: zmq.Context[Any], settings: Settings, endpoints: Endpoints,
+                 thread: type[threading.Thread], key: tuple[str, int]) -> None:
+        self._ctx = ctx
+        self._settings = settings
+        self._endpoints = endpoints
+        self._key = key
+        self._parts: list[Kept] = []
         self._stop = threading.Event()
         # ``thread``: an OS thread's class (under eventlet.monkey_patch(), threading's
         # original one: the keeper waits in libzmq, which a green thread must never do).
         self._thread = thread(target=self._serve, name="zbus-keeper", daemon=True)
         self._thread.start()
 
-    def close(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
-
-    def stats(self) -> dict[str, int]:
-        return {"asked": self.asked, "given": self.given, "not_kept": self.not_kept,
-                "retained_bytes": self.retention.size, "evicted": self.retention.evicted}
+    def detach(self, kept: Kept) -> None:
+        """A connection closed: its part goes (never waits for the thread)."""
+        with _keepers_lock:
+            with contextlib.suppress(ValueError):
+                self._parts.remove(kept)
+            if not self._parts:
+                self._stop.set()
+                if _keepers.get(self._key) is self:
+                    del _keepers[self._key]
 
     def _serve(self) -> None:
         try:
@@ -78,7 +123,6 @@ class Keeper:
         except Exception:  # a closed context (process exit): nothing to keep for
             log.debug("zbus: keeper could not start", exc_info=True)
             return
-        retention = self.retention
         next_offer = next_beacons = 0.0
         try:
             while not self._stop.is_set():
@@ -90,21 +134,22 @@ class Keeper:
                             break
                         self._answer(sock, frames)
                 now = time.monotonic()
-                retention.expire(now)
-                if retention.new_streams or now >= next_offer:
-                    retention.new_streams.clear()
-                    streams = list(retention.streams)
-                    for start in range(0, max(len(streams), 1), MAX_OFFER):
-                        chunk = streams[start:start + MAX_OFFER]
-                        self._send(sock, [b"OFFER",
-                                          bytes(msgpack.packb([chunk, retention.size]))])
+                parts = list(self._parts)
+                new = False
+                for kept in parts:
+                    kept.retention.expire(now)
+                    if kept.retention.new_streams:
+                        kept.retention.new_streams.clear()
+                        new = True
+                if new or now >= next_offer:
+                    self._offer(sock, parts)
                     next_offer = now + OFFER_EVERY
                 if now >= next_beacons:
                     # To the proxy, which publishes them into its delivery plane. A beacon
                     # goes once its stream has been idle a second: whatever it announces
                     # left on the connection's own socket long before.
-                    next_beacons = now + BEACON_IDLE
-                    beacons = self._beacons()
+                    next_beacons = now + BEACONS_EVERY
+                    beacons = [b for kept in parts for b in kept.beacons()]
                     for start in range(0, len(beacons), MAX_GIVE_BATCHES):
                         tail = beacons[start:start + MAX_GIVE_BATCHES]
                         self._send(sock, [b"TAIL", *(f for beacon in tail for f in beacon)])
@@ -112,6 +157,13 @@ class Keeper:
             return
         finally:
             sock.close(linger=0)
+
+    def _offer(self, sock: zmq.Socket[Any], parts: list[Kept]) -> None:
+        streams = [s for kept in parts for s in list(kept.retention.streams)]
+        size = sum(kept.retention.size for kept in parts)
+        for start in range(0, max(len(streams), 1), MAX_OFFER):
+            chunk = streams[start:start + MAX_OFFER]
+            self._send(sock, [b"OFFER", bytes(msgpack.packb([chunk, size]))])
 
     def _send(self, sock: zmq.Socket[Any], frames: list[bytes]) -> None:
         with contextlib.suppress(zmq.Again):  # no proxy now: the next offer or ask comes
@@ -125,22 +177,31 @@ class Keeper:
             ask_id, publisher_id, stream, ranges, max_bytes = Ask.decode(frames[2])
         except ValueError:
             return
-        self.asked += 1
-        found, gone = self.retention.find(stream, [(lo, hi) for lo, hi in ranges], max_bytes)
-        self.not_kept += sum(hi - lo + 1 for lo, hi in gone)
+        owner = next((kept for kept in list(self._parts)
+                      if stream in kept.retention.streams), None)
+        wanted = [(lo, hi) for lo, hi in ranges]
+        if owner is None:
+            found: list[list[bytes]] = []
+            gone = [[lo, hi] for lo, hi in wanted]
+        else:
+            owner.asked += 1
+            found, gone = owner.retention.find(stream, wanted, max_bytes)
+            owner.not_kept += sum(hi - lo + 1 for lo, hi in gone)
         # What is no longer kept goes in the first part's head; the rest say only which.
         head = bytes(msgpack.packb([ask_id, publisher_id, stream, gone]))
         part: list[bytes] = []
         size = 0
-        sent = False
+        sent = given = 0
         for envelope in found:
             part.extend(envelope)
             size += sum(len(frame) for frame in envelope)
             if len(part) // 3 >= MAX_GIVE_BATCHES or size >= GIVE_BYTES:
                 self._send(sock, [b"GIVE", requester, head, *part])
-                self.given += len(part) // 3
+                given += len(part) // 3
                 head = bytes(msgpack.packb([ask_id, publisher_id, stream, []]))
-                part, size, sent = [], 0, True
+                part, size, sent = [], 0, 1
         if part or not sent:
             self._send(sock, [b"GIVE", requester, head, *part])
-            self.given += len(part) // 3
+            given += len(part) // 3
+        if owner is not None:
+            owner.given += given

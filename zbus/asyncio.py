@@ -53,7 +53,7 @@ from ._connection import (
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
 from ._errors import ConfigError, Timeout, TransportError, ZbusError
-from ._keeper import Keeper
+from ._keeper import Keeper, Kept
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
 from ._message import BEACON_IDLE, Announcer, Message, MessageFactory
@@ -100,7 +100,8 @@ class Connection:
         self._closed = False
         self._forks = _transport.forks  # the process the context and socket belong to
         self._announcer = Announcer()  # the factories' streams, for their beacons
-        self._keeper: Keeper | None = None  # what this connection sent, for repairs
+        self._keeper: Keeper | None = None  # this process's keeper for this proxy ...
+        self._kept: Kept | None = None  # ... and this connection's part: what it sent
 
     @property
     def ctx(self) -> zmq.asyncio.Context:
@@ -118,30 +119,31 @@ class Connection:
         (zbus._transport.abandon says why); the next use makes this process's own."""
         abandon(self._push, self._ctx, self._base_ctx)
         self._push = self._ctx = self._base_ctx = None
-        self._keeper = None  # the parent's thread: not in this process
+        self._keeper = self._kept = None  # the parent's thread: not in this process
         self._forks = _transport.forks
 
     def _keep(self, factory: MessageFactory, frames: list[bytes]) -> None:
         """Keep ``frames`` for repairs (docs/RELIABILITY.md, "Repair"): a keeper thread of
         this connection's, an OS thread on plain sockets, so the event loop never waits."""
-        keeper = self._keeper
-        if keeper is None:
+        kept = self._kept
+        if kept is None:
             if not self.settings.repair.on:
                 return
             factories, interval = self._announcer.factories, self.settings.repair.interval
-            keeper = self._keeper = Keeper(
+            self._keeper, kept = Keeper.attach(
                 self._base_ctx or _process_context(), self.settings, self.endpoints,
                 lambda: [b for f in factories() for b in f.tail_beacons(BEACON_IDLE, interval)])
+            self._kept = kept
         stream, first = factory._last_sealed
         if stream is not None and stream.topic == frames[0]:
-            keeper.keep(time.monotonic(), stream.stream_id, first, stream.next - first, frames)
+            kept.keep(time.monotonic(), stream.stream_id, first, stream.next - first, frames)
         else:
-            keeper.keep(time.monotonic(), *envelope_head(frames[1]), frames)
+            kept.keep(time.monotonic(), *envelope_head(frames[1]), frames)
 
     @property
     def keeper_stats(self) -> dict[str, int] | None:
         """What this connection keeps for repairs and answered (None: nothing yet)."""
-        return None if self._keeper is None else self._keeper.stats()
+        return None if self._kept is None else self._kept.stats()
 
     def socket(self, kind: int, **options: Any) -> zmq.asyncio.Socket:
         """A new asyncio socket set up by :func:`zbus._transport.make_socket`; caller owns it."""
@@ -272,9 +274,9 @@ class Connection:
         if self._push is not None:
             self._push.close()
             self._push = None
-        if self._keeper is not None:
-            self._keeper.close()
-            self._keeper = None
+        if self._keeper is not None and self._kept is not None:
+            self._keeper.detach(self._kept)  # never waits: the keeper goes on for others
+            self._keeper = self._kept = None
 
     async def __aenter__(self) -> Connection:
         return self
