@@ -84,7 +84,7 @@ def _subscriber(run_dir: str, repair: bool, hwm: int, count: int, hold: float,
 
 
 def _publisher(run_dir: str, repair: bool, count: int, rate: float, go: Any,
-               out: Any) -> None:
+               out: Any, done: Any) -> None:
     import zbus
 
     with zbus.Connection(run_dir, settings=_settings(repair)) as conn:
@@ -101,7 +101,7 @@ def _publisher(run_dir: str, repair: bool, count: int, rate: float, go: Any,
         cpu1 = os.times()
         out.put({"first": start, "cpu": (cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)})
         conn.flush(30)
-        time.sleep(2.0 if repair else 0.1)  # keeps what it sent for the subscriber's asks
+        done.wait(300)  # keeps what it sent until the subscriber has had everything
 
 
 def trial(repair: bool, count: int, rate: float = 0, hwm: int = 100_000,
@@ -113,16 +113,18 @@ def trial(repair: bool, count: int, rate: float = 0, hwm: int = 100_000,
         proxy = ctx.Process(target=_proxy, args=(run_dir, hwm, proxy_ready, stop))
         proxy.start()
         proxy_ready.wait(30)
-        sub_ready, go = ctx.Event(), ctx.Event()
+        sub_ready, go, done = ctx.Event(), ctx.Event(), ctx.Event()
         sub_out, pub_out = ctx.Queue(), ctx.Queue()
         sub = ctx.Process(target=_subscriber,
                           args=(run_dir, repair, hwm, count, hold, sub_ready, sub_out))
-        pub = ctx.Process(target=_publisher, args=(run_dir, repair, count, rate, go, pub_out))
+        pub = ctx.Process(target=_publisher,
+                          args=(run_dir, repair, count, rate, go, pub_out, done))
         sub.start()
         pub.start()
         sub_ready.wait(30)
         go.set()
         p, s = pub_out.get(timeout=300), sub_out.get(timeout=300)
+        done.set()
         for proc in (pub, sub):
             proc.join(30)
         stop.set()
