@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "NATS and RabbitMQ, measured as ratios in one run.",
     )
     p.add_argument("--quick", action="store_true",
-                   help="smoke run (~1 minute): 1 repeat, 20,000 messages a trial")
+                   help="smoke run (~30 s): 1 repeat, 20,000 messages a trial")
     p.add_argument("--repeat", type=int, help="repeats per variant, median reported (3)")
     p.add_argument("--count", type=int,
                    help="measured messages per throughput trial (300000; --quick 20000)")
