@@ -458,12 +458,15 @@ class Agent:
             return 0
         return _COUNT.unpack(data[:8])[0] if len(data) >= 8 else 0
 
-    def stop(self, timeout: float = 30.0) -> dict[str, Any]:
-        """Ask it to stop; its final line (JSON) is its zbus counters."""
+    def stop(self, timeout: float = 30.0, *, wait: bool = True) -> dict[str, Any]:
+        """Ask it to stop; its final line (JSON) is its zbus counters. ``wait=False`` for a
+        publisher started with ``--hold``: it stops sending, but keeps its connection (and
+        what it keeps for repairs) until told to stop again."""
         self.proc.tell_stop()
         line = self.proc.readline(timeout)
         self.final = json.loads(line)
-        self.proc.wait(10)
+        if wait:
+            self.proc.wait(10)
         return self.final
 
 
@@ -498,6 +501,8 @@ def _publish(args: argparse.Namespace, conn: zbus.Connection, stop: threading.Ev
         os.pwrite(fd, _COUNT.pack(sent), 0)
     conn.flush(timeout=30)
     print(json.dumps({"sent": sent, "timeouts": timeouts}), flush=True)
+    if args.hold:  # keep the connection, and what it keeps for repairs, until told again
+        sys.stdin.readline()
     return 0
 
 
@@ -552,6 +557,9 @@ def agent_main(argv: Sequence[str]) -> int:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--send-timeout", type=float, default=0.5)
     parser.add_argument("--hwm", type=int, default=100_000, help="Settings.subscriber_hwm")
+    parser.add_argument("--hold", action="store_true",
+                        help="publisher: after the first stop, keep the connection until the "
+                             "next line or EOF on stdin")
     parser.add_argument("--repair-interval", type=float, default=None,
                         help="RepairPolicy.interval (default: zbus's)")
     args = parser.parse_args(argv)

@@ -56,9 +56,9 @@ def _row(fault: str, sub: Agent, sent: int, recovery: float | None, note: str = 
 
 
 def _finish(pub: Agent, subs: list[Agent], interval: float) -> int:
-    """Stop the publisher, let repairs finish (at most the interval), stop the subscribers;
-    what the publisher sent."""
-    sent = int(pub.stop()["sent"])
+    """Stop the publisher's sending, let repairs finish (at most the interval) while it
+    still keeps what it sent, stop the subscribers, then the publisher; what it sent."""
+    sent = int(pub.stop(wait=False)["sent"])
 
     def all_there() -> bool:
         return all(s.record.poll().distinct("pubA") >= sent for s in subs)
@@ -70,6 +70,8 @@ def _finish(pub: Agent, subs: list[Agent], interval: float) -> int:
     settle([s.record for s in subs])
     for s in subs:
         s.stop()
+    pub.proc.tell_stop()
+    pub.proc.wait(10)
     return sent
 
 
@@ -83,7 +85,7 @@ def _start(lab: Lab, rate: int, interval: float, *sub_args: str,
     for sub in subs:
         sub.wait_ready()
     pub = lab.agent(a, "publish", "pubA", "--rate", str(rate), "--repair-interval",
-                    str(interval))
+                    str(interval), "--hold")
     pub.wait_ready()
     until(flowing(subs, rate // 2 * len(subs)), 30, "the stream to flow")
     return pub, subs

@@ -85,7 +85,8 @@ def test_sigkilled_proxy_leftovers_are_cleaned_by_the_next_start(
         assert "pool-gone.sock" not in sockets(run_dir)
         assert "pool-gone.origin.sock" not in sockets(run_dir)
         fresh = sockets(run_dir)
-        assert fresh == {"ingress.sock", "origin.sock", "deliver.sock", "control.sock"}
+        assert fresh == {"ingress.sock", "origin.sock", "deliver.sock", "control.sock",
+                         "repair.sock"}
         assert all(accepts(run_dir / name) for name in fresh)
         # And it serves: a subscription goes live end to end and a message gets through.
         round_trip(run_dir, key)

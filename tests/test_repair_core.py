@@ -230,3 +230,20 @@ def test_hostile_requests_are_refused(body: Any) -> None:
 def test_a_request_round_trips() -> None:
     ask = Ask("pub", b"s" * 8, [[1, 3], [7, 7]])
     assert Ask.decode(ask.encode(42, 1024)) == (42, "pub", b"s" * 8, [[1, 3], [7, 7]], 1024)
+
+
+def test_a_far_jump_is_asked_for_within_what_one_request_may_name() -> None:
+    from zbus._repair import MAX_ASK_SEQUENCES
+
+    clock = Clock()
+    factory = zbus.MessageFactory(KEY, "pub", clock=clock)
+    first = factory.frames("ex", "r.k", 1)
+    factory._streams[first[0]].next = 10**9  # a peer that jumps far ahead
+    far = factory.frames("ex", "r.k", 2)
+    core, _ = _core(clock)
+    core.feed(first)
+    core.feed(far)
+    assert core.book is not None
+    (ask,) = core.book.asks
+    assert ask.ranges == [[2, 1 + MAX_ASK_SEQUENCES]]
+    Ask.decode(ask.encode(1, 1 << 20))  # what the proxy accepts

@@ -840,6 +840,30 @@ class Router(_Retrying):
             self.publisher.retries += self.retries - before
 
 
+def service_repair(asker: RepairAsker, sock: zmq.Socket[Any] | None,
+                   make: Callable[[], zmq.Socket[Any]]) -> zmq.Socket[Any] | None:
+    """One turn of a subscriber's repair wire (every backend's; never waits): tick the book,
+    send what it asks on ``sock`` (made by ``make`` at the first request), take the answers
+    in. Returns the socket, to be closed with the subscriber."""
+    requests = asker.due(time.monotonic())
+    if requests:
+        if sock is None:
+            sock = make()
+        for frames in requests:
+            try:
+                sock.send_multipart(frames, _NOBLOCK)
+            except zmq.Again:
+                break  # the proxy is not taking: asked again after ``retry``
+    if sock is not None:
+        for _ in range(64):
+            try:
+                answer = sock.recv_multipart(_NOBLOCK)
+            except zmq.Again:
+                break
+            asker.take(answer)
+    return sock
+
+
 class _Consumer:
     """The handler loop shared by every consumer (threads backend); each kind of consumer
     brings its socket and :meth:`receive`."""
@@ -919,29 +943,12 @@ class _Consumer:
     def _service_repair(self) -> None:
         """Send the core's requests, take the answers in, and give up or ask again when
         due: called by the receive loop while repair is on."""
-        asker = self._asker
-        if asker is None:
-            return
-        requests = asker.due(time.monotonic())
-        sock = self._repair_sock
-        if requests:
-            if sock is None:
-                conn = self.connection
-                sock = self._repair_sock = make_socket(
-                    conn.ctx, zmq.DEALER, conn.settings, connect=conn.endpoints.repair)
-            for frames in requests:
-                try:
-                    sock.send_multipart(frames, _NOBLOCK)
-                except zmq.Again:
-                    break  # the proxy is not taking: asked again after ``retry``
-        if sock is None:
-            return
-        for _ in range(64):
-            try:
-                answer = sock.recv_multipart(_NOBLOCK)
-            except zmq.Again:
-                break
-            asker.take(answer)
+        if self._asker is not None:
+            conn = self.connection
+            self._repair_sock = service_repair(
+                self._asker, self._repair_sock,
+                lambda: make_socket(conn.ctx, zmq.DEALER, conn.settings,
+                                    connect=conn.endpoints.repair))
 
     def close(self) -> None:
         if self._forks != _transport.forks:

@@ -354,7 +354,16 @@ class GapBook:
     # -- internals -----------------------------------------------------------------------
 
     def _ask(self, state: _Open, now: float) -> None:
-        ranges = [[int(lo), int(hi)] for lo, hi, _ in state.missing[:MAX_RANGES]]
+        # At most what one request may name: a gap a peer chose (a far jump) is asked for
+        # from its start, the rest once that is answered or given up.
+        ranges: list[list[int]] = []
+        room = MAX_ASK_SEQUENCES
+        for lo, hi, _ in state.missing[:MAX_RANGES]:
+            if room <= 0:
+                break
+            first, last = int(lo), min(int(hi), int(lo) + room - 1)
+            ranges.append([first, last])
+            room -= last - first + 1
         if ranges:
             state.asked_at = now
             self.asks.append(Ask(state.publisher_id, state.stream, ranges))

@@ -49,6 +49,7 @@ from ._connection import (
     check_exchange,
     leave_beacons,
     refuse_pickling,
+    service_repair,
 )
 from ._control import decode_reply, encode_request, no_answer, wait_for_peers
 from ._dispatch import ConsumerCore, ConsumerStats, Delivery, Dispatcher, StreamTally
@@ -467,32 +468,13 @@ class _Consumer(Linked):
         return None
 
     def _service_repair(self) -> None:
-        """As the threads backend's: send the requests, take the answers (non-blocking, on
-        a plain socket: a request or an answer never waits)."""
-        asker = self._asker
-        if asker is None:
-            return
-        requests = asker.due(time.monotonic())
-        sock = self._repair_sock
-        if requests:
-            if sock is None:
-                conn = self.connection
-                sock = self._repair_sock = make_socket(
-                    zmq.Context.shadow(conn.ctx.underlying), zmq.DEALER, conn.settings,
-                    connect=conn.endpoints.repair)
-            for frames in requests:
-                try:
-                    sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-        if sock is None:
-            return
-        for _ in range(64):
-            try:
-                answer = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            asker.take(answer)
+        """As the threads backend's, on a plain socket: a request or an answer never waits."""
+        if self._asker is not None:
+            conn = self.connection
+            self._repair_sock = service_repair(
+                self._asker, self._repair_sock,
+                lambda: make_socket(zmq.Context.shadow(conn.ctx.underlying), zmq.DEALER,
+                                    conn.settings, connect=conn.endpoints.repair))
 
     async def dispatch(self, delivery: Delivery) -> None:
         """Run ``delivery``'s handlers in turn, awaiting coroutine handlers."""
