@@ -141,9 +141,11 @@ def test_repair_off_behaves_as_before(run_dir: Path, key: bytes) -> None:
         pub_conn.flush()
         while sub.process(0.3):
             pass
+        # Without repair what overflowed is gone (a lost tail only shows once the publisher
+        # closes and its beacons come round: tests/test_beacons.py), and nothing is asked.
         assert pub_conn.keeper_stats is None
-        assert sub.stats.lost > 0 and sub.stats.repair_requested == 0
-        assert sub.stats.lost + sum(map(len, seen.values())) <= 6000
+        assert sum(map(len, seen.values())) < 6000 and sub.stats.repair_requested == 0
+        assert sub.stats.repaired == 0 and sub.stats.held == 0
         sub.close()
         conn.close()
         pub_conn.close()
