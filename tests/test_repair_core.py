@@ -247,3 +247,41 @@ def test_a_far_jump_is_asked_for_within_what_one_request_may_name() -> None:
     (ask,) = core.book.asks
     assert ask.ranges == [[2, 1 + MAX_ASK_SEQUENCES]]
     Ask.decode(ask.encode(1, 1 << 20))  # what the proxy accepts
+
+
+def test_what_nobody_keeps_is_given_up_after_a_grace_for_what_is_on_its_way() -> None:
+    """A beacon can overtake messages still queued at the proxy: their publisher gone, the
+    gap is given up after a second, not at once, and what arrives meanwhile is no loss."""
+    from zbus._repair import GONE_GRACE
+
+    clock = Clock()
+    factory = zbus.MessageFactory(KEY, "pub", clock=clock)
+    frames = [factory.frames("ex", "r.k", n) for n in range(1, 6)]
+    beacon = factory.beacons()[0]
+    core, got = _core(clock)
+    core.feed(frames[0])
+    core.feed(beacon)  # says 5: 2..5 look missing, but are on their way
+    assert core.book is not None
+    key = ("pub", envelope_head(frames[0][1])[0])
+    core.book.give_up_soon(key, [[2, 5]], clock.now, GONE_GRACE)
+    core.tick()
+    for f in frames[1:]:
+        core.feed(f)
+    assert _drain(core, got) == [1, 2, 3, 4, 5]
+    assert core.stats.lost == 0 and core.stats.unrepairable == 0
+
+
+def test_a_message_given_up_that_arrives_while_its_stream_waits_is_still_delivered() -> None:
+    clock = Clock()
+    frames = _stream(6, clock)
+    core, got = _core(clock, RepairPolicy(interval=2.0))
+    core.feed(frames[0])
+    core.feed(frames[2])  # 2 missing
+    clock.now += 1.5
+    core.feed(frames[5])  # 4, 5 missing, found later
+    clock.now += 1.0
+    core.tick()  # 2 given up; 4 and 5 still within the interval: the stream stays open
+    core.feed(frames[1], repaired=True)  # 2 after all
+    core.feed(frames[3])
+    core.feed(frames[4])
+    assert sorted(_drain(core, got)) == [1, 2, 3, 4, 5, 6] and core.stats.unrepairable == 1

@@ -39,6 +39,8 @@ MAX_RANGES = 64
 """Most sequence ranges one request names (the rest wait for the next request)."""
 MAX_ASK_SEQUENCES = 100_000
 """Most sequences one request asks for (a reply is sent in parts of MAX_GIVE_BATCHES)."""
+GONE_GRACE = 1.0
+"""Seconds a gap nobody keeps any more stays open, for messages still on their way."""
 MAX_GIVE_BATCHES = 256
 """Most retained envelopes (frame triples) in one reply message."""
 
@@ -318,7 +320,10 @@ class GapBook:
             self.repaired += 1
             self.latencies.append(now - found)
         if sequence < state.next:
-            return  # given up already: it comes too late to keep the order
+            # Given up already (and counted): it still goes to the handlers, late.
+            if item is not None:
+                self.out.append(item)
+            return
         state.held[sequence] = item
         state.top = max(state.top, sequence)
         self.held += 1
@@ -339,6 +344,20 @@ class GapBook:
             if state.missing and now - state.asked_at >= self.policy.retry:
                 self._ask(state, now)
             self._release(key, state)
+
+    def give_up_soon(self, key: tuple[str, bytes], ranges: Iterable[list[int]], now: float,
+                     grace: float) -> None:
+        """Nobody keeps ``ranges`` any more (their publisher is gone): give them up after
+        ``grace`` seconds, not at once, for what is still on its way (a beacon can overtake
+        messages queued at the proxy, and those are not lost)."""
+        state = self._open.get(key)
+        if state is None:
+            return
+        horizon = now + grace - self.policy.interval
+        for lo, hi in ranges:
+            for missing in state.missing:
+                if missing[0] <= hi and missing[1] >= lo:
+                    missing[2] = min(missing[2], horizon)
 
     def not_kept(self, key: tuple[str, bytes], ranges: Iterable[list[int]], now: float) -> None:
         """The publisher no longer keeps ``ranges``: give them up now."""
@@ -451,9 +470,10 @@ class RepairAsker:
         book: GapBook = core.book
         if frames[0] == b"GONE":
             # No publishing connection on that host keeps the stream (it closed): final,
-            # unless the proxy has just restarted or can ask peers (then false).
+            # unless the proxy has just restarted or can ask peers (then false). Given up
+            # after a grace, for what is still queued on its way here.
             if len(head) == 3 and head[2] is True:
-                book.not_kept(key, ranges, core._clock())
+                book.give_up_soon(key, ranges, core._clock(), GONE_GRACE)
         elif len(head) == 4 and type(head[3]) is list:
             gone = [r for r in head[3] if type(r) is list and len(r) == 2
                     and all(type(x) is int for x in r)]
