@@ -528,12 +528,9 @@ class ConsumerCore:
             if self._count_gaps:  # a pool member sees a share of each stream: gaps mean nothing
                 stats.lost += missing
                 stats.reordered += late
-            if book is not None:
-                if missing > 0 and not late:  # a gap ahead of this message: ask for it
-                    book.gap(key, sequence - missing, sequence - 1, now)
-                    open_stream = True
-                elif late and not open_stream:
-                    open_stream = book.is_open(key)
+            if book is not None and missing > 0 and not late:  # a gap ahead: ask for it
+                book.gap(key, sequence - missing, sequence - 1, now)
+                open_stream = True
             item: Delivery | None = None
             if not handlers:
                 stats.unmatched += 1
