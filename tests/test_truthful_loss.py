@@ -83,7 +83,9 @@ def test_overload_loss_under_a_filter_is_counted_exactly_tail_included(
     them."""
     proxy = ProxyProcess(run_dir, "--subscriber-hwm", "200").start()
     try:
-        settings = zbus.Settings(subscriber_hwm=200)
+        # Repair off: the count of loss itself is under test (with repair on, the gaps of a
+        # closed publisher are held, then given up: tests/test_repair.py counts those).
+        settings = zbus.Settings(subscriber_hwm=200, repair=zbus.RepairPolicy(interval=0))
         conn = zbus.Connection(run_dir, settings=settings)
         slow_dispatcher, slow_seen = counting("compute.#")
         slow = conn.subscribe(slow_dispatcher, key)
