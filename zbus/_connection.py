@@ -34,7 +34,7 @@ from ._errors import ConfigError, ProxyError, Timeout, TransportError, ZbusError
 from ._keeper import Keeper, Kept
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
-from ._message import BEACON_IDLE, Announcer, Message, MessageFactory, OutgoingMessage
+from ._message import Announcer, Message, MessageFactory, OutgoingMessage
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._repair import RepairAsker, envelope_head
 from ._replay import ReplayGuard
@@ -359,12 +359,7 @@ class Connection:
         if self._keeps:
             kept = self._kept or self._start_keeper()
             if kept is not None:
-                stream, first = factory._last_sealed
-                if stream is not None and stream.topic == frames[0]:
-                    kept.keep(time.monotonic(), stream.stream_id, first, stream.next - first,
-                              frames)
-                else:
-                    kept.keep(time.monotonic(), *envelope_head(frames[1]), frames)
+                kept.keep_sent(factory, frames)
         self._announce(factory)
 
     def publish_many(self, factory: MessageFactory, batch: list[list[bytes]]) -> None:
@@ -379,19 +374,16 @@ class Connection:
         self._announce(factory)
 
     _keeps = True
-    """Whether this backend keeps what it sends for repairs (a keeper thread per connection
-    that publishes; docs/RELIABILITY.md, "Repair")."""
+    """Whether this connection still keeps what it sends for repairs (false once its
+    settings say repair is off; docs/RELIABILITY.md, "Repair")."""
 
     def _start_keeper(self) -> Kept | None:
         if not self.settings.repair.on:
             self._keeps = False  # this connection's settings say off: never ask again
             return None
-        factories, interval = self._announcer.factories, self.settings.repair.interval
         context, thread = self._keeper_runs_on()
         self._keeper, self._kept = Keeper.attach(
-            context, self.settings, self.endpoints,
-            lambda: [b for f in factories() for b in f.tail_beacons(BEACON_IDLE, interval)],
-            thread)
+            context, self.settings, self.endpoints, self._announcer.factories, thread)
         return self._kept
 
     def _keeper_runs_on(self) -> tuple[zmq.Context[Any], type[threading.Thread]]:

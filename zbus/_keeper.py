@@ -27,7 +27,8 @@ from typing import Any
 import msgpack
 import zmq
 
-from ._repair import MAX_GIVE_BATCHES, Ask, Retention
+from ._message import BEACON_IDLE, MessageFactory
+from ._repair import MAX_GIVE_BATCHES, Ask, Retention, envelope_head
 from ._settings import Endpoints, Settings
 from ._transport import make_socket
 
@@ -58,6 +59,16 @@ class Kept:
         self.given = 0
         self.not_kept = 0
 
+    def keep_sent(self, factory: MessageFactory, frames: list[bytes]) -> None:
+        """From the sending thread: ``frames``, which ``factory`` made, were just sent. Their
+        stream and numbers come from the factory when it sealed them last (no parse); the
+        envelope's head is read only for frames sealed before others."""
+        stream, first = factory._last_sealed
+        if stream is not None and stream.topic == frames[0]:
+            self.keep(time.monotonic(), stream.stream_id, first, stream.next - first, frames)
+        else:
+            self.keep(time.monotonic(), *envelope_head(frames[1]), frames)
+
     def stats(self) -> dict[str, int]:
         return {"asked": self.asked, "given": self.given, "not_kept": self.not_kept,
                 "retained_bytes": self.retention.size, "evicted": self.retention.evicted}
@@ -80,11 +91,14 @@ os.register_at_fork(after_in_child=_forget_after_fork)
 class Keeper:
     @classmethod
     def attach(cls, ctx: zmq.Context[Any], settings: Settings, endpoints: Endpoints,
-               beacons: Callable[[], list[list[bytes]]],
+               factories: Callable[[], list[MessageFactory]],
                thread: type[threading.Thread] = threading.Thread) -> tuple[Keeper, Kept]:
         """The keeper for ``endpoints`` through ``ctx`` (started if there is none), with a new
-        part for one connection: detach it when the connection closes."""
-        kept = Kept(Retention(settings.repair), beacons)
+        part for one connection, whose factories are ``factories()`` (their idle streams'
+        beacons are repeated): detach it when the connection closes."""
+        interval = settings.repair.interval
+        kept = Kept(Retention(settings.repair), lambda: [
+            b for f in factories() for b in f.tail_beacons(BEACON_IDLE, interval)])
         with _keepers_lock:
             key = (endpoints.repair, id(ctx))
             keeper = _keepers.get(key)

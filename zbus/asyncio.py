@@ -57,9 +57,9 @@ from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keeper import Keeper, Kept
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
-from ._message import BEACON_IDLE, Announcer, Message, MessageFactory
+from ._message import Announcer, Message, MessageFactory
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
-from ._repair import RepairAsker, envelope_head
+from ._repair import RepairAsker
 from ._replay import ReplayGuard
 from ._settings import Endpoints, Settings, default_run_dir
 from ._transport import abandon, make_socket, recv_frames
@@ -130,16 +130,11 @@ class Connection:
         if kept is None:
             if not self.settings.repair.on:
                 return
-            factories, interval = self._announcer.factories, self.settings.repair.interval
             self._keeper, kept = Keeper.attach(
                 self._base_ctx or _process_context(), self.settings, self.endpoints,
-                lambda: [b for f in factories() for b in f.tail_beacons(BEACON_IDLE, interval)])
+                self._announcer.factories)
             self._kept = kept
-        stream, first = factory._last_sealed
-        if stream is not None and stream.topic == frames[0]:
-            kept.keep(time.monotonic(), stream.stream_id, first, stream.next - first, frames)
-        else:
-            kept.keep(time.monotonic(), *envelope_head(frames[1]), frames)
+        kept.keep_sent(factory, frames)
 
     @property
     def keeper_stats(self) -> dict[str, int] | None:
