@@ -386,7 +386,9 @@ def test_a_retrying_publisher_waits_for_a_proxy_that_starts_late(run_dir: Path,
 def test_a_retrying_publisher_rides_out_a_proxy_restart(run_dir: Path, key: bytes) -> None:
     """Killed, the proxy takes nothing: the publisher's small queue fills and each send times
     out; with a retry policy the sends go on once it is back, numbered without a gap."""
-    settings = zbus.Settings(publish_hwm=2, send_timeout=0.1)
+    # Each message alone: the queue holds 2 of them (a batch's Timeout is tested in
+    # tests/test_smart_batching.py).
+    settings = zbus.Settings(publish_hwm=2, send_timeout=0.1, batch_bytes=0)
     conn = zbus.Connection(run_dir, settings=settings)
     factory = zbus.MessageFactory(key, "restart")
     plain = zbus.Publisher(conn.exchange("metering"), factory)

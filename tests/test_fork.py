@@ -210,8 +210,9 @@ def test_forked_child_with_a_full_queue_raises_timeout(run_dir: Path, key: bytes
     """No proxy: the child's queue fills at publish_hwm, and send raises Timeout after
     send_timeout instead of spinning for ever on the parent's socket."""
     hwm, send_timeout = 10, 0.5
-    conn = zbus.Connection(run_dir, settings=zbus.Settings(
-        publish_hwm=hwm, send_timeout=send_timeout, linger=0), require_proxy=False)
+    conn = zbus.Connection(run_dir, settings=zbus.Settings(  # each message alone: the
+        publish_hwm=hwm, send_timeout=send_timeout, linger=0,  # queue holds hwm of them
+        batch_bytes=0), require_proxy=False)
     publisher = zbus.Publisher(conn.exchange(EXCHANGE), zbus.MessageFactory(key, "svc"))
     publish(publisher, "parent", 1)  # queued in the parent's socket: no proxy to take it
 

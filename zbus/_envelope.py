@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import math
+import re
 import struct
 from typing import Any, NamedTuple
 
@@ -63,7 +64,7 @@ _U64 = struct.Struct(">Q")
 _compare = hmac.compare_digest
 # msgpack decodes ext type -1 (timestamp) itself, without calling ext_hook; its three
 # encodings start with these bytes. Only a frame that holds one of them is walked in full.
-_TIMESTAMP_EXT_HEADS = (b"\xd6\xff", b"\xd7\xff", b"\xc7\x0c\xff")
+_TIMESTAMP_EXT_HEAD = re.compile(b"\xd6\xff|\xd7\xff|\xc7\x0c\xff")
 
 
 def message_id(stream_id: bytes, sequence: int) -> bytes:
@@ -239,7 +240,7 @@ def decode_batch(data: bytes) -> Batch:
         )
     if len(fields) != 5:
         raise EnvelopeError(f"envelope has {len(fields)} fields, expected 5")
-    if any(head in data for head in _TIMESTAMP_EXT_HEADS) and _holds_timestamp(fields):
+    if b"\xff" in data and _TIMESTAMP_EXT_HEAD.search(data) and _holds_timestamp(fields):
         raise EnvelopeError("msgpack ext type -1 (timestamp) is not allowed", reason="malformed")
     _, publisher_id, stream_id, first, entries = fields
     if type(publisher_id) is not str or not 0 < len(publisher_id) <= MAX_PUBLISHER_ID:
@@ -250,20 +251,37 @@ def decode_batch(data: bytes) -> Batch:
         raise _wrong("messages must be an array")
     if type(first) is not int or first < 1 or first + max(len(entries), 1) - 1 > MAX_SEQUENCE:
         raise _wrong("first sequence must be an integer from 1, the batch's last below 2^64")
+    known = _known_types
     for entry in entries:
         if type(entry) is not list or len(entry) != 4:
             raise _wrong("each message must be an array of 4 elements")
         timestamp, message_type, version, _ = entry
         if type(timestamp) is float:
-            if not math.isfinite(timestamp):  # NaN passes both freshness comparisons
+            if not _isfinite(timestamp):  # NaN passes both freshness comparisons
                 raise _wrong("timestamp must be a finite number")
         elif type(timestamp) is not int:
             raise _wrong("timestamp must be a number")
-        if type(message_type) is not str or not is_routing_key(message_type):
-            raise _wrong("message_type must be a valid routing key")
+        if message_type not in known:
+            _check_type(message_type)
         if type(version) is not int or version < 0:
             raise _wrong("message_type_version must be a non-negative integer")
     return Batch(publisher_id, stream_id, first, entries)
+
+
+_isfinite = math.isfinite
+# Message types already found valid: a stream repeats a few types, so the grammar's regex runs
+# once per type, not per message. Only str keys enter (a bytes or int key never matches a str
+# in a set lookup, so a wrong type always reaches the check). Bounded: a peer choosing types.
+_known_types: set[str] = set()
+_KNOWN_TYPES_MAX = 4096
+
+
+def _check_type(message_type: Any) -> None:
+    if type(message_type) is not str or not is_routing_key(message_type):
+        raise _wrong("message_type must be a valid routing key")
+    if len(_known_types) >= _KNOWN_TYPES_MAX:
+        _known_types.clear()
+    _known_types.add(message_type)
 
 
 def decode_envelope(data: bytes) -> Envelope:

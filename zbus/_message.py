@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -15,7 +16,7 @@ from ._errors import ConfigError
 from ._keys import KeyRing
 from ._names import topic_frame, validate_routing_key
 
-__all__ = ["Message", "MessageFactory", "OutgoingMessage"]
+__all__ = ["Message", "MessageFactory", "OpenBatch", "OutgoingMessage"]
 
 
 class Message:
@@ -97,6 +98,74 @@ class _Stream:
 
 
 _NOTHING_SEALED: tuple[_Stream | None, int] = (None, 0)
+_U16 = struct.Struct(">BH")
+_U32 = struct.Struct(">BI")
+
+
+def _array_header(n: int) -> bytes:
+    """msgpack's header of an array of ``n`` elements (what packb writes before them)."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return _U16.pack(0xDC, n)
+    return _U32.pack(0xDD, n)
+
+
+class OpenBatch:
+    """Messages of one stream, numbered and packed, not yet signed: what a connection
+    gathers while its publisher is busy (smart batching), then seals as one envelope.
+
+    Each message is packed on its own when added (a payload that cannot be packed fails
+    there, for its own caller, and takes no number); sealing joins them under one array
+    header, which is the same bytes msgpack would write for the whole list, and signs once.
+    Sealing reads nothing that adding changes, so another thread may seal what this one
+    gathered (under the connection's lock)."""
+
+    __slots__ = ("factory", "first", "head", "key", "parts", "prefix", "size", "stream",
+                 "topic")
+
+    def __init__(self, factory: MessageFactory, stream: _Stream, head: bytes,
+                 key: bytes) -> None:
+        self.factory = factory
+        self.stream = stream
+        self.topic = stream.topic
+        self.first = stream.next
+        self.head, self.key = head, key
+        self.prefix = factory._packb(ENVELOPE_FORMAT) + factory._packb(factory.publisher_id) \
+            + factory._packb(stream.stream_id) + factory._packb(self.first)
+        self.parts: list[bytes] = []
+        self.size = 1 + len(self.prefix) + 5  # the envelope frame's, at most: array
+        # headers included, topic and signature frames not (a limit applies to each frame)
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def add(self, packed: bytes) -> None:
+        """Number one message packed by :meth:`MessageFactory.pack` as the stream's next
+        (only now: a payload that fails to pack leaves no gap)."""
+        stream = self.stream
+        stream.next += 1
+        stream.sent_at = self.factory._clock()
+        factory = self.factory
+        factory._last_sealed = _NOTHING_SEALED  # withdraw() is for frames(); see give_back
+        factory._unannounced[self.topic] = None
+        self.parts.append(packed)
+        self.size += len(packed)
+
+    def seal(self) -> list[bytes]:
+        """The three signed frames of every message added, in order."""
+        envelope = b"".join((b"\x95", self.prefix, _array_header(len(self.parts)), *self.parts))
+        return [self.topic, envelope, self.head + mac(self.key, self.topic, envelope)]
+
+    def drop_last(self) -> None:
+        """Take the last message added out again, giving its number back if nothing took
+        one after it (for a message whose sender was told it was not sent)."""
+        packed = self.parts.pop()
+        self.size -= len(packed)
+        stream = self.stream
+        if stream.next == self.first + len(self.parts) + 1 and self.factory._streams.get(
+                self.topic) is stream:
+            stream.next -= 1
 
 
 class MessageFactory:
@@ -252,6 +321,29 @@ class MessageFactory:
         now = float(self._clock())
         entries = [self._entry(routing_key, obj, message_type, version, now) for obj in objs]
         return self._seal(exchange, routing_key, entries, now)
+
+    def open_batch(self, exchange: str, routing_key: str) -> OpenBatch:
+        r"""An empty batch of the stream ``exchange``/``routing_key`` starting at its next
+        number; add messages :meth:`pack`\ ed for it, then ``seal()`` it (smart batching)."""
+        topic = topic_frame(exchange, routing_key)
+        head, key = self._signers.get(exchange) or self._signer(exchange)
+        stream = self._streams.get(topic)
+        if stream is None:
+            stream = self._streams[topic] = _Stream(exchange, topic)
+        return OpenBatch(self, stream, head, key)
+
+    def pack(self, routing_key: str, obj: Message | Any, *, message_type: str | None = None,
+             version: int | None = None) -> bytes:
+        """``obj`` as one packed message of a batch (:meth:`OpenBatch.add` numbers it)."""
+        entry = self._entry(routing_key, obj, message_type, version, float(self._clock()))
+        try:
+            packed: bytes = self._packb(entry)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ConfigError(
+                f"payload of {entry[1]!r} cannot be packed as msgpack ({exc}); make "
+                "__json__ return dicts, lists, strings, bytes, numbers, booleans or None"
+            ) from None
+        return packed
 
     def _seal(self, exchange: str, routing_key: str, entries: list[list[Any]],
               now: float) -> list[bytes]:

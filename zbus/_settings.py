@@ -49,6 +49,14 @@ class Settings:
     proxy's memory, whatever size the messages sent to it. Not on by default: at the default
     1 MiB ``max_message_bytes`` a budget of 1 GiB makes every queue 1,024 messages deep, and
     bursts of small messages were lost that 100,000 held (docs/OPERATING.md)."""
+    batch_bytes: int = 16 * 1024
+    """Smart batching: while a publishing connection is busy (sending again within 50 us),
+    messages of one topic are gathered into one envelope frame of at most this many bytes
+    (a message larger than that goes alone), signed once and decoded once per batch; an
+    idle connection sends each message alone, at once, so batching adds no latency at low
+    rates (docs/PROTOCOL.md, section 5). Keep it at most every consumer's
+    ``max_message_bytes`` (a consumer drops a larger frame, and with it the whole batch);
+    0 sends every message alone."""
     linger: float = 1.0
     """How long close() waits to flush unsent messages before dropping them."""
     heartbeat_ivl: float = 2.0
@@ -75,6 +83,9 @@ class Settings:
                 f"Settings.max_queue_bytes ({self.max_queue_bytes}) must hold at least one "
                 f"message of max_message_bytes ({self.max_message_bytes}): raise it"
             )
+        if self.batch_bytes < 0:
+            raise ConfigError(f"Settings.batch_bytes must be >= 0 (0: no batching), not "
+                              f"{self.batch_bytes}")
         if self.send_timeout < 0 or self.linger < 0:
             raise ConfigError("Settings.send_timeout and Settings.linger must be >= 0")
 

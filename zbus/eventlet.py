@@ -128,6 +128,19 @@ class Connection(_threads.Connection):
                          require_proxy=require_proxy)
         self.handler_pool_size = handler_pool_size
 
+    def _new_lock(self) -> Any:
+        # A green lock: the flusher is a green thread, and a plain lock held across a
+        # cooperative send would block the hub.
+        return self.eventlet.semaphore.Semaphore(1)
+
+    def _want_flush(self, later: bool = False) -> None:
+        # Smart batching on the hub: the gathered batch goes out as soon as the sending
+        # green thread yields (no timer), from a green thread that owns nothing else.
+        if later:
+            self.eventlet.spawn_after(_threads._Flusher.RETRY, self._flush_in_background)
+        else:
+            self.eventlet.spawn_n(self._flush_in_background)
+
     def _keeper_runs_on(self) -> tuple[zmq.Context[Any], type[threading.Thread]]:
         # The keeper (what this connection sent, for repairs) is an OS thread with plain
         # sockets: it waits in libzmq, which would block the hub from a green thread, and
