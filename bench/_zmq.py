@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import zmq
 
 import zbus
@@ -395,6 +396,10 @@ def zbus_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done:
         conn.close()
 
 
+_ZBUS_BATCH_HEAD = b"\x95\x02"  # a zbus envelope: a 5-array of format 2
+unpackb = msgpack.unpackb
+
+
 def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: Any) -> None:
     """Plain pyzmq: a SUB on the deliver socket, or a PULL on the pool's socket."""
     with reporting_failure(results, index):
@@ -446,6 +451,11 @@ def raw_consumer(args: dict[str, Any], index: int, results: Any, go: Any, done: 
             now = perf()
             body = frames[1]
             if len(body) < size:  # a beacon the proxy repeats for a zbus variant's streams
+                continue
+            if body[:2] == _ZBUS_BATCH_HEAD and len(body) > 2 * size:
+                # A zbus publisher's batch (smart batching): count each message in it.
+                for entry in unpackb(body)[4]:
+                    count.hit(entry[3][0], now)
                 continue
             marker = body[at]
             if latency and marker == MEASURE:

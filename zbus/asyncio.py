@@ -44,7 +44,10 @@ import zmq.asyncio
 from . import _transport
 from ._connection import (
     _BEACONS_PER_FILE,
+    BUSY_GAP,
+    MAX_BATCH,
     ReceiptsReporter,
+    _Flusher,
     check_backend,
     check_exchange,
     leave_beacons,
@@ -57,7 +60,7 @@ from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keeper import Keeper, Kept
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
-from ._message import Announcer, Message, MessageFactory
+from ._message import Announcer, Message, MessageFactory, OpenBatch, OutgoingMessage
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._repair import RepairAsker
 from ._replay import ReplayGuard
@@ -70,6 +73,8 @@ __all__ = ["Connection", "Exchange", "PoolMember", "Publisher", "Router", "Subsc
 log = logging.getLogger("zbus")
 
 _REPAIR_POLL = 0.02
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_plain_send = zmq.Socket.send
 """Seconds a subscriber with open gaps waits on its data before it looks at repairs."""
 
 
@@ -103,6 +108,18 @@ class Connection:
         self._announcer = Announcer()  # the factories' streams, for their beacons
         self._keeper: Keeper | None = None  # this process's keeper for this proxy ...
         self._kept: Kept | None = None  # ... and this connection's part: what it sent
+        # Smart batching (as zbus.Connection): the batch being gathered and what it is for;
+        # no lock: one task uses a connection, and the loop's callback never awaits.
+        self._batch: OpenBatch | None = None
+        self._batch_for: tuple[MessageFactory, str, str] | None = None
+        self._batch_limit = min(self.settings.batch_bytes, self.settings.max_message_bytes)
+        self._flush_scheduled = False
+        self._last_submit = 0.0
+        self.unsent = 0
+        """Messages gathered into a batch that :meth:`close` could not send (dropped, with a
+        warning; subscribers count them lost from the streams' beacons)."""
+        self.envelopes_sent = 0
+        self.messages_sent = 0
 
     @property
     def ctx(self) -> zmq.asyncio.Context:
@@ -121,6 +138,7 @@ class Connection:
         abandon(self._push, self._ctx, self._base_ctx)
         self._push = self._ctx = self._base_ctx = None
         self._keeper = self._kept = None  # the parent's thread: not in this process
+        self._batch = self._batch_for = None  # the parent's to send
         self._forks = _transport.forks
 
     def _keep(self, factory: MessageFactory, frames: list[bytes]) -> None:
@@ -145,8 +163,7 @@ class Connection:
         """A new asyncio socket set up by :func:`zbus._transport.make_socket`; caller owns it."""
         return cast(zmq.asyncio.Socket, make_socket(self.ctx, kind, self.settings, **options))
 
-    async def send_frames(self, frames: list[bytes]) -> None:
-        """Send already-signed frames; Timeout after ``settings.send_timeout`` when stuck."""
+    def _publish_socket(self) -> zmq.asyncio.Socket:
         sock = self._push
         if sock is None or self._forks != _transport.forks:
             if self._closed:
@@ -155,6 +172,11 @@ class Connection:
                 zmq.PUSH, sndhwm=self.settings.publish_hwm, connect=self.endpoints.ingress
             )
             sock.setsockopt(zmq.SNDTIMEO, int(self.settings.send_timeout * 1000))
+        return sock
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Send already-signed frames; Timeout after ``settings.send_timeout`` when stuck."""
+        sock = self._publish_socket()
         try:
             await sock.send_multipart(frames)
         except zmq.Again:
@@ -162,6 +184,117 @@ class Connection:
                 f"zbus-proxy at {self.endpoints.run_dir} took no message for "
                 f"{self.settings.send_timeout:g}s; the message was not sent"
             ) from None
+        self.envelopes_sent += 1
+        self.messages_sent += 1
+
+    async def submit(self, factory: MessageFactory, exchange: str, routing_key: str,
+                     obj: Message | Any, message_type: str | None = None,
+                     version: int | None = None) -> None:
+        """Sign and send ``obj``, smart-batched as :meth:`zbus.Connection.submit`: alone and
+        at once when idle; while busy, gathered with the next messages of its stream and
+        sent when the batch is full, another stream's message comes, or the task next lets
+        the event loop run (a callback scheduled with ``call_soon``: no timer)."""
+        now = time.perf_counter()
+        busy = now - self._last_submit < BUSY_GAP
+        self._last_submit = now
+        if self._batch is None and (not busy or not self._batch_limit):
+            await self.publish(factory, factory.frames(exchange, routing_key, obj,
+                                                       message_type=message_type,
+                                                       version=version))
+            return
+        await self._gather(factory, exchange, routing_key, obj, message_type, version)
+
+    async def _gather(self, factory: MessageFactory, exchange: str, routing_key: str,
+                      obj: Message | Any, message_type: str | None,
+                      version: int | None) -> None:
+        self._publish_socket()
+        wanted = self._batch_for
+        if self._batch is not None and wanted is not None and not (
+                wanted[0] is factory and wanted[2] == routing_key and wanted[1] == exchange):
+            await self._send_batch()  # another stream's: it goes first
+        packed = factory.pack(routing_key, obj, message_type=message_type, version=version)
+        batch = self._batch
+        if batch is not None and batch.parts and batch.size + len(packed) > self._batch_limit:
+            await self._send_batch()  # full: a batch never goes past the limit
+            batch = None
+        if batch is None:
+            batch = self._batch = factory.open_batch(exchange, routing_key)
+            self._batch_for = (factory, exchange, routing_key)
+        batch.add(packed)
+        if batch.size >= self._batch_limit or len(batch) >= MAX_BATCH:
+            try:
+                await self._send_batch()
+            except Timeout:
+                batch.drop_last()  # this message: the caller is told it was not sent
+                raise
+        self._announce(factory)
+        if self._batch is not None and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_soon)
+
+    def _announce(self, factory: MessageFactory) -> None:
+        push = self._push
+        for beacon in self._announcer.after(factory, time.monotonic()):
+            with contextlib.suppress(zmq.Again):  # never wait on a full queue for a beacon
+                _sync_send(push, beacon)
+
+    def _sent(self, batch: OpenBatch, frames: list[bytes]) -> None:
+        self.envelopes_sent += 1
+        self.messages_sent += len(batch)
+        if self._kept is None and self.settings.repair.on:
+            self._keeper, self._kept = Keeper.attach(
+                self._base_ctx or _process_context(), self.settings, self.endpoints,
+                self._announcer.factories)
+        if self._kept is not None:
+            self._kept.keep(time.monotonic(), batch.stream.stream_id, batch.first, len(batch),
+                            frames)
+
+    async def _send_batch(self) -> None:
+        """Send the gathered batch, waiting up to ``send_timeout`` (Timeout: it stays
+        gathered, nothing taken by send is dropped)."""
+        batch, sock = self._batch, self._push
+        if batch is None or sock is None:
+            return
+        self._batch = None  # taken while awaiting: the loop's callback finds nothing
+        if not batch.parts:
+            self._batch_for = None
+            return
+        frames = batch.seal()
+        try:
+            await sock.send_multipart(frames)
+        except zmq.Again:
+            self._batch = batch
+            raise Timeout(
+                f"zbus-proxy at {self.endpoints.run_dir} took no message for "
+                f"{self.settings.send_timeout:g}s; the message was not sent ({len(batch)} "
+                "gathered before it wait for the next send, flush or close)") from None
+        except BaseException:
+            self._batch = batch  # cancelled: still gathered
+            raise
+        if self._batch is None:
+            self._batch_for = None
+        self._sent(batch, frames)
+
+    def _flush_soon(self) -> None:
+        """The loop's turn: send the gathered batch without waiting; if the proxy takes
+        nothing now, try again shortly (the only timer, on that path alone)."""
+        self._flush_scheduled = False
+        batch, sock = self._batch, self._push
+        if batch is None or sock is None or self._closed or not batch.parts:
+            return
+        frames = batch.seal()
+        try:
+            _sync_send(sock, frames)
+        except zmq.Again:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_later(_Flusher.RETRY, self._flush_soon)
+            return
+        self._batch = self._batch_for = None
+        self._sent(batch, frames)
+
+    async def _flush_gathered(self) -> None:
+        if self._batch is not None:
+            await self._send_batch()
 
     async def publish(self, factory: MessageFactory, frames: list[bytes]) -> None:
         """Send ``frames`` made by ``factory``, and announce the factory's streams once they
@@ -212,6 +345,7 @@ class Connection:
             self._leave_parent()
         if self._push is None:
             return
+        await self._flush_gathered()
         for beacon in self._announcer.all():  # behind their messages, ahead of the probe
             with contextlib.suppress(zmq.Again):  # never wait on a full queue for a beacon
                 await self._push.send_multipart(beacon, zmq.NOBLOCK)
@@ -267,6 +401,16 @@ class Connection:
         self._closed = True
         if self._forks != _transport.forks:
             self._leave_parent()
+        batch = self._batch
+        if batch is not None and batch.parts and self._push is not None:
+            try:  # what aclose() did not flush: now, or never
+                _sync_send(self._push, batch.seal())
+            except zmq.Again:
+                self.unsent += len(batch)
+                log.warning("zbus: closing a Connection to %s: %d messages gathered into a "
+                            "batch were not taken by the proxy and are dropped "
+                            "(Connection.unsent)", self.endpoints.run_dir, len(batch))
+            self._batch = self._batch_for = None
         if self._push is not None:
             self._push.close()
             self._push = None
@@ -281,6 +425,29 @@ class Connection:
         await self.aclose()
 
 
+def _sync_send(sock: Any, frames: list[bytes]) -> None:
+    """Send ``frames`` now or raise zmq.Again, never waiting: the plain pyzmq send on an
+    asyncio socket (its own send returns a future), for a loop callback that cannot await."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        _plain_send(sock, frame, _NOBLOCK | (_SNDMORE if i < last else 0))
+
+
+async def _publish(connection: Any, factory: MessageFactory, exchange: str, routing_key: str,
+                   obj: Message | Any) -> None:
+    """As zbus._connection._publish, awaited: smart-batched where the connection does it."""
+    if isinstance(obj, OutgoingMessage):
+        factory, obj, mtype, version = obj
+    else:
+        mtype = version = None
+    submit = getattr(connection, "submit", None)
+    if submit is not None:
+        await submit(factory, exchange, routing_key, obj, mtype, version)
+    else:
+        await connection.publish(factory, factory.frames(exchange, routing_key, obj,
+                                                         message_type=mtype, version=version))
+
+
 class Exchange:
     """A message class on one asyncio connection."""
 
@@ -292,7 +459,7 @@ class Exchange:
         self.connection = connection
 
     async def send(self, routing_key: str, obj: Message | Any, factory: MessageFactory) -> None:
-        await self.connection.publish(factory, factory.frames(self.name, routing_key, obj))
+        await _publish(self.connection, factory, self.name, routing_key, obj)
 
     def __repr__(self) -> str:
         return f"zbus.asyncio.Exchange({self.name!r})"
@@ -310,14 +477,22 @@ class Publisher:
 
     async def send(self, routing_key: str, obj: Message | Any, *,
                    exchange: str | None = None) -> None:
-        await self.send_many(routing_key, [obj], exchange=exchange)
+        name = self.exchange.name if exchange is None else exchange
+        await _publish(self.exchange.connection, self.factory, name, routing_key, obj)
 
     async def send_many(self, routing_key: str, objs: list[Any], *,
                         exchange: str | None = None) -> None:
+        """Publish each of ``objs`` in order, in as few envelopes as ``batch_bytes``
+        allows; they are sent when this returns."""
         name = self.exchange.name if exchange is None else exchange
+        conn = self.exchange.connection
+        if not hasattr(conn, "_gather") or not conn._batch_limit:
+            for obj in objs:
+                await _publish(conn, self.factory, name, routing_key, obj)
+            return
         for obj in objs:
-            await self.exchange.connection.publish(
-                self.factory, self.factory.frames(name, routing_key, obj))
+            await conn._gather(self.factory, name, routing_key, obj, None, None)
+        await conn._flush_gathered()
 
     async def publish(self, message: Message) -> None:
         await self.send(message.message_type, message)
@@ -338,7 +513,7 @@ class Router:
             if not isinstance(obj, Message):
                 raise ConfigError("a plain payload needs an explicit routing_key")
             routing_key = obj.message_type
-        await self.connection.publish(self.factory, self.factory.frames(exchange, routing_key, obj))
+        await _publish(self.connection, self.factory, exchange, routing_key, obj)
 
 
 class _Consumer(Linked):
