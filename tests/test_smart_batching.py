@@ -16,8 +16,8 @@ import pytest
 import zmq
 
 import zbus
-from zbus._envelope import decode_batch
 from tests.conftest import ProxyProcess, collect_deliveries
+from zbus._envelope import decode_batch
 
 EXCHANGE = "compute"
 KEY_A, KEY_B = "instance.create", "instance.delete"
@@ -43,7 +43,7 @@ def test_a_sealed_batch_is_the_bytes_msgpack_writes_for_the_whole_envelope() -> 
         batch = factory.open_batch(EXCHANGE, KEY_A)
         for i in range(n):
             batch.add(factory.pack(KEY_A, i))
-        topic, envelope, _ = batch.seal()
+        _, envelope, _ = batch.seal()
         entries = [msgpack.unpackb(p) for p in batch.parts]
         assert envelope == msgpack.packb(
             [2, "pub", batch.stream.stream_id, batch.first, entries], use_bin_type=True)
