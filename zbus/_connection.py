@@ -697,7 +697,8 @@ class Connection:
         self, pool: str, dispatcher: Dispatcher, keys: bytes | KeyRing, *, window: int = 10
     ) -> ReliableMember:
         """Become a member of at-least-once pool ``pool`` (docs/RELIABILITY.md): at most
-        ``window`` messages in flight, each acked after its handlers returned."""
+        ``window`` envelopes in flight (a batch is one), each acked once its messages'
+        handlers returned."""
         from ._reliable import ReliableMember  # it builds on this module
 
         return ReliableMember(self, pool, dispatcher, keys, window=window)
