@@ -100,6 +100,11 @@ BUSY_GAP = 50e-6
 and its messages of one topic are gathered into one envelope (smart batching) until the
 batch is full or the flusher takes it; one that sends less often sends each message alone,
 at once. 50 us is 20,000 messages a second from one connection."""
+SMALL_BATCH = 4
+CALM = 0.005
+"""A batch of fewer than ``SMALL_BATCH`` messages that the flusher had to send cost a thread
+wake-up (~10-15 us) to save less than that: the sender was pacing itself (sleeping between
+sends), not busy. Its connection then sends each message alone for ``CALM`` seconds."""
 MAX_BATCH = 1024
 """Messages in one batch at most, whatever their size (``Settings.batch_bytes`` bounds
 the bytes)."""
@@ -332,6 +337,7 @@ class Connection:
         self._batch_lock = self._new_lock()
         self._batch_limit = min(self.settings.batch_bytes, self.settings.max_message_bytes)
         self._last_submit = 0.0
+        self._calm_until = 0.0  # until then, each message alone (SMALL_BATCH)
         self._flush_asked = False
         self.unsent = 0
         """Messages ``send`` took into a batch that :meth:`close` could not send within
@@ -360,7 +366,7 @@ class Connection:
         the proxy takes nothing for ``send_timeout``: this message is then not sent, and
         what was gathered before it stays to go with the next send, flush or close."""
         now = time.perf_counter()
-        busy = now - self._last_submit < BUSY_GAP
+        busy = now - self._last_submit < BUSY_GAP and now >= self._calm_until
         self._last_submit = now
         if self._batch is None and (not busy or not self._batch_limit):
             self.publish(factory, factory.frames(exchange, routing_key, obj,
@@ -462,7 +468,10 @@ class Connection:
         if self._batch is None or not lock.acquire(blocking=False):
             return  # nothing, or the owner holds it and asks again when it lets go
         try:
+            count = len(self._batch) if self._batch is not None else SMALL_BATCH
             if self._closed or self._forks != _transport.forks or self._send_batch(wait=False):
+                if count < SMALL_BATCH:
+                    self._calm_until = time.perf_counter() + CALM
                 return
         finally:
             lock.release()

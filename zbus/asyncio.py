@@ -45,7 +45,9 @@ from . import _transport
 from ._connection import (
     _BEACONS_PER_FILE,
     BUSY_GAP,
+    CALM,
     MAX_BATCH,
+    SMALL_BATCH,
     ReceiptsReporter,
     _Flusher,
     check_backend,
@@ -115,6 +117,7 @@ class Connection:
         self._batch_limit = min(self.settings.batch_bytes, self.settings.max_message_bytes)
         self._flush_scheduled = False
         self._last_submit = 0.0
+        self._calm_until = 0.0
         self.unsent = 0
         """Messages gathered into a batch that :meth:`close` could not send (dropped, with a
         warning; subscribers count them lost from the streams' beacons)."""
@@ -195,7 +198,7 @@ class Connection:
         sent when the batch is full, another stream's message comes, or the task next lets
         the event loop run (a callback scheduled with ``call_soon``: no timer)."""
         now = time.perf_counter()
-        busy = now - self._last_submit < BUSY_GAP
+        busy = now - self._last_submit < BUSY_GAP and now >= self._calm_until
         self._last_submit = now
         if self._batch is None and (not busy or not self._batch_limit):
             await self.publish(factory, factory.frames(exchange, routing_key, obj,
@@ -291,6 +294,8 @@ class Connection:
             return
         self._batch = self._batch_for = None
         self._sent(batch, frames)
+        if len(batch) < SMALL_BATCH:  # the task paces itself: no gain in gathering now
+            self._calm_until = time.perf_counter() + CALM
 
     async def _flush_gathered(self) -> None:
         if self._batch is not None:
