@@ -9,7 +9,10 @@ to each peer's control socket, on which it sends hellos and reflects without eve
 for an answer (replies come back to its poll loop); it reads the pools' member monitors and
 reconciles the links; links are devices, started and stopped by the manager thread only (and
 by the proxy's stop, once that thread ended). docs/ARCHITECTURE.md, "Membership", has the
-cost model: per proxy O(N) small messages per interval and no handshake once connected.
+design and its cost model: a peer's liveness is its channel's ZMTP heartbeats (libzmq's
+I/O thread, watched by a socket monitor); hellos carry versions, and a proxy's content (pool
+endpoints, members, pools, removals) only to a peer that does not hold its version; idle,
+a peer gets a small hello every REFRESH_SYNCS intervals; no handshake once connected.
 
 It uses the proxy it runs in through ``FederationHost``: its context, settings, endpoints and
 stop event, the state lock, the fast pools (to read them, and to declare those peers offer),
@@ -37,9 +40,9 @@ import msgpack
 import zmq
 import zmq.utils.monitor
 
-from zbus import ConfigError, Endpoints, ProxyError, Settings
+from zbus import ConfigError, Endpoints, ProxyError, Settings, TransportError
 from zbus._names import CONTROL_PREFIX
-from zbus._transport import make_socket
+from zbus._transport import ZAP_DOMAIN, make_socket
 
 from ._device import Device, SocketSpec
 from ._directory import (
@@ -52,8 +55,9 @@ from ._directory import (
 from ._guard import ServiceHealth
 from ._members import FRAMES_PER_MESSAGE, PoolMembers
 
-__all__ = ["LINK_CONNECT_TIMEOUT", "PEER_TIMEOUT", "PROBE_PREFIX", "Federation",
-           "FederationHost", "PoolRefusedError", "accepts_peer_pool"]
+__all__ = ["LINK_CONNECT_TIMEOUT", "PEER_TIMEOUT", "PROBE_PREFIX", "REFRESH_SYNCS",
+           "Federation", "FederationHost", "PoolRefusedError", "accepts_peer_pool",
+           "channel_heartbeats"]
 
 log = logging.getLogger("zbus.proxy")
 
@@ -75,13 +79,15 @@ MAX_SOCKETS = 8192
 """The federated proxy's ZeroMQ socket limit (ZMQ_MAX_SOCKETS): LEARNED_MAX learned peers
 plus hundreds of configured ones."""
 STOP_SLICE_MS = 20
+"""Milliseconds a wait on a peer runs before it looks at the stop event again."""
 STOP_DRAIN_S = 0.1
 """Seconds a stop reads the links' monitors after the links closed (_retired_readers)."""
-"""Milliseconds a wait on a peer runs before it looks at the stop event again."""
 AWAY_SYNC = 0.25
-"""Seconds between hellos while a peer does not answer: it is noticed soon after it is back."""
+"""Seconds between hellos while a peer leaves them unanswered (it is connected but its
+control does not answer): MISSED_HELLOS in a row make it not answering."""
 _LINK_EVENTS = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
 RUNS_KEPT = 64
+"""Runs of each peer whose pool-link reports are kept (a peer restarts with a new run)."""
 RETIRED_READER_S = 5.0
 """Seconds a stopped link's monitor reader stays open (and read) after the link's close."""
 LINK_GRACE = LINK_CONNECT_TIMEOUT + LINK_RECONNECT_IVL_MAX
@@ -100,8 +106,24 @@ REFUSALS_LOGGED = 1024
 LEARNED_MAX = 256
 """Peers learned from hellos (not configured) kept at most: more are refused and counted."""
 LEARNED_EXPIRE_SYNCS = 10
-"""A learned peer neither heard from nor answering for this many sync intervals is dropped."""
-"""Runs of each peer whose pool-link reports are kept (a peer restarts with a new run)."""
+"""A learned peer neither heard from nor answering for this many sync intervals is dropped
+(one whose channel is connected counts as heard: its heartbeats answer)."""
+REFRESH_SYNCS = 10
+"""While nothing changed, each peer gets a hello every REFRESH_SYNCS sync intervals: a small
+one (versions, no content). Liveness comes from the channel's ZMTP heartbeats meanwhile."""
+CHANNEL_TIMEOUT = 0.5
+"""Seconds a peer has to answer a channel's ZMTP ping (libzmq answers in its I/O thread, in
+C: a loaded host's Python control thread needs no share of it)."""
+MANAGER_TICK = 1.0
+"""Seconds the manager waits at most for something to do (it is woken for what cannot wait:
+a stop, a pool, a reflect, a greet); each turn polls every peer's sockets."""
+STALE_GAP = 0.01
+"""Seconds at least between two hellos to a peer while it lacks our content or we lack its
+(pages go one per round trip): a peer that never completes one costs 100 hellos a second
+at most, not a spin."""
+BOOKS_TAIL_SYNCS = 3
+"""Pool-link books keep hellos at every sync interval while they move, and this many
+intervals after they last moved (what a peer's links took arrives one interval late)."""
 
 
 class PoolRefusedError(ConfigError):
@@ -145,6 +167,51 @@ def pool_page(pools: dict[str, Any], start: int,
     return page, start
 
 
+def pool_pages(pools: dict[str, Any], budget: int) -> list[dict[str, Any]]:
+    """``pools`` (sorted by name) cut into pages whose msgpack size fits ``budget``; at least
+    one page, empty when there is nothing. A pool larger than the budget on its own is left
+    out, as in ``pool_page``."""
+    pages: list[dict[str, Any]] = []
+    page: dict[str, Any] = {}
+    used = 0
+    for name in sorted(pools):
+        size = len(msgpack.packb([name, pools[name]]))
+        if size > budget:
+            continue
+        if used + size > budget:
+            pages.append(page)
+            page, used = {}, 0
+        page[name] = pools[name]
+        used += size
+    if page or not pages:
+        pages.append(page)
+    return pages
+
+
+def _page_of(page: Any) -> tuple[int, int]:
+    """A hello's ``page`` field, [index, count], checked (a bad one is page 0 of 1)."""
+    if isinstance(page, list) and len(page) == 2 \
+            and all(isinstance(n, int) and not isinstance(n, bool) for n in page) \
+            and 0 <= page[0] < page[1] <= 1 << 16:
+        return page[0], page[1]
+    return 0, 1
+
+
+def channel_heartbeats(interval: float) -> tuple[float, float, float]:
+    """A peer channel's ZMTP heartbeats for sync interval T, in seconds (IVL, TIMEOUT, TTL):
+    a ping every 2T; the connection dropped when nothing came back within CHANNEL_TIMEOUT
+    of a ping; and the far side asked to drop it when our pings stop for IVL + TIMEOUT
+    (more than IVL, or it would drop a live channel between two pings).
+
+    So a peer that went silent (hung, cut off, gone) is not answering CHANNEL_TIMEOUT to
+    2T + CHANNEL_TIMEOUT later, 0.5-2.5 s at T = 1 s, whatever the number of silent peers:
+    within the bound of a hello every T (T + 0.5 s to 2T + 0.5 s). Pings are the dominant
+    per-peer cost of an idle proxy (libzmq's I/O thread and the kernel, per packet), hence
+    one every 2T rather than every T (docs/ARCHITECTURE.md, "Membership")."""
+    ivl = 2 * interval
+    return ivl, CHANNEL_TIMEOUT, ivl + CHANNEL_TIMEOUT
+
+
 class FederationHost(Protocol):
     """What the federation uses of the proxy it runs in (``Proxy`` is one)."""
 
@@ -182,17 +249,42 @@ class FederationHost(Protocol):
 class _Channel:
     """One peer's long-lived control connection, a DEALER to its peer control socket
     (manager thread only): hellos and reflects go on it, so a peer costs one CURVE
-    handshake per tcp connection rather than one per request (issue 19)."""
+    handshake per tcp connection rather than one per request (issue 19). Its ZMTP
+    heartbeats, watched by a socket monitor, say whether the peer is there; hellos carry
+    what changed."""
 
     sock: zmq.Socket[Any]
     key: tuple[str, bytes]
     """The control endpoint and key it was made for: another is another channel."""
+    reader: zmq.Socket[Any] | None = None
+    """The reader of its socket monitor (handshake succeeded, disconnected)."""
+    connected: bool = False
+    """A connection completed its handshake and has not been dropped since."""
     due: float = 0.0
-    """When its next hello goes (monotonic)."""
+    """When its next hello goes (monotonic), if nothing makes it go sooner."""
     waiting: float | None = None
-    """When the hello not answered yet went; None once answered."""
-    pages: tuple[int, int] = (0, 0)
-    """Where the next hello's pages of pool declarations and removals start."""
+    """When the hello not answered yet went; None once answered (one at a time)."""
+    sent_at: float = 0.0
+    """When the last hello went."""
+    missed: int = 0
+    """Hellos in a row it left unanswered."""
+    acked: int | None = None
+    """Our content version the peer holds, as its last reply said."""
+    page: tuple[int, int] = (0, 0)
+    """(version, page): the next page of our content to send while the peer lacks it."""
+    peer_version: int | None = None
+    """The peer's content version, as its last reply said."""
+    peer_pages: tuple[int | None, frozenset[int]] = (None, frozenset())
+    """The pages of the peer's content at that version we have (complete: all of them)."""
+    held: int | None = None
+    """The peer's content version we hold complete."""
+    legacy: bool = False
+    """The peer's replies carry no versions (a zbus-proxy from before them): a full hello
+    every sync interval, as it expects."""
+    busy_until: float = 0.0
+    """Hellos go every sync interval until then: the pool-link books are moving."""
+    taken: Any = None
+    """What the peer's pool links took from ours, as its last reply said."""
 
 
 class Federation:
@@ -219,11 +311,24 @@ class Federation:
         # conflict, generation, invalid, limit); the (reason, pool) pairs logged. Under _state.
         self.peer_pools_refused: dict[str, int] = {}
         self._refusals_logged: set[tuple[str, str]] = set()
-        # Where the next hello's pages of pool declarations and of removals start: ours
-        # (manager only), and per peer id for our replies (under _state).
-        self._page_start = 0
-        self._removed_start = 0
+        # Where our next reply's pages of pool declarations and of removals start, per peer
+        # id, for a peer from before versions (under _state).
         self._reply_page_start: dict[str, tuple[int, int]] = {}
+        # What hellos carry (docs/ARCHITECTURE.md, "Membership"): our content (pool
+        # endpoints, members, pool declarations and removals) as pages, and its version,
+        # changed (by the manager) whenever the content does; a peer that holds the version
+        # gets none of it again. Read under _state by the peer thread for replies.
+        self._version = int.from_bytes(os.urandom(6), "big")
+        self._digest = b""
+        self._content: tuple[int, list[dict[str, Any]]] = (self._version, [])
+        # Per asking peer (its key, or address on plain tcp, and id): the version of its
+        # content we hold, the pages of it we have, its pool endpoints and run (for its
+        # books), and which page of ours our next reply carries. Under _state.
+        self._askers: dict[tuple[bytes, str], dict[str, Any]] = {}
+        # Hellos sent and served, and how many of each carried content; channels whose
+        # connection dropped (a heartbeat timeout, a reset). Under _state.
+        self.hellos = {"sent": 0, "sent_full": 0, "served": 0, "served_full": 0}
+        self.channel_drops = 0
         # origin -> the id the proxy there gave itself in a hello reply (its node id): a
         # static entry names a peer by address, its reflected probes carry its own id.
         self._named: dict[str, str] = {}
@@ -265,6 +370,11 @@ class Federation:
         # (reconciling on every event would cost O(N) per reply, O(N^2) per round).
         self._channels: dict[str, _Channel] = {}
         self._dirty = True
+        # Manager thread only: the poller is made again only when its sockets change; the
+        # pool origins' sent total at the last sync tick (books moving: hellos go faster).
+        self._poller: zmq.Poller | None = None
+        self._polled: dict[zmq.Socket[Any], tuple[str, str]] = {}
+        self._books_sent: int | None = None
 
     # -- lifecycle (the proxy calls these in the order of its start and stop) ------------
 
@@ -293,6 +403,7 @@ class Federation:
                                              prefix=fed.redis_prefix, configured=fed.peers)
         else:
             self._directory = StaticDirectory(fed.peers, self.me)
+        self._update_content()  # what the first hellos and replies carry
         ready = threading.Event()
         for target, name in ((self._serve_peers, "zbus-peers"), (self._manage, "zbus-links")):
             thread = threading.Thread(target=self._host.health.guard(name, target),
@@ -307,6 +418,9 @@ class Federation:
 
     def join(self) -> None:
         """Wait for the threads to end (the proxy's stop event is set)."""
+        if any(thread.is_alive() for thread in self._threads):
+            with contextlib.suppress(zmq.ZMQError):
+                self._wake()  # the manager may be waiting up to MANAGER_TICK
         for thread in self._threads:
             thread.join(10)
         self._threads.clear()
@@ -364,6 +478,9 @@ class Federation:
                 "pool_endpoints": dict(self.pool_endpoints),
                 "retired_links": {k: dict(v) for k, v in self._retired.items()},
                 "reflected": self.reflected,
+                "hellos": dict(self.hellos),
+                "content_version": self._content[0],
+                "channel_drops": self.channel_drops,
                 "learned": len(self._learned),
                 "hellos_refused": dict(self.hellos_refused),
                 "peer_pools_refused": dict(self.peer_pools_refused),
@@ -546,8 +663,20 @@ class Federation:
         asking each other at once can never wait on each other."""
         host = self._host
         assert host._ctx is not None
-        sock = make_socket(host._ctx, zmq.REP, host.settings, bind=self.me.control,
-                           curve=self.config.curve)
+        # No heartbeats of its own: every peer's channel pings it every sync interval and
+        # asks (ZMTP TTL) to be dropped when its pings stop; this side pinging each channel
+        # back would double what an idle fabric costs in libzmq's I/O thread.
+        sock = make_socket(host._ctx, zmq.REP, host.settings)
+        try:
+            if self.config.curve is not None:
+                sock.curve_secretkey = self.config.curve.secret
+                sock.curve_server = True
+                sock.zap_domain = ZAP_DOMAIN
+            sock.bind(self.me.control)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise TransportError(f"cannot bind the peer control socket on "
+                                 f"{self.me.control}: {exc}") from exc
         push = make_socket(host._ctx, zmq.PUSH, host.settings, connect=host.endpoints.ingress)
         ready.set()
         try:
@@ -665,7 +794,11 @@ class Federation:
                 self._refuse_hello("learned_full", f"this proxy knows {LEARNED_MAX} peers "
                                    "from hellos already; list this one in its config", info,
                                    address)
-        self._adopt_pools(request, info.id)
+        version = request.get("v")
+        legacy = isinstance(version, bool) or not isinstance(version, int)
+        content = legacy or "page" in request
+        if content:  # a small hello (nothing changed) carries no pools
+            self._adopt_pools(request, info.id)
         with self._host._state:
             if not trusted and len(self._id_of) < 16 * LEARNED_MAX:
                 self._id_of.setdefault(who, info.id)
@@ -675,25 +808,74 @@ class Federation:
                              extra={"peer": info.id})
                 self._learned[info.id] = info
                 self._heard[info.id] = time.monotonic()
-        taken = self._taken_for(request.get("pool_endpoints"), request.get("run"))
-        declared = self._declarations()  # before _state: the pool lock comes first
+            asker = self._asker((who, info.id), request,
+                                version if content and not legacy else None)
+            endpoints, run, have = asker["endpoints"], asker["run"], asker["have"]
+            if legacy:
+                endpoints, run = request.get("pool_endpoints"), request.get("run")
+        taken = self._taken_for(endpoints, run)
+        reply: dict[str, Any] = {"ok": True, "peer": self.me.as_dict(), "run": self.run,
+                                 "pool_taken": taken}
+        declared = self._declarations() if legacy else None  # before _state: pool lock first
         with self._host._state:
-            start, removed_start = self._reply_page_start.get(info.id, (0, 0))
-            pages, after = self._pages(declared, start, removed_start)
-            if info.id not in self._reply_page_start \
-                    and len(self._reply_page_start) >= 4 * LEARNED_MAX:
-                self._reply_page_start.pop(next(iter(self._reply_page_start)))
-            self._reply_page_start[info.id] = after
+            mine, pages = self._content
             pid = info.id if info.id in self._peers else next(
                 (q for q, p in self._peers.items() if p.origin == info.origin), None)
-            back = pid is not None and not self._peer_state.get(pid, {}).get("answering")
-        if back:  # a peer we count away greets us: greet it back now, not at its next turn
+            state = self._peer_state.get(pid, {}) if pid is not None else {}
+            # A peer we count away greets us, or its content changed (we hold another
+            # version of it): hello it now, not at its next turn, and its reply tells us.
+            back = pid is not None and (not state.get("answering")
+                                        or (not legacy and state.get("version") != version))
+            if declared is not None:  # a peer from before versions: every reply is full
+                start, removed_start = self._reply_page_start.get(info.id, (0, 0))
+                page, after = self._pages(declared, start, removed_start)
+                if info.id not in self._reply_page_start \
+                        and len(self._reply_page_start) >= 4 * LEARNED_MAX:
+                    self._reply_page_start.pop(next(iter(self._reply_page_start)))
+                self._reply_page_start[info.id] = after
+                reply.update(page, pool_endpoints=dict(self.pool_endpoints),
+                             members=dict(self._host._pool_members.counts))
+            else:
+                reply.update(v=mine, have=have)
+                if request.get("have") != mine and pages:  # it lacks ours: the next page
+                    at, i = asker["page"]
+                    i = (i if at == mine else 0) % len(pages)
+                    asker["page"] = (mine, i + 1)
+                    reply.update(pages[i], page=[i, len(pages)])
+            self.hellos["served"] += 1
+            self.hellos["served_full"] += int("pools" in reply)
+        if back:
             self._tell_manager([b"greet", info.origin.encode()])
-        with self._host._state:
-            return {"ok": True, "peer": self.me.as_dict(), **pages,
-                    "pool_endpoints": dict(self.pool_endpoints),
-                    "members": dict(self._host._pool_members.counts),
-                    "run": self.run, "pool_taken": taken}
+        return reply
+
+    def _asker(self, who: tuple[bytes, str], request: dict[str, Any], version: int | None
+               ) -> dict[str, Any]:
+        """What we know of the peer ``who`` (its key, or on plain tcp its address, and its
+        id) from its hellos (caller holds _state): its run,
+        its pool endpoints, and the version of its content we hold; a hello carrying page
+        ``request["page"]`` of its content at ``version`` is recorded (the version is held
+        once every page of it came)."""
+        asker = self._askers.get(who)
+        if asker is None:
+            if len(self._askers) >= 16 * LEARNED_MAX:
+                self._askers.pop(next(iter(self._askers)))
+            asker = self._askers[who] = {"v": None, "pages": frozenset(), "have": None,
+                                         "endpoints": {}, "run": "", "page": (None, 0)}
+        run = request.get("run")
+        if isinstance(run, str):
+            asker["run"] = run[:64]
+        if version is None:
+            return asker
+        endpoints = request.get("pool_endpoints")
+        if isinstance(endpoints, dict):
+            asker["endpoints"] = endpoints
+        index, count = _page_of(request.get("page"))
+        got = asker["pages"] if asker["v"] == version else frozenset()
+        got |= {index}
+        asker["v"], asker["pages"] = version, got
+        if len(got) >= count:
+            asker["have"] = version
+        return asker
 
     def _pools_budget(self) -> int:
         return max(self._host.settings.max_message_bytes // HELLO_POOLS_SHARE, 1)
@@ -818,68 +1000,191 @@ class Federation:
         monitors: dict[zmq.Socket[Any], str] = {}
         interval = self.config.sync_interval
         next_refresh = 0.0
+        next_hello = 0.0
         ready.set()
         try:
             while not host._stopping.is_set():
                 for name, reader in host._pool_members.new_monitors():
                     monitors[reader] = name
-                poller = zmq.Poller()
-                poller.register(wake, zmq.POLLIN)
-                for reader in monitors:
-                    poller.register(reader, zmq.POLLIN)
-                links = {reader: name for name, reader in self._link_monitors.items()}
-                for reader in links:
-                    poller.register(reader, zmq.POLLIN)
-                channels = {channel.sock: pid for pid, channel in self._channels.items()}
-                for sock in channels:
-                    poller.register(sock, zmq.POLLIN)
-                due = min([next_refresh, *(c.due for c in self._channels.values())])
-                wait = max(0.0, min(due - time.monotonic(), 0.1))
-                for sock, _ in poller.poll(int(wait * 1000)):
-                    if sock is wake:
+                    self._poller = None
+                if self._poller is None:
+                    self._build_poller(wake, monitors)
+                assert self._poller is not None
+                wait = max(0.0, min(next_refresh, next_hello) - time.monotonic())
+                for sock, _ in self._poller.poll(int(min(wait, MANAGER_TICK) * 1000)):
+                    kind, name = self._polled.get(sock, ("", ""))
+                    if not isinstance(sock, zmq.Socket) or sock.closed:
+                        continue  # a channel dropped by an event just before
+                    if kind == "wake":
                         self._manager_command(wake.recv_multipart())
-                    elif sock in links:
-                        self._link_event(links[sock], sock.recv_multipart())
-                    elif sock in channels:
-                        self._peer_replies(channels[sock], sock)
-                    else:
+                    elif kind == "link":
+                        self._link_event(name, sock.recv_multipart())
+                    elif kind == "channel":
+                        self._channel_event(sock)
+                    elif kind == "peer":
+                        self._peer_replies(sock)
+                    elif kind == "members":
                         host._pool_members.event(monitors[sock], sock.recv_multipart(), sock)
                         self._dirty = True
                 for reader in host._pool_members.stale(list(monitors)):
                     del monitors[reader]  # a removed pool's
                     reader.close(linger=0)
+                    self._poller = None
                 self._close_retired_readers(time.monotonic())
                 if host._stopping.is_set():
                     break
                 if time.monotonic() >= next_refresh:
                     try:
                         self._refresh_peers()
+                        self._check_books(time.monotonic())
                     except Exception:
                         log.exception("peer directory refresh failed; retrying")
                     next_refresh = time.monotonic() + interval
                     self._dirty = True  # and a link that failed to start is tried again
-                try:
-                    self._send_hellos(time.monotonic())
-                except Exception:
-                    log.exception("peer hellos failed; retrying")
-                if host._stopping.is_set():
-                    break
                 if self._dirty:
                     self._dirty = False
                     try:
+                        self._update_content()
                         self._reconcile()
                     except Exception:
                         log.exception("link reconcile failed; retrying")
+                if host._stopping.is_set():
+                    break
+                try:
+                    next_hello = self._send_hellos(time.monotonic())
+                except Exception:
+                    log.exception("peer hellos failed; retrying")
+                    next_hello = time.monotonic() + interval
         finally:
             # The links' readers stay open until the links are stopped (stop_links).
             for reader in monitors:
                 reader.close(linger=0)
             for channel in self._channels.values():
-                channel.sock.close(linger=0)
+                self._close_channel(channel)
             self._channels.clear()
             wake.close(linger=0)
             if self._directory is not None:
                 self._directory.close()
+
+    def _build_poller(self, wake: zmq.Socket[Any], monitors: dict[zmq.Socket[Any], str]
+                      ) -> None:
+        """The manager's poller, made again only when its sockets change (making it is O(N);
+        the loop turns at every reply and at least ten times a second)."""
+        polled: dict[zmq.Socket[Any], tuple[str, str]] = {wake: ("wake", "")}
+        polled.update((reader, ("members", name)) for reader, name in monitors.items())
+        polled.update((reader, ("link", name)) for name, reader in self._link_monitors.items())
+        for pid, channel in self._channels.items():
+            polled[channel.sock] = ("peer", pid)
+            if channel.reader is not None:
+                polled[channel.reader] = ("channel", pid)
+        poller = zmq.Poller()
+        for sock in polled:
+            poller.register(sock, zmq.POLLIN)
+        self._poller, self._polled = poller, polled
+
+    def _channel_of(self, sock: zmq.Socket[Any]) -> tuple[str, _Channel] | None:
+        """The peer whose channel (or channel monitor) ``sock`` is (it may have been renamed
+        since the poller was made)."""
+        for pid, channel in self._channels.items():
+            if channel.sock is sock or channel.reader is sock:
+                return pid, channel
+        return None
+
+    def _channel_event(self, reader: zmq.Socket[Any]) -> None:
+        """The events of a channel's monitor: a connection that completed its handshake
+        gets a hello at once (with our content: the far side may be a new run); a dropped
+        one (ZMTP heartbeat timeout, reset, the peer gone) makes the peer not answering at
+        once, whatever the other peers do (manager only)."""
+        found = self._channel_of(reader)
+        while True:
+            try:
+                frames = reader.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if found is None:
+                continue
+            pid, channel = found
+            event = zmq.utils.monitor.parse_monitor_message(frames)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                channel.connected = True
+                channel.acked = None
+                channel.waiting = None
+                channel.due = 0.0
+                with self._host._state:
+                    if pid in self._peer_state:
+                        self._peer_state[pid] = {**self._peer_state[pid], "channel_up": True}
+            elif event == zmq.EVENT_DISCONNECTED:
+                channel.connected = False
+                channel.waiting = None
+                with self._host._state:
+                    self.channel_drops += 1
+                    old = self._peer_state.get(pid)
+                    if old is not None:
+                        self._peer_state[pid] = {
+                            **old, "answering": False, "channel_up": False,
+                            "missed": max(int(old.get("missed", 0)), MISSED_HELLOS)}
+                if old is not None and old.get("answering"):
+                    log.warning("peer stopped answering (its channel dropped)",
+                                extra={"peer": pid})
+                    self._dirty = True
+
+    def _close_channel(self, channel: _Channel) -> None:
+        """Close a channel (manager only). Its monitor is switched off first (libzmq then
+        sends no more events), and its reader kept RETIRED_READER_S all the same, as links'
+        are (see _retired_readers)."""
+        with contextlib.suppress(zmq.ZMQError):
+            channel.sock.disable_monitor()
+        channel.sock.close(linger=0)
+        if channel.reader is not None:
+            self._retired_readers.append((time.monotonic() + RETIRED_READER_S, channel.reader))
+        self._poller = None
+
+    def _update_content(self) -> None:
+        """What our hellos carry, as pages, and its version: a new version when the content
+        changed (manager only, or start before the threads)."""
+        declared = self._declarations()  # before _state: the pool lock comes first
+        with self._host._state:
+            endpoints = dict(self.pool_endpoints)
+            members = dict(self._host._pool_members.counts)
+        digest = msgpack.packb([sorted(endpoints.items()), sorted(members.items()),
+                                sorted(declared[0].items()), sorted(declared[1].items())])
+        if digest == self._digest:
+            return
+        max_bytes = self._host.settings.max_message_bytes
+        pools = pool_pages(declared[0], self._pools_budget())
+        removed = pool_pages(declared[1], max(max_bytes // HELLO_REMOVED_SHARE, 1))
+        pages = []
+        for i in range(max(len(pools), len(removed))):
+            page = pools[i] if i < len(pools) else {}
+            pages.append({"pools": {name: entry[0] for name, entry in page.items()},
+                          "pool_generations": {name: entry[1] for name, entry in page.items()},
+                          "removed": removed[i] if i < len(removed) else {},
+                          "pool_endpoints": endpoints, "members": members})
+        if self._digest:
+            self._version += 1
+        self._digest = digest
+        with self._host._state:
+            self._content = (self._version, pages)
+
+    def _check_books(self, now: float) -> None:
+        """At each sync tick: when our pool origins handed anything out since the last,
+        hellos go every sync interval for a while, so that what the peers' pool links took
+        comes back as it does (docs/RELIABILITY.md, the pool-link books) (manager only)."""
+        with self._host._state:
+            pools = list(self.pool_endpoints)
+        if not pools:
+            return
+        sent = 0
+        for pool in pools:
+            device = self._host._devices.get(f"pool-{pool}-origin")
+            if device is not None:
+                sent += device.statistics().get("backend_frames_out", 0)
+        if self._books_sent is not None and sent != self._books_sent:
+            until = now + BOOKS_TAIL_SYNCS * self.config.sync_interval
+            for channel in self._channels.values():
+                channel.busy_until = until
+                channel.due = min(channel.due, now)
+        self._books_sent = sent
 
     def _close_retired_readers(self, now: float) -> None:
         """Read what stopped links' monitors still sent (nothing waits on a full queue
@@ -891,6 +1196,7 @@ class Federation:
                     reader.recv(zmq.NOBLOCK)
             if until <= now:
                 reader.close(linger=0)
+                self._poller = None  # no closed socket stays in it
             else:
                 kept.append((until, reader))
         self._retired_readers = kept
@@ -935,6 +1241,11 @@ class Federation:
             # answer to ours) is forgotten: made-up peers do not stay to be asked forever.
             horizon = time.monotonic() - LEARNED_EXPIRE_SYNCS * max(fed.sync_interval,
                                                                      PEER_TIMEOUT)
+            now = time.monotonic()
+            for pid in self._heard:  # its channel is connected: its heartbeats answer
+                channel = self._channels.get(pid)
+                if channel is not None and channel.connected:
+                    self._heard[pid] = now
             for pid in [p for p, t in self._heard.items() if t < horizon]:
                 log.info("forgetting a learned peer that went silent", extra={"peer": pid})
                 self._learned.pop(pid, None)
@@ -967,71 +1278,133 @@ class Federation:
                                 if (st.get("refused") and p not in peers)
                                 or (p in peers and not st.get("refused"))}
         for pid in [p for p in self._channels if p not in peers]:
-            self._channels.pop(pid).sock.close(linger=0)
+            self._close_channel(self._channels.pop(pid))
         for pid, info in peers.items():
             key = (info.control, info.public_key)
             channel = self._channels.get(pid)
             if channel is not None and channel.key == key:
                 continue
             if channel is not None:
-                channel.sock.close(linger=0)
+                self._close_channel(self._channels.pop(pid))
             try:
-                self._channels[pid] = _Channel(self._open_channel(info), key)
+                sock, reader = self._open_channel(info)
+                self._channels[pid] = _Channel(sock, key, reader)
             except Exception as exc:
                 log.warning("cannot open a channel to a peer", extra={"peer": pid,
                                                                        "error": str(exc)})
-                self._channels.pop(pid, None)
+            self._poller = None
 
-    def _open_channel(self, peer: PeerInfo) -> zmq.Socket[Any]:
+    def _open_channel(self, peer: PeerInfo) -> tuple[zmq.Socket[Any], zmq.Socket[Any]]:
         """A DEALER to ``peer``'s control socket, from the address we bind (a peer that
-        learns us from a hello checks that our endpoints are on the address it came from)."""
+        learns us from a hello checks that our endpoints are on the address it came from),
+        and the reader of its monitor. Its ZMTP heartbeats (``channel_heartbeats``) are the
+        peer's liveness, in libzmq's I/O thread, with no Python work per ping."""
         host = self._host
         assert host._ctx is not None
         fed = self.config
         endpoint = self._from_us(peer.control)
-        # connect=[]: CURVE client keys and heartbeats (a hung peer's connection is dropped
-        # after heartbeat_timeout), the rest set before the connect.
-        sock = make_socket(host._ctx, zmq.DEALER, host.settings, sndhwm=CHANNEL_HWM,
-                           connect=[], curve=fed.curve, server_key=peer.public_key or None)
+        self._link_seq += 1
+        monitor = f"inproc://zbus-channel-{self._link_seq}-{host._tag}"
+        # The reader connects before the channel binds the monitor (inproc allows it), so
+        # the first handshake is never missed.
+        reader = host._ctx.socket(zmq.PAIR)
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.connect(monitor)
+        # connect=[]: CURVE client keys, the rest set before the connect.
+        try:
+            sock = make_socket(host._ctx, zmq.DEALER, host.settings, sndhwm=CHANNEL_HWM,
+                               connect=[], curve=fed.curve, server_key=peer.public_key or None)
+        except Exception:
+            reader.close(linger=0)
+            raise
         try:
             # Queue only on a connection that completed its handshake: a hello to a peer
-            # that is not there fails at once (counted missed) instead of piling up.
+            # that is not there fails at once instead of piling up.
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.CONNECT_TIMEOUT, int(LINK_CONNECT_TIMEOUT * 1000))
             sock.setsockopt(zmq.RECONNECT_IVL, int(LINK_RECONNECT_IVL * 1000))
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, int(LINK_RECONNECT_IVL_MAX * 1000))
+            ivl, timeout, ttl = channel_heartbeats(fed.sync_interval)
+            sock.setsockopt(zmq.HEARTBEAT_IVL, max(int(ivl * 1000), 1))
+            sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, max(int(timeout * 1000), 1))
+            sock.setsockopt(zmq.HEARTBEAT_TTL, min(int(ttl * 1000), 6_553_500))
+            sock.monitor(monitor, _LINK_EVENTS)
             sock.connect(endpoint)
         except zmq.ZMQError:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
             sock.close(linger=0)
+            reader.close(linger=0)
             raise
-        return sock
+        return sock, reader
 
-    def _send_hellos(self, now: float) -> None:
-        """Hello each peer whose turn it is, on its channel, without waiting for any answer
-        (they come back to ``_peer_replies``). A hello still unanswered when the next is due
-        is a miss; a peer that missed one is greeted every AWAY_SYNC, so one that went
-        silent is away (sync_interval to 2 x sync_interval) + (MISSED_HELLOS - 1) *
-        AWAY_SYNC later, however many others did too (manager only)."""
-        due = [pid for pid, channel in self._channels.items() if channel.due <= now]
-        if not due:
-            return
-        declared = self._declarations()  # before _state: the pool lock comes first
-        with self._host._state:
-            hello = {"op": "hello", "peer": self.me.as_dict(), "run": self.run,
-                     "pool_endpoints": dict(self.pool_endpoints)}
+    def _send_hellos(self, now: float) -> float:
+        """Hello each peer whose turn it is, on its channel, one hello in flight at a time,
+        without waiting for the answer (it comes back to ``_peer_replies``); when the next
+        turn comes.
+
+        A peer gets a hello at once when it lacks our content's version or we lack its
+        (the hello, or its reply, carries the next page of what is missing); every sync
+        interval while the pool-link books move; else every REFRESH_SYNCS intervals, a small
+        one. A hello unanswered a sync interval later is a miss, and the peer is asked
+        again every AWAY_SYNC: MISSED_HELLOS in a row and it is not answering although its
+        channel is connected (a hung control thread). A channel that drops is a peer not
+        answering at once (``_channel_event``). Manager only."""
         interval = self.config.sync_interval
-        for pid in due:
-            channel = self._channels[pid]
-            missed = 0
-            if channel.waiting is not None and now - channel.waiting >= min(AWAY_SYNC,
-                                                                            interval):
-                missed = self._missed(pid)
-            pages, channel.pages = self._pages(declared, *channel.pages)
-            with contextlib.suppress(zmq.Again):  # not connected now: unanswered, a miss
-                channel.sock.send_multipart([b"hello", b"", msgpack.packb({**hello, **pages})],
+        version, pages = self._content
+        base: dict[str, Any] | None = None
+        sent = full = 0
+        soonest = now + interval
+        for pid, channel in list(self._channels.items()):
+            if channel.waiting is not None:
+                limit = min(AWAY_SYNC, interval) if channel.missed else interval
+                if now - channel.waiting < limit:
+                    soonest = min(soonest, channel.waiting + limit)
+                    continue
+                channel.waiting = None
+                channel.missed = self._missed(pid)
+                channel.due = now
+            stale = channel.connected and not channel.legacy and (
+                channel.acked != version or channel.held != channel.peer_version)
+            if stale and now - channel.sent_at < STALE_GAP:
+                soonest = min(soonest, channel.sent_at + STALE_GAP)
+                continue
+            if not stale and channel.due > now:
+                # On the manager's next sync tick (or sooner turn): the hellos of a round
+                # go together, and their replies wake the manager together.
+                continue
+            if base is None:
+                base = {"op": "hello", "peer": self.me.as_dict(), "run": self.run,
+                        "v": version}
+            hello = {**base, "have": channel.held}
+            if (channel.legacy or channel.acked != version) and pages:
+                at, i = channel.page
+                i = (i if at == version else 0) % len(pages)
+                channel.page = (version, i + 1)
+                hello.update(pages[i], page=[i, len(pages)])
+            try:
+                channel.sock.send_multipart([b"hello", b"", msgpack.packb(hello)],
                                             zmq.NOBLOCK)
-            channel.waiting = now
-            channel.due = now + (min(AWAY_SYNC, interval) if missed else interval)
+            except zmq.Again:
+                if not channel.connected:  # its handshake will bring the hello
+                    channel.due = now + interval / 2
+                    continue
+                # Connected but its queue is full (the peer does not read): unanswered.
+            else:
+                sent += 1
+                full += int("page" in hello)
+            channel.waiting = channel.sent_at = now
+            # Half an interval early: the tick that comes about then sends it.
+            channel.due = now - interval / 2 + (
+                interval if channel.legacy or now < channel.busy_until
+                else REFRESH_SYNCS * interval)
+            soonest = min(soonest, now + (min(AWAY_SYNC, interval) if channel.missed
+                                          else interval))
+        if sent:
+            with self._host._state:
+                self.hellos["sent"] += sent
+                self.hellos["sent_full"] += full
+        return soonest
 
     def _missed(self, pid: str) -> int:
         """``pid`` did not answer its last hello: one slow answer on a loaded host is not a
@@ -1047,13 +1420,17 @@ class Federation:
             self._dirty = True
         return missed
 
-    def _peer_replies(self, pid: str, sock: zmq.Socket[Any]) -> None:
-        """Every reply waiting on ``pid``'s channel (manager only)."""
+    def _peer_replies(self, sock: zmq.Socket[Any]) -> None:
+        """Every reply waiting on a peer's channel (manager only)."""
         while True:
             try:
                 frames = sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            found = self._channel_of(sock)
+            if found is None:
+                continue  # a channel closed meanwhile
+            pid = found[0]
             if len(frames) != 3 or frames[1] != b"":
                 continue
             try:
@@ -1065,14 +1442,18 @@ class Federation:
                 log.debug("a peer refused a request", extra={
                     "peer": pid, "op": frames[0][:16].decode(errors="replace"),
                     "error": str(reply.get("error") if isinstance(reply, dict) else reply)})
-                continue  # a refused hello stays unanswered: a miss when the next is due
-            if frames[0] == b"hello" and pid in self._channels:
-                pid = self._hello_reply(pid, reply)
+                continue  # a refused hello stays unanswered: a miss when it is due
+            if frames[0] == b"hello":
+                self._hello_reply(pid, reply)
 
     def _hello_reply(self, pid: str, reply: dict[str, Any]) -> str:
-        """A peer's answer to our hello: its pools, pool endpoints, members and books; it
-        is answering (again). The peer's id from here on (it may name itself)."""
-        self._channels[pid].waiting = None
+        """A peer's answer to our hello: its versions, and the pages of its content we
+        lack (pools, pool endpoints, members), its books; it is answering (again). The
+        peer's id from here on (it may name itself)."""
+        channel = self._channels[pid]
+        asked = channel.waiting
+        channel.waiting = None
+        channel.missed = 0
         own = reply.get("peer")
         named = own.get("id") if isinstance(own, dict) else None
         own_id = named[:200] if isinstance(named, str) else None
@@ -1090,7 +1471,7 @@ class Federation:
                 self._peer_state.pop(own_id, None)
             dropped = self._channels.pop(own_id, None)
             if dropped is not None:
-                dropped.sock.close(linger=0)
+                self._close_channel(dropped)
         if own_id and own_id != pid and own_id not in self._peers:
             # Known by address until now: from here on by the id it gives itself (what its
             # reflected probes carry), under the origin and key configured here.
@@ -1100,6 +1481,7 @@ class Federation:
                 self._peer_state[own_id] = self._peer_state.pop(pid, {})
                 self._named[info.origin] = own_id
             self._channels[own_id] = self._channels.pop(pid)
+            self._poller = None
             pid = own_id
             self._dirty = True
         with self._host._state:
@@ -1107,20 +1489,53 @@ class Federation:
             old = dict(self._peer_state.get(pid, {}))
         if not old.get("answering"):
             log.info("peer answering", extra={"peer": pid, "origin": info.origin})
-        self._adopt_pools(reply, pid)
-        endpoints = reply.get("pool_endpoints")
-        members = reply.get("members")
+        version = reply.get("v")
+        channel.legacy = isinstance(version, bool) or not isinstance(version, int)
+        have = reply.get("have")
+        channel.acked = have if isinstance(have, int) and not isinstance(have, bool) else None
+        content = channel.legacy or "page" in reply
+        if content:
+            self._adopt_pools(reply, pid)
+            endpoints = reply.get("pool_endpoints")
+            members = reply.get("members")
+            pool_endpoints = {k: v for k, v in (endpoints or {}).items()
+                              if isinstance(v, str) and v.startswith("tcp://")}
+            members = members if isinstance(members, dict) else {}
+        else:
+            pool_endpoints = old.get("pool_endpoints", {})
+            members = old.get("members", {})
+        if channel.legacy:
+            channel.held = channel.peer_version = None
+        else:
+            assert isinstance(version, int)
+            if content:
+                index, count = _page_of(reply.get("page"))
+                at, got = channel.peer_pages
+                got = (got if at == version else frozenset()) | {index}
+                channel.peer_pages = (version, got)
+                if len(got) >= count:
+                    channel.held = version
+            channel.peer_version = version
         run = reply.get("run")
         run = run[:64] if isinstance(run, str) else ""
-        self._record_taken(info.origin, run, reply.get("pool_taken"))
+        taken = reply.get("pool_taken")
+        self._record_taken(info.origin, run, taken)
+        now = time.monotonic()
+        if taken != channel.taken and (channel.taken is not None or taken):
+            # Its pool links are taking ours: the books move, hellos every interval.
+            channel.busy_until = now + BOOKS_TAIL_SYNCS * self.config.sync_interval
+            if asked is not None:
+                channel.due = min(channel.due, asked + self.config.sync_interval)
+        channel.taken = taken
         state = {
             "answering": True,
             "run": run,
             "missed": 0,
             "last_hello": time.time(),
-            "pool_endpoints": {k: v for k, v in (endpoints or {}).items()
-                               if isinstance(v, str) and v.startswith("tcp://")},
-            "members": members if isinstance(members, dict) else {},
+            "pool_endpoints": pool_endpoints,
+            "members": members,
+            "version": channel.held,
+            "channel_up": channel.connected,
         }
         if any(old.get(k) != state[k] for k in ("answering", "run", "pool_endpoints",
                                                  "members")):
@@ -1245,6 +1660,7 @@ class Federation:
                 continue
             if reader is not None:
                 self._link_monitors[name] = reader
+                self._poller = None
             self._link_started[name] = time.monotonic()
             self._link_source[name] = sources[name]
             with host._state:
@@ -1305,6 +1721,7 @@ class Federation:
         reader = self._link_monitors.pop(name, None)
         if reader is not None:
             self._retired_readers.append((time.monotonic() + RETIRED_READER_S, reader))
+            self._poller = None
         self._link_source.pop(name, None)
         self._link_since.pop(name, None)
         self._link_started.pop(name, None)

@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -166,12 +167,65 @@ def test_detection_does_not_grow_with_the_dead(fleet: list[Host]) -> None:
     every peer at once, none waits on another). Before, ~1 s per hung peer in turn."""
     first = fleet[0]
     hung = fleet[2:]
+    drops = first.stats()["federation"]["channel_drops"]
     freeze(hung)
     frozen = time.monotonic()
     until(lambda: not peers_alive(first) & {h.node for h in hung}, 20, "hung peers away")
     detected = time.monotonic() - frozen
     assert detected < 2.0, f"four hung peers were known away after {detected:.2f}s"
     assert peers_alive(first) == {fleet[1].node}
+    # Found by the channels' heartbeats (each dropped its connection), not by hellos: idle,
+    # a peer gets a hello only every REFRESH_SYNCS sync intervals (2 s here).
+    assert first.stats()["federation"]["channel_drops"] - drops >= len(hung)
+
+
+def _federations(hosts: list[Host]) -> dict[str, dict[str, Any]]:
+    return {h.node: h.stats()["federation"] for h in hosts}
+
+
+def _versions_held(hosts: list[Host]) -> bool:
+    """Every proxy holds every peer's current content (the version each says is its own)."""
+    feds = _federations(hosts)
+    return all(fed["peers"].get(other, {}).get("version") == feds[other]["content_version"]
+               for node, fed in feds.items() for other in feds if other != node)
+
+
+def test_an_idle_fabric_sends_no_content_and_few_hellos(fleet: list[Host]) -> None:
+    """Once every proxy holds every peer's content, an idle fabric sends none of it again:
+    each peer gets one small hello (versions only) every REFRESH_SYNCS sync intervals, and
+    liveness rests on the channels' ZMTP heartbeats. A change (a pool declared) travels at
+    once, not at the next refresh. Before, every proxy sent every peer its whole content
+    every sync interval (0.2 s here: 5 x 5 hellos a second per proxy)."""
+    from zbus_proxy._federation import REFRESH_SYNCS
+
+    until(lambda: _versions_held(fleet), 20, "every proxy to hold every peer's content")
+    before = _federations(fleet)
+    window = 2.5 * REFRESH_SYNCS * 0.2  # sync interval 0.2 s (tests/federation_agents.py)
+    time.sleep(window)  # the idle window measured: counters, not timing, are asserted
+    after = _federations(fleet)
+    peers = len(fleet) - 1
+    for node, fed in after.items():
+        sent = fed["hellos"]["sent"] - before[node]["hellos"]["sent"]
+        assert fed["hellos"]["sent_full"] == before[node]["hellos"]["sent_full"], (node, fed)
+        assert fed["hellos"]["served_full"] == before[node]["hellos"]["served_full"], node
+        # Two or three refresh rounds in the window (five peers each), not 62 hellos.
+        assert peers <= sent <= 4 * peers, (node, sent)
+        assert fed["channel_drops"] == before[node]["channel_drops"], node
+        assert {p for p, st in fed["peers"].items() if st["alive"]} == \
+            {h.node for h in fleet if h.node != node}
+    first = fleet[0]
+    declared = time.monotonic()
+    with zbus.Connection(first.run_dir) as conn:
+        conn.declare_pool("fleet-billing", ["compute/#"], timeout=10)
+    # The new pool's endpoint is content: every peer holds the new version at once.
+    until(lambda: _versions_held(fleet) and all(
+        "fleet-billing" in fed["peers"][first.node]["pool_endpoints"]
+        for node, fed in _federations(fleet).items() if node != first.node),
+        10, "the pool's endpoint at every peer")
+    took = time.monotonic() - declared
+    assert took < REFRESH_SYNCS * 0.2, f"the change took {took:.2f}s, as long as a refresh"
+    full = _federations(fleet)[first.node]["hellos"]["sent_full"]
+    assert full > after[first.node]["hellos"]["sent_full"]
 
 
 def test_readiness_waits_as_long_as_its_caller_said(run_dir: Path) -> None:

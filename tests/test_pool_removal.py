@@ -218,8 +218,10 @@ def test_local_policy_refuses_and_counts_peers_pools(tmp: Path) -> None:
         until(lambda: hellos_since([a, b], since), 20, "hello rounds")
         assert pools(a) == {"compute-1": ["compute/#"], "billing": REAL}
         assert pools(b) == {"compute-1": ["compute/#"], "orders": ["orders/#"]}
-        assert refused(a).get("policy", 0) >= 5  # orders, in every hello from B
-        assert refused(b).get("policy", 0) >= 5  # billing, in every hello from A
+        # Counted each time a peer's content carries it (when that content changed, not in
+        # every hello: docs/ARCHITECTURE.md, "Membership").
+        assert refused(a).get("policy", 0) >= 1  # orders, from B
+        assert refused(b).get("policy", 0) >= 1  # billing, from A
         assert a.stats()["federation"]["pools_from_peers"] == "none"
         assert b.stats()["federation"]["pools_from_peers"] == ["compute-*", "audit"]
         # Nor do peers' removals reach A: B's fabric-wide removal of compute-1.
