@@ -399,7 +399,9 @@ def test_asyncio_subscribers_ask_and_asyncio_publishers_keep(run_dir: Path,
             dispatcher.bind(EX, "compute.#", lambda d: seen.append(d.payload))
             sub = conn.subscribe(dispatcher, key)
             await sub.ready()
-            pub_conn = zbus_asyncio.Connection(run_dir)  # an asyncio publisher keeps too
+            # An asyncio publisher keeps too; each message alone, so that 4,000 overflow the
+            # 200-deep queue (batched, they would fit).
+            pub_conn = zbus_asyncio.Connection(run_dir, settings=zbus.Settings(batch_bytes=0))
             pub = zbus_asyncio.Publisher(pub_conn.exchange(EX), zbus.MessageFactory(key, "svc"))
             for n in range(1, count + 1):
                 await pub.send(topic, n)
