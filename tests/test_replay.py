@@ -239,3 +239,34 @@ def test_a_whole_stream_keeps_no_bitmap() -> None:
     for seq in range(1, 5000):
         guard.observe("p", STREAM, seq)
     assert guard._streams[("p", STREAM)].missing == 0
+
+
+def test_observe_run_records_exactly_what_observing_each_in_turn_would() -> None:
+    """The batch fast path (ReplayGuard.observe_run) against the reference, message by
+    message: after random runs, next in line or (``skip``, a pool member's share) ahead of
+    it, every stream's state and every later verdict agree."""
+    import random
+
+    rng = random.Random(7)
+    for window in (8, 64):
+        policy = ReplayPolicy(sequence_window=window)
+        for _ in range(200):
+            fast, slow = ReplayGuard(policy), ReplayGuard(policy)
+            fast.observe("p", b"s" * 8, 1)
+            slow.observe("p", b"s" * 8, 1)
+            highest = 1
+            for _ in range(rng.randrange(1, 12)):
+                gap = rng.choice([0, 0, 1, 3, window - 1, window, window + 5])
+                count = rng.choice([1, 2, 5, window, window + 3])
+                first = highest + 1 + gap
+                taken = fast.observe_run("p", b"s" * 8, first, count, skip=True)
+                assert taken
+                for seq in range(first, first + count):
+                    slow.observe("p", b"s" * 8, seq)
+                highest = first + count - 1
+                assert fast._streams == slow._streams, (window, gap, count)
+            # A run behind, or ahead without skip, is refused and records nothing.
+            before = dict(fast._streams)
+            assert not fast.observe_run("p", b"s" * 8, highest, 2, skip=True)
+            assert not fast.observe_run("p", b"s" * 8, highest + 2, 2)
+            assert fast._streams == before

@@ -1584,6 +1584,8 @@ class PoolMember(_LinkedConsumer):
             self._check_link()
 
     def receive(self, timeout: float | None = None) -> Delivery | None:
+        if self.core.ready:  # the rest of a batch: no frame read since the last look
+            return self.core.ready.popleft()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             now = time.monotonic()

@@ -503,7 +503,8 @@ class ConsumerCore:
         handlers = self.dispatcher.route(exchange, routing_key)
         now = self._clock()
         open_stream = book is not None and book.is_open(key)
-        if not open_stream and not repaired and self._in_order(guard, batch, now):
+        if not open_stream and not repaired and self._in_order(
+                guard, batch, now, skip=not self._count_gaps and book is None):
             # The usual case: the stream's next messages, fresh, nothing held: account the
             # whole batch at once and only build the deliveries.
             if not handlers:
@@ -576,9 +577,10 @@ class ConsumerCore:
             self._settle(book)
 
     @staticmethod
-    def _in_order(guard: ReplayGuard, batch: Batch, now: float) -> bool:
-        """Every message of ``batch`` fresh, and the batch next in its known stream: then
-        recorded at once (ReplayGuard.observe_run)."""
+    def _in_order(guard: ReplayGuard, batch: Batch, now: float, skip: bool) -> bool:
+        """Every message of ``batch`` fresh, and the batch next in its known stream (or, with
+        ``skip``, anywhere ahead: a pool member's share): then recorded at once
+        (ReplayGuard.observe_run)."""
         entries = batch.entries
         if guard.max_age is not None:
             oldest, newest = now - guard.max_age, now + guard.max_skew
@@ -586,7 +588,7 @@ class ConsumerCore:
                 if not oldest <= entry[0] <= newest:
                     return False
         return guard.observe_run(batch.publisher_id, batch.stream_id, batch.first_sequence,
-                                 len(entries))
+                                 len(entries), skip)
 
     def run_handlers(self, delivery: Delivery) -> None:
         """Call each handler in turn; one that raises is logged and counted, never fatal."""

@@ -157,18 +157,28 @@ class ReplayGuard:
         state.missing &= ~bit
         return -1, True
 
-    def observe_run(self, publisher_id: str, stream: bytes, first: int, count: int) -> bool:
+    def observe_run(self, publisher_id: str, stream: bytes, first: int, count: int,
+                    skip: bool = False) -> bool:
         """Record ``first`` .. ``first + count - 1`` at once if they come next in a known
-        stream (exactly what observing each in turn would do: nothing missing, nothing
-        late); False, recording nothing, otherwise (observe them one by one then)."""
+        stream, exactly as observing each in turn would: nothing late, and nothing missing
+        unless ``skip`` (a pool member's share of a stream: what lies between its batches
+        went to other members) lets the run start beyond the next sequence, the skipped ones
+        then marked missing. False, recording nothing, otherwise (observe them one by one)."""
         key = (publisher_id, stream)
         state = self._streams.get(key)
-        if state is None or first != state.highest + 1:
+        if state is None:
+            return False
+        gap = first - state.highest - 1
+        if gap < 0 or (gap and not skip):
             return False
         self._streams.move_to_end(key)
+        shift = gap + count
+        skipped = ((1 << min(gap, self.window)) - 1) << min(count, self.window)
+        if shift < self.window:
+            state.missing = ((state.missing << shift) | skipped) & self._mask
+        else:
+            state.missing = skipped & self._mask
         state.highest = first + count - 1
-        if state.missing:
-            state.missing = (state.missing << count) & self._mask if count < self.window else 0
         return True
 
     def observe_beacon(self, publisher_id: str, stream: bytes, last: int) -> int:

@@ -852,6 +852,8 @@ class PoolMember(_Consumer):
             self._watch_link()
 
     async def receive(self, timeout: float | None = None) -> Delivery | None:
+        if self.core.ready and not self._stopping:  # the rest of a batch: nothing read since
+            return self.core.ready.popleft()
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while not (self._stopping or self._sock.closed):
