@@ -248,7 +248,9 @@ def test_a_peer_that_restarts_is_rejoined_with_thousands_of_subscriptions(
             got: list[bytes] = []
             deadline = time.monotonic() + 10
             while len(got) < expect and sub.poll(int(max(0, deadline - time.monotonic()) * 1000)):
-                got.append(sub.recv_multipart()[0])
+                topic = sub.recv_multipart()[0]
+                if not topic.startswith(b"\x00"):  # a late copy of the readiness probe
+                    got.append(topic)
             return got
 
         send_from_b(1)
