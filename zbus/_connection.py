@@ -34,7 +34,7 @@ from ._errors import ConfigError, ProxyError, Timeout, TransportError, ZbusError
 from ._keeper import Keeper, Kept
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked, LinkStats
-from ._message import Announcer, Message, MessageFactory, OpenBatch, OutgoingMessage
+from ._message import Announcer, Message, MessageFactory, OpenBatch, OutgoingMessage, signing
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._repair import RepairAsker, envelope_head
 from ._replay import ReplayGuard
@@ -333,7 +333,6 @@ class Connection:
         # Smart batching (Settings.batch_bytes): the batch being gathered, what it is for,
         # and the lock the flusher and this thread take around it and the socket.
         self._batch: OpenBatch | None = None
-        self._batch_for: tuple[MessageFactory, str, str] | None = None
         self._batch_lock = self._new_lock()
         self._batch_limit = min(self.settings.batch_bytes, self.settings.max_message_bytes)
         self._last_submit = 0.0
@@ -384,10 +383,8 @@ class Connection:
             self._start_keeper()
         try:
             with self._batch_lock:
-                batch, wanted = self._batch, self._batch_for
-                if batch is not None and wanted is not None and not (
-                        wanted[0] is factory and wanted[2] == routing_key
-                        and wanted[1] == exchange):
+                batch = self._batch
+                if batch is not None and not batch.of(factory, exchange, routing_key):
                     self._send_batch()  # another stream's: it goes first
                     batch = None
                 packed = factory.pack(routing_key, obj, message_type=message_type,
@@ -397,7 +394,6 @@ class Connection:
                     batch = None
                 if batch is None:
                     batch = self._batch = factory.open_batch(exchange, routing_key)
-                    self._batch_for = (factory, exchange, routing_key)
                 batch.add(packed)
                 if batch.size >= limit or len(batch) >= MAX_BATCH:
                     try:
@@ -434,7 +430,7 @@ class Connection:
         if batch is None or sock is None:
             return True
         if not batch.parts:
-            self._batch = self._batch_for = None
+            self._batch = None
             return True
         frames = batch.seal()
         try:
@@ -451,7 +447,7 @@ class Connection:
                 f"{self.settings.publish_hwm}, or zbus-proxy not running); the message was "
                 f"not sent ({len(batch)} gathered before it wait for the next send, flush "
                 "or close)") from None
-        self._batch = self._batch_for = None
+        self._batch = None
         self._unflushed = True
         self._since_flush += len(batch)
         self.envelopes_sent += 1
@@ -508,7 +504,7 @@ class Connection:
         self._owner = None
         self._unflushed = False
         self._since_flush = 0
-        self._batch = self._batch_for = None  # the parent's to send, not the child's
+        self._batch = None  # the parent's to send, not the child's
         self._batch_lock = self._new_lock()
         self._flush_asked = False
         self._forks = _transport.forks
@@ -811,7 +807,7 @@ class Connection:
                 self._send_batch()
             except Timeout:
                 self.unsent += len(batch)
-                self._batch = self._batch_for = None
+                self._batch = None
                 log.warning("zbus: closing a Connection to %s: %d messages gathered into a "
                             "batch were not taken by the proxy within linger=%gs and are "
                             "dropped (Connection.unsent)", self.endpoints.run_dir, len(batch),
@@ -941,15 +937,12 @@ def _publish(connection: Any, factory: MessageFactory, exchange: str, routing_ke
     """Send ``obj`` on ``connection``, signed by ``factory`` (a message from
     ``create_message`` names its own): smart-batched where the connection does it
     (``Connection.submit``), else signed alone (a duck-typed stand-in's ``publish``)."""
-    if isinstance(obj, OutgoingMessage):
-        factory, obj, mtype, version = obj
-    else:
-        mtype = version = None
+    factory, body, mtype, version = signing(factory, obj)
     submit = getattr(connection, "submit", None)
     if submit is not None:
-        submit(factory, exchange, routing_key, obj, mtype, version)
+        submit(factory, exchange, routing_key, body, mtype, version)
     else:
-        connection.publish(factory, factory.frames(exchange, routing_key, obj,
+        connection.publish(factory, factory.frames(exchange, routing_key, body,
                                                    message_type=mtype, version=version))
 
 

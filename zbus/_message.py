@@ -72,6 +72,15 @@ class OutgoingMessage(NamedTuple):
     version: int | None = None
 
 
+def signing(factory: MessageFactory, obj: Message | Any
+            ) -> tuple[MessageFactory, Message | Any, str | None, int | None]:
+    """(the factory that signs, the body, its message type, its version) of ``obj`` sent
+    with ``factory``: a message from ``create_message`` names its own factory and type."""
+    if isinstance(obj, OutgoingMessage):
+        return obj.factory, obj.body, obj.message_type, obj.version
+    return factory, obj, None, None
+
+
 _factories: weakref.WeakSet[MessageFactory] = weakref.WeakSet()
 
 
@@ -121,13 +130,14 @@ class OpenBatch:
     Sealing reads nothing that adding changes, so another thread may seal what this one
     gathered (under the connection's lock)."""
 
-    __slots__ = ("factory", "first", "head", "key", "parts", "prefix", "size", "stream",
-                 "topic")
+    __slots__ = ("factory", "first", "head", "key", "parts", "prefix", "routing_key", "size",
+                 "stream", "topic")
 
-    def __init__(self, factory: MessageFactory, stream: _Stream, head: bytes,
-                 key: bytes) -> None:
+    def __init__(self, factory: MessageFactory, stream: _Stream, routing_key: str,
+                 head: bytes, key: bytes) -> None:
         self.factory = factory
         self.stream = stream
+        self.routing_key = routing_key
         self.topic = stream.topic
         self.first = stream.next
         self.head, self.key = head, key
@@ -139,6 +149,11 @@ class OpenBatch:
 
     def __len__(self) -> int:
         return len(self.parts)
+
+    def of(self, factory: MessageFactory, exchange: str, routing_key: str) -> bool:
+        """Whether a message of ``factory`` to ``exchange``/``routing_key`` belongs here."""
+        return (self.factory is factory and self.routing_key == routing_key
+                and self.stream.exchange == exchange)
 
     def add(self, packed: bytes) -> None:
         """Number one message packed by :meth:`MessageFactory.pack` as the stream's next
@@ -330,7 +345,7 @@ class MessageFactory:
         stream = self._streams.get(topic)
         if stream is None:
             stream = self._streams[topic] = _Stream(exchange, topic)
-        return OpenBatch(self, stream, head, key)
+        return OpenBatch(self, stream, routing_key, head, key)
 
     def pack(self, routing_key: str, obj: Message | Any, *, message_type: str | None = None,
              version: int | None = None) -> bytes:

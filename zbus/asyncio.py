@@ -62,7 +62,7 @@ from ._errors import ConfigError, Timeout, TransportError, ZbusError
 from ._keeper import Keeper, Kept
 from ._keys import KeyRing
 from ._link import CHECK_EVERY, ConsumerLink, Linked
-from ._message import Announcer, Message, MessageFactory, OpenBatch, OutgoingMessage
+from ._message import Announcer, Message, MessageFactory, OpenBatch, signing
 from ._names import CONTROL_PREFIX, validate_exchange, validate_name
 from ._repair import RepairAsker
 from ._replay import ReplayGuard
@@ -113,7 +113,6 @@ class Connection:
         # Smart batching (as zbus.Connection): the batch being gathered and what it is for;
         # no lock: one task uses a connection, and the loop's callback never awaits.
         self._batch: OpenBatch | None = None
-        self._batch_for: tuple[MessageFactory, str, str] | None = None
         self._batch_limit = min(self.settings.batch_bytes, self.settings.max_message_bytes)
         self._flush_scheduled = False
         self._last_submit = 0.0
@@ -141,7 +140,7 @@ class Connection:
         abandon(self._push, self._ctx, self._base_ctx)
         self._push = self._ctx = self._base_ctx = None
         self._keeper = self._kept = None  # the parent's thread: not in this process
-        self._batch = self._batch_for = None  # the parent's to send
+        self._batch = None  # the parent's to send
         self._forks = _transport.forks
 
     def _keep(self, factory: MessageFactory, frames: list[bytes]) -> None:
@@ -211,9 +210,7 @@ class Connection:
                       obj: Message | Any, message_type: str | None,
                       version: int | None) -> None:
         self._publish_socket()
-        wanted = self._batch_for
-        if self._batch is not None and wanted is not None and not (
-                wanted[0] is factory and wanted[2] == routing_key and wanted[1] == exchange):
+        if self._batch is not None and not self._batch.of(factory, exchange, routing_key):
             await self._send_batch()  # another stream's: it goes first
         packed = factory.pack(routing_key, obj, message_type=message_type, version=version)
         batch = self._batch
@@ -222,7 +219,6 @@ class Connection:
             batch = None
         if batch is None:
             batch = self._batch = factory.open_batch(exchange, routing_key)
-            self._batch_for = (factory, exchange, routing_key)
         batch.add(packed)
         if batch.size >= self._batch_limit or len(batch) >= MAX_BATCH:
             try:
@@ -260,7 +256,6 @@ class Connection:
             return
         self._batch = None  # taken while awaiting: the loop's callback finds nothing
         if not batch.parts:
-            self._batch_for = None
             return
         frames = batch.seal()
         try:
@@ -274,8 +269,6 @@ class Connection:
         except BaseException:
             self._batch = batch  # cancelled: still gathered
             raise
-        if self._batch is None:
-            self._batch_for = None
         self._sent(batch, frames)
 
     def _flush_soon(self) -> None:
@@ -292,7 +285,7 @@ class Connection:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_later(_Flusher.RETRY, self._flush_soon)
             return
-        self._batch = self._batch_for = None
+        self._batch = None
         self._sent(batch, frames)
         if len(batch) < SMALL_BATCH:  # the task paces itself: no gain in gathering now
             self._calm_until = time.perf_counter() + CALM
@@ -415,7 +408,7 @@ class Connection:
                 log.warning("zbus: closing a Connection to %s: %d messages gathered into a "
                             "batch were not taken by the proxy and are dropped "
                             "(Connection.unsent)", self.endpoints.run_dir, len(batch))
-            self._batch = self._batch_for = None
+            self._batch = None
         if self._push is not None:
             self._push.close()
             self._push = None
@@ -441,15 +434,12 @@ def _sync_send(sock: Any, frames: list[bytes]) -> None:
 async def _publish(connection: Any, factory: MessageFactory, exchange: str, routing_key: str,
                    obj: Message | Any) -> None:
     """As zbus._connection._publish, awaited: smart-batched where the connection does it."""
-    if isinstance(obj, OutgoingMessage):
-        factory, obj, mtype, version = obj
-    else:
-        mtype = version = None
+    factory, body, mtype, version = signing(factory, obj)
     submit = getattr(connection, "submit", None)
     if submit is not None:
-        await submit(factory, exchange, routing_key, obj, mtype, version)
+        await submit(factory, exchange, routing_key, body, mtype, version)
     else:
-        await connection.publish(factory, factory.frames(exchange, routing_key, obj,
+        await connection.publish(factory, factory.frames(exchange, routing_key, body,
                                                          message_type=mtype, version=version))
 
 
