@@ -329,7 +329,7 @@ class SharedPublisher:
         finally:
             if _transport.forks == mine:
                 conn.close()
-                self._stats.unsent_at_close += conn.unconfirmed_at_close + conn.unsent
+                self._stats.unsent_at_close += conn.unconfirmed_at_close
 
     def _publish(self, conn: Connection, item: tuple[str, str, Any, str | None, int | None]
                  ) -> None:
@@ -338,9 +338,15 @@ class SharedPublisher:
         waits = self.retry.intervals() if self.retry is not None else iter(())
         while True:
             try:
-                # Smart-batched: while the queue holds more, this loop is busy and the
-                # connection gathers them into envelopes (docs/GUIDE.md, "Batches").
-                conn.submit(factory, exchange, routing_key, obj, message_type, version)
+                frames = factory.frames(exchange, routing_key, obj,
+                                        message_type=message_type, version=version)
+            except Exception as exc:  # an unpackable payload: the caller has returned
+                self._stats.failed += 1
+                log.error("zbus: shared publisher could not sign a message for %s/%s: %s",
+                          exchange, routing_key, exc)
+                return
+            try:
+                conn.publish(factory, frames)
                 self._stats.sent += 1
                 return
             except (Timeout, ProxyError, TransportError) as exc:
@@ -353,11 +359,6 @@ class SharedPublisher:
                     return
                 self._stats.retries += 1
                 time.sleep(wait)  # green under monkey_patch(), as the sender is
-            except Exception as exc:  # an unpackable payload: the caller has returned
-                self._stats.failed += 1
-                log.error("zbus: shared publisher could not sign a message for %s/%s: %s",
-                          exchange, routing_key, exc)
-                return
 
     def _flush(self, conn: Connection, marker: _Flush) -> None:
         try:
